@@ -1,0 +1,106 @@
+"""Cost of one training step per rule, measured side by side in one process.
+
+Wall time is noisy on a shared machine, so rules are timed in interleaved
+rounds (bp, ftp, bp, ftp, ...) and each rule's figure is the median over
+rounds; ratios to BP come from the same run. FLOPs are counted by
+`torch.utils.flop_counter` (matmuls and convolutions: 2 FLOPs per MAC), and
+peak memory by tracking the tensor storages alive during the step.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import Net
+from .rules import Rule
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage created while active (on any device).
+
+    Every op's outputs are recorded with a weak reference to their storage;
+    storages freed since the last op are dropped before the new ones are
+    counted, so `peak` is the high-water mark of memory the step allocated.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def _step(model: Net, rule: Rule, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    rule.step(model, x, y)
+    opt.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Tensor, y: torch.Tensor,
+              batch_size: int, rounds: int = 15, steps_per_round: int = 20, warmup: int = 5) -> dict[str, dict[str, Any]]:
+    """Per rule: median step time over interleaved rounds, ratio to BP, FLOPs and peak memory per step."""
+    device = x.device
+    setups = {}
+    for name, rule in rules.items():
+        torch.manual_seed(0)
+        model = make_model().to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        setups[name] = (model, rule, opt)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, len(y), (batch_size,), generator=gen).to(device) for _ in range(steps_per_round)]
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, (model, rule, opt) in setups.items():
+        for idx in batches[:warmup]:
+            _step(model, rule, opt, x[idx], y[idx])
+        with FlopCounterMode(display=False) as counter:
+            _step(model, rule, opt, x[batches[0]], y[batches[0]])
+        with PeakMemory() as mem:
+            _step(model, rule, opt, x[batches[0]], y[batches[0]])
+        results[name] = {"flops_per_step": counter.get_total_flops(), "peak_memory_bytes": mem.peak, "times": []}
+
+    for _ in range(rounds):
+        for name, (model, rule, opt) in setups.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for idx in batches:
+                _step(model, rule, opt, x[idx], y[idx])
+            _sync(device)
+            results[name]["times"].append((time.perf_counter() - t0) / len(batches))
+
+    base = statistics.median(results["bp"]["times"]) if "bp" in results else None
+    for name, r in results.items():
+        times = r.pop("times")
+        r["step_time_median_s"] = statistics.median(times)
+        r["step_time_iqr_s"] = statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0] \
+            if len(times) > 1 else 0.0
+        r["ratio_to_bp"] = r["step_time_median_s"] / base if base else None
+        r["flops_per_sample"] = r["flops_per_step"] / batch_size
+        r["batch_size"] = batch_size
+        r["rounds"] = rounds
+    return results

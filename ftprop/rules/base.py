@@ -1,0 +1,57 @@
+"""The interface every learning rule implements."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..models import Net
+
+
+@dataclass
+class StepOutput:
+    """What a rule's step returns: the batch loss (cross-entropy, detached) and the logits."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass
+class Rule:
+    """Base class. Subclasses are dataclasses whose fields are the rule's options.
+
+    State that a rule creates for itself (fixed random matrices, learned
+    inverses) lives in `state_dict()` so checkpoints can restore it exactly.
+    """
+
+    name: ClassVar[str] = ""
+
+    def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"rule {self.name!r} keeps no state, got keys {sorted(state)}")
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def rule_options(cls: type[Rule]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def check_batch(model: Net, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Fail early with a readable message instead of deep inside a matmul.
+
+    Only metadata is checked, so the step never waits on the device.
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"batch size mismatch: x has {x.shape[0]} samples, y has {y.shape[0]}")
+    if y.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 class indices, got {y.dtype}")

@@ -1,0 +1,160 @@
+"""Forward Target Propagation (As-Saquib et al., arXiv 2506.11030, 2025).
+
+With blocks h_l = post_l(a_l), a_l = layer_l(h_{l-1}), h_0 = x, z = h_L, p = softmax(z):
+
+    output target:   t_L = p - gamma (p - y)                          (gamma_mode="step")
+    first target:    t_1 = h_1 + s(G t_L) - s(G p)                     (G fixed random, s = tanh)
+                     t_1 = h_1 + gamma (s(G y) - s(G p))               (gamma_mode="multiplier")
+    second pass:     t_l = block_l(t_{l-1}),  l = 2 .. L-1             (the network's own forward weights)
+    local loss:      L_l = |h_l - t_l|^2 / (2 gamma B)  ->  d_l = (h_l - t_l) / gamma * f'(a_l)
+    output layer:    dL/dz = (p - y) / B
+
+Every block's input is detached, so each local loss reaches only its own
+block's parameters: no gradient ever crosses a layer. The whole update costs
+one forward pass, two projections through G and a forward pass of the
+target through blocks 2..L-1 on top of the per-layer weight gradients.
+See docs/ALGORITHM.md for the choices and the evidence behind the defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..models import Net
+from .base import Rule, StepOutput, check_batch
+
+G_DISTS = ("gaussian", "uniform")
+NONLINS = ("tanh", "linear")
+
+
+def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per sample, the part of `delta` orthogonal to `h`.
+
+    A hidden target t_l = h_l + c is always relative to where h_l is now, so
+    any part of c that does not lower the output error keeps pushing h_l,
+    step after step. Saturating units (tanh) absorb that push; ReLU units
+    grow without bound and the net diverges. Removing the radial component
+    lets local learning rotate a representation but not inflate it, as a
+    LayerNorm'd block would, without changing the network's forward function.
+    """
+    d, v = delta.flatten(1), h.flatten(1)
+    coef = torch.linalg.vecdot(d, v) / torch.linalg.vecdot(v, v).clamp_min(1e-12)
+    return torch.addcmul(d, coef.unsqueeze(1), v, value=-1).view_as(delta)
+
+
+@dataclass
+class FTP(Rule):
+    """Forward Target Propagation; fields are the open choices of the formulation."""
+
+    name = "ftp"
+    gamma: float = 0.1
+    gamma_mode: str = "step"          # "step": gamma moves the output target; "multiplier": gamma scales the correction
+    g_dist: str = "gaussian"          # distribution of the fixed projection G
+    g_scale: float = 0.05             # standard deviation of G's entries
+    target_nonlin: str = "linear"     # s in s(G t_L) - s(G p); "tanh" is within 0.1% of linear at g_scale 0.05
+    fprime: bool = True               # multiply the local error by f'(a_l) (the local loss's exact gradient)
+    update_input: str = "h"           # "h": grad W_l uses h_{l-1} (first pass); "t": uses t_{l-1} (second pass)
+    tangent: bool = True              # drop the radial part of h_l - t_l (keeps ReLU nets bounded; see docs)
+    seed: int = 0                     # seeds G, independently of the model's initialisation
+    G: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.gamma > 0:
+            raise ValueError(f"ftp: gamma must be > 0, got {self.gamma}")
+        if not self.g_scale > 0:
+            raise ValueError(f"ftp: g_scale must be > 0, got {self.g_scale}")
+        for opt, value, allowed in (("gamma_mode", self.gamma_mode, ("step", "multiplier")),
+                                    ("g_dist", self.g_dist, G_DISTS),
+                                    ("target_nonlin", self.target_nonlin, NONLINS),
+                                    ("update_input", self.update_input, ("h", "t"))):
+            if value not in allowed:
+                raise ValueError(f"ftp: {opt} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def options(self) -> dict[str, Any]:
+        opts = super().options()
+        opts.pop("G")
+        return opts
+
+    def _projection(self, n_out: int, n_hidden: int, like: torch.Tensor) -> torch.Tensor:
+        """G: (n_out, |h_1|), drawn once from its own generator so it does not disturb other randomness."""
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.g_dist == "gaussian":
+            g = torch.randn(n_out, n_hidden, generator=gen) * self.g_scale
+        else:  # uniform with the same standard deviation
+            g = (torch.rand(n_out, n_hidden, generator=gen) * 2 - 1) * (self.g_scale * 3 ** 0.5)
+        return g.to(device=like.device, dtype=like.dtype)
+
+    def _correction(self, p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """t_1 - h_1. With s linear both gamma modes reduce to -gamma G e: one projection instead of two."""
+        if self.target_nonlin == "linear":
+            return (e @ self.G).mul_(-self.gamma)
+        first = p - self.gamma * e if self.gamma_mode == "step" else p - e  # t_L, or the one-hot label
+        both = torch.tanh(torch.cat([first, p]) @ self.G)  # the two projections in one matmul
+        s_first, s_p = both.chunk(2)
+        scale = 1.0 if self.gamma_mode == "step" else self.gamma
+        return (s_first - s_p).mul_(scale)
+
+    def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        check_batch(model, x, y)
+        blocks = model.blocks
+        if len(blocks) < 2:
+            raise ValueError("ftp needs at least one hidden block before the output block")
+        model.zero_grad(set_to_none=True)
+        batch = x.shape[0]
+
+        # First pass: each block sees a detached input, so its graph is local to it.
+        h = model.prepare(x)
+        inputs, pre, outs = [], [], []
+        for block in blocks:
+            h_in = h.detach()
+            a = block.layer(h_in)
+            h = block.post(a)
+            inputs.append(h_in)
+            pre.append(a)
+            outs.append(h)
+        z = outs[-1]
+
+        scale = 1.0 / (self.gamma * batch)
+        with torch.no_grad():
+            logp = torch.log_softmax(z, dim=1)
+            loss = F.nll_loss(logp, y)
+            p = logp.exp()
+            e = p.scatter_add(1, y.unsqueeze(1), torch.full_like(p[:, :1], -1.0))  # p - onehot(y)
+            h1 = outs[0]
+            if self.G is None:
+                self.G = self._projection(z.shape[1], h1[0].numel(), h1)
+            correction = self._correction(p, e).view_as(h1)
+            t = h1 + correction
+            errors = [correction.mul_(-scale)]  # (h_1 - t_1) / (gamma B)
+            # Second pass: the target travels forward through the network's own weights.
+            t_inputs = [inputs[0]]
+            for l, block in enumerate(blocks[1:-1], start=1):
+                t_inputs.append(t)
+                t = block(t)
+                errors.append((outs[l] - t).mul_(scale))
+
+        roots: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for l, (block, err) in enumerate(zip(blocks[:-1], errors)):
+            if self.tangent:
+                err = _tangential(err, outs[l].detach())
+            if self.update_input == "h":
+                roots.append(outs[l] if self.fprime else pre[l])
+                grads.append(err)
+            else:
+                d = torch.autograd.grad(outs[l], pre[l], err, retain_graph=True)[0] if self.fprime else err
+                roots.append(block.layer(t_inputs[l]))
+                grads.append(d)
+        roots.append(z)
+        grads.append(e / batch)
+        torch.autograd.backward(roots, grads)
+        return StepOutput(loss, z.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.G is None else {"G": self.G}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.G = state.get("G")

@@ -1,0 +1,260 @@
+"""The training loop: one config, read top to bottom.
+
+A run directory holds `config.json` (the resolved config), `metrics.jsonl`
+(one line per epoch), `checkpoint.pt` (written atomically after every good
+epoch) and `metrics.json` (the summary). `resume=True` continues from the
+checkpoint and reproduces the uninterrupted run bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Dataset, batches, load_dataset
+from .models import build_model, parse_hidden
+from .rules import Rule, make_rule
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("none", "step", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Field names are the TOML keys and (with - for _) the CLI flags."""
+
+    dataset: str = "mnist"
+    model: str = "mlp"
+    hidden: str = "1024,128"
+    activation: str = "tanh"
+    norm: str = "none"
+    init: str = "auto"
+    rule: str = "ftp"
+    rule_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "none"            # "step": lr *= lr_decay every lr_step epochs; "cosine": to 0 over the run
+    lr_step: int = 10
+    lr_decay: float = 0.1
+    val_size: int = 5000
+    seed: int = 0
+    device: str = "cpu"
+    data_dir: str | None = None
+    out: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden, (list, tuple)):
+            self.hidden = ",".join(str(h) for h in self.hidden)
+        parse_hidden(self.hidden)
+        for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "lr_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping (a TOML file's contents); a `[rule]` table gives rule options."""
+        values = dict(values)
+        if "rule" in values and isinstance(values["rule"], dict):
+            rule_table = dict(values.pop("rule"))
+            values["rule"] = rule_table.pop("name", cls.rule)
+            values["rule_options"] = {**values.get("rule_options", {}), **rule_table}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss or the weights stop being finite; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch."""
+    if cfg.schedule == "step":
+        factor = lambda e: cfg.lr_decay ** (e // cfg.lr_step)  # noqa: E731
+    elif cfg.schedule == "cosine":
+        factor = lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs))  # noqa: E731
+    else:
+        factor = lambda e: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) in eval mode."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i:i + batch_size])
+        loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y[i:i + batch_size]).sum()
+    model.train(was_training)
+    return loss.item() / len(y), correct.item() / len(y)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _summary(history: list[dict[str, Any]], seconds: float, diverged: str | None) -> dict[str, Any]:
+    best = max(history, key=lambda m: m["val_accuracy"] if m["val_accuracy"] == m["val_accuracy"] else -1.0,
+               default=None)
+    last = history[-1] if history else None
+    return {
+        "test_accuracy": last["test_accuracy"] if last else None,
+        "best_val_accuracy": best["val_accuracy"] if best and best["val_accuracy"] == best["val_accuracy"] else None,
+        "test_accuracy_at_best_val": best["test_accuracy"] if best else None,
+        "seconds": seconds,
+        "seconds_per_epoch": statistics.median(m["train_seconds"] for m in history) if history else None,
+        "epochs": len(history),
+        "diverged": diverged,
+    }
+
+
+def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train one run and return its summary (the contents of metrics.json)."""
+    device = resolve_device(cfg.device)
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, device=device)  # one split for all seeds
+    out = Path(cfg.out) if cfg.out else None
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation, cfg.norm,
+                        cfg.init).to(device)
+    rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
+    opt = make_optimizer(cfg, model.parameters())
+    sched = make_scheduler(cfg, opt)
+    order = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init and dropout
+    history: list[dict[str, Any]] = []
+    start_epoch, elapsed = 0, 0.0
+
+    ckpt_path = out / "checkpoint.pt" if out else None
+    if resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved = ckpt["config"]
+        changed = {k for k in saved if k not in ("epochs", "progress", "out", "device", "data_dir")
+                   and saved[k] != dataclasses.asdict(cfg)[k]}
+        if changed:
+            raise ValueError(f"--resume: config differs from the checkpoint in {', '.join(sorted(changed))}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        rule.load_state_dict(ckpt["rule"])
+        order.set_state(ckpt["order_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        history, start_epoch, elapsed = ckpt["history"], ckpt["epoch"], ckpt["elapsed"]
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(dataclasses.asdict(cfg) | {"resolved_rule_options": rule.options()}, out / "config.json")
+        if not resume:
+            (out / "metrics.jsonl").write_text("")
+
+    x, y = data.x_train, data.y_train
+    diverged = None
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        steps = math.ceil(len(y) / cfg.batch_size)
+        bar = tqdm(batches(len(y), cfg.batch_size, order, device), total=steps, leave=False,
+                   disable=not cfg.progress, desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}")
+        for step, idx in enumerate(bar):
+            xb, yb = x[idx], y[idx]
+            result = rule.step(model, xb, yb)
+            if not torch.isfinite(result.loss):
+                diverged = f"loss became {result.loss.item()} at epoch {epoch + 1}, step {step + 1}"
+                break
+            opt.step()
+            loss_sum += result.loss * len(yb)
+            correct += (result.logits.argmax(1) == yb).sum()
+            if step % 50 == 0 and cfg.progress:
+                seen = min((step + 1) * cfg.batch_size, len(y))
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+        bar.close()
+        if diverged is None and not _all_finite(model):
+            diverged = f"weights stopped being finite in epoch {epoch + 1}"
+        if diverged:
+            break
+        train_seconds = time.perf_counter() - t0
+        sched.step()
+        val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+        elapsed += time.perf_counter() - t0
+        metrics = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+                   "train_loss": loss_sum.item() / len(y), "train_accuracy": correct.item() / len(y),
+                   "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
+                   "train_seconds": train_seconds}
+        history.append(metrics)
+        if out:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch + 1, "elapsed": elapsed,
+                          "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "rule": rule.state_dict(), "order_rng": order.get_state(), "torch_rng": torch.get_rng_state(),
+                          "history": history}, ckpt_path)
+        if cfg.progress:
+            tqdm.write(f"{cfg.rule} epoch {epoch + 1}: train loss {metrics['train_loss']:.4f} "
+                       f"val acc {val_acc:.4f} test acc {test_acc:.4f} ({train_seconds:.1f}s)")
+
+    summary = _summary(history, elapsed, diverged)
+    if out:
+        _write_json(summary, out / "metrics.json")
+    if diverged:
+        kept = f"; last good checkpoint (epoch {len(history)}) kept in {ckpt_path}" if out and history else ""
+        raise TrainingDiverged(f"training diverged: {diverged}{kept}")
+    return summary
