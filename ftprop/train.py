@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches, load_dataset
-from .models import build_model, parse_hidden
+from .models import Net, build_model, parse_hidden
 from .rules import Rule, make_rule
 
 OPTIMIZERS = ("sgd", "adam")
@@ -117,8 +117,8 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode."""
+def evaluate(model: Net, rule: Rule, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
+    """(mean cross-entropy of the rule's class scores, accuracy) in eval mode."""
     if len(y) == 0:
         return float("nan"), float("nan")
     was_training = model.training
@@ -126,7 +126,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for i in range(0, len(y), batch_size):
-        logits = model(x[i:i + batch_size])
+        logits = rule.predict(model, x[i:i + batch_size])
         loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum")
         correct += (logits.argmax(1) == y[i:i + batch_size]).sum()
     model.train(was_training)
@@ -232,8 +232,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
             break
         train_seconds = time.perf_counter() - t0
         sched.step()
-        val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
-        test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+        val_loss, val_acc = evaluate(model, rule, data.x_val, data.y_val)
+        test_loss, test_acc = evaluate(model, rule, data.x_test, data.y_test)
         elapsed += time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                    "train_loss": loss_sum.item() / len(y), "train_accuracy": correct.item() / len(y),

@@ -31,6 +31,10 @@ class Rule:
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         raise NotImplementedError
 
+    def predict(self, model: Net, x: torch.Tensor) -> torch.Tensor:
+        """Class scores for evaluation; rules that classify differently (Forward-Forward) override it."""
+        return model(x)
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

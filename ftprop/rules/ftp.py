@@ -146,7 +146,7 @@ class FTP(Rule):
                 grads.append(err)
             else:
                 d = torch.autograd.grad(outs[l], pre[l], err, retain_graph=True)[0] if self.fprime else err
-                roots.append(block.layer(t_inputs[l]))
+                roots.append(pre[0] if l == 0 else block.layer(t_inputs[l]))  # t_0 = h_0 = x
                 grads.append(d)
         roots.append(z)
         grads.append(e / batch)
