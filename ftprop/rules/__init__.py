@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from .base import Rule, StepOutput, rule_options
 from .bp import BP
+from .dfa import DFA
+from .drtp import DRTP
+from .dtp import DTP
+from .fa import FA
+from .ff import FF
 from .ftp import FTP
+from .pepita import PEPITA
 
-RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (BP, FTP)}
+RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (BP, FTP, FA, DFA, DRTP, PEPITA, DTP, FF)}
 
 
 def make_rule(name: str, **options: object) -> Rule:
@@ -29,4 +35,5 @@ def make_rule(name: str, **options: object) -> Rule:
     return cls(**options)
 
 
-__all__ = ["RULES", "Rule", "StepOutput", "make_rule", "rule_options", "BP", "FTP"]
+__all__ = ["RULES", "Rule", "StepOutput", "make_rule", "rule_options", "BP", "FTP", "FA", "DFA", "DRTP", "PEPITA",
+           "DTP", "FF"]

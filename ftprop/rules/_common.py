@@ -1,0 +1,144 @@
+"""Pieces the peer rules share: the local first pass, the output error, fixed random matrices, a rule-owned RNG.
+
+Nothing here is a learning rule; each rule module states its own equations and uses only what they need.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import Net
+from .base import Rule
+
+
+class PeerRule(Rule):
+    """Rule whose `options()` are its init fields only (state fields such as B or F are not options)."""
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+
+def local_forward(model: Net, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """First pass with every block's input detached, so each block's graph is local to it.
+
+    Returns (inputs, pre, outs): h_{l-1} (detached), a_l = layer_l(h_{l-1}) and h_l = post_l(a_l) for every block;
+    outs[-1] are the logits z.
+    """
+    h = model.prepare(x)
+    inputs, pre, outs = [], [], []
+    for block in model.blocks:
+        h_in = h.detach()
+        a = block.layer(h_in)
+        h = block.post(a)
+        inputs.append(h_in)
+        pre.append(a)
+        outs.append(h)
+    return inputs, pre, outs
+
+
+@torch.no_grad()
+def output_error(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, p = softmax(z), e = p - onehot(y)), all without a graph."""
+    logp = torch.log_softmax(z, dim=1)
+    loss = F.nll_loss(logp, y)
+    p = logp.exp()
+    e = p.scatter_add(1, y.unsqueeze(1), torch.full_like(p[:, :1], -1.0))
+    return loss, p, e
+
+
+def one_hot(y: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(y, n).to(dtype=like.dtype)
+
+
+def glorot_uniform(rows: int, cols: int, scale: float, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """scale * U(-a, a), a = sqrt(6 / (rows + cols)): Glorot/Xavier uniform, the standard init of such a weight."""
+    limit = scale * math.sqrt(6.0 / (rows + cols))
+    m = (torch.rand(rows, cols, generator=gen, dtype=torch.float64) * 2 - 1) * limit
+    return m.to(device=like.device, dtype=like.dtype)
+
+
+def num_features(t: torch.Tensor) -> int:
+    """Size of one sample of a batch tensor (feature maps count all of C x H x W)."""
+    return t[0].numel()
+
+
+def out_features(model: Net) -> int:
+    """Number of classes: the output block's width."""
+    n = getattr(model.blocks[-1].layer, "out_features", None)
+    if n is None:
+        raise ValueError("this rule needs an output block whose layer has `out_features` (e.g. nn.Linear)")
+    return int(n)
+
+
+def linear_weight(block: nn.Module, rule: str) -> torch.Tensor:
+    layer = block.layer
+    if not isinstance(layer, nn.Linear):
+        raise NotImplementedError(f"{rule}: only blocks whose layer is nn.Linear are supported, got "
+                                  f"{type(layer).__name__}")
+    return layer.weight
+
+
+def fill_missing_grads(model: Net) -> None:
+    """Zeros for any parameter the rule does not train, so optimizers and checks see a gradient everywhere."""
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def need_hidden(model: Net, rule: str) -> None:
+    if len(model.blocks) < 2:
+        raise ValueError(f"{rule} needs at least one hidden block before the output block")
+
+
+def fit_matrices(name: str, mats: list[torch.Tensor], shapes: list[tuple[int, ...]],
+                 like: torch.Tensor) -> list[torch.Tensor]:
+    """The stored matrices on `like`'s device and dtype (a no-op when they already are).
+
+    A loaded or stored matrix that does not fit the model is an error, not something to redraw silently.
+    """
+    got = [tuple(m.shape) for m in mats]
+    if got != [tuple(s) for s in shapes]:
+        raise ValueError(f"{name}: stored matrices have shapes {got} but the model needs {shapes}")
+    return [m.to(device=like.device, dtype=like.dtype) for m in mats]
+
+
+class RuleRNG:
+    """A generator owned by a rule, seeded with the rule's seed, for per-step randomness (noise, negative labels).
+
+    It is created on the data's device at first use, so drawing never crosses devices and never disturbs the global
+    RNG (model init, dropout, batch order). Its state is part of the rule's state_dict, so a resumed run draws the
+    same numbers. A state saved on another device type cannot be restored there; the stream then restarts from
+    the seed with a warning.
+    """
+
+    def __init__(self, seed: int, offset: int = 0) -> None:
+        self.seed = seed + offset
+        self.gen: torch.Generator | None = None
+        self.pending: dict[str, Any] | None = None
+
+    def get(self, device: torch.device) -> torch.Generator:
+        if self.gen is None or self.gen.device.type != device.type:
+            self.gen = torch.Generator(device=device).manual_seed(self.seed)
+            if self.pending is not None:
+                if self.pending["device"] == device.type:
+                    self.gen.set_state(self.pending["state"])
+                else:
+                    warnings.warn(f"rule RNG state was saved on {self.pending['device']}, running on {device.type}: "
+                                  f"restarting its stream from the seed", stacklevel=3)
+                self.pending = None
+        return self.gen
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.gen is not None:
+            return {"state": self.gen.get_state(), "device": self.gen.device.type}
+        return dict(self.pending) if self.pending is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.gen = None
+        self.pending = {"state": state["state"].clone(), "device": state["device"]} if state else None

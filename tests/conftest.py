@@ -1,0 +1,30 @@
+"""Shared fixtures: a small slice of real MNIST, loaded once per session."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ftprop.data import Dataset, DatasetError, load_dataset
+
+
+@pytest.fixture(scope="session")
+def mnist() -> Dataset:
+    try:
+        return load_dataset("mnist", val_size=1000)
+    except DatasetError as err:  # CI installs it; a developer without it gets the reason
+        pytest.skip(f"MNIST not available: {err}")
+
+
+@pytest.fixture(scope="session")
+def small_mnist(mnist: Dataset) -> Dataset:
+    """4000 training images: enough to see learning in seconds."""
+    return dataclasses.replace(mnist, x_train=mnist.x_train[:4000], y_train=mnist.y_train[:4000],
+                               x_test=mnist.x_test[:2000], y_test=mnist.y_test[:2000])
+
+
+def tiny_batch(n: int = 7, d_in: int = 6, n_out: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d_in, generator=gen, dtype=torch.float64),
+            torch.randint(0, n_out, (n,), generator=gen))

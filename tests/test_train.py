@@ -1,0 +1,127 @@
+"""The training loop: learning on real data, bit-for-bit reproducibility, resume, divergence, run files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ftprop.train as train_mod
+from ftprop.rules import BP, StepOutput
+from ftprop.train import TrainConfig, TrainingDiverged, train
+
+
+def cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(hidden="128,64", epochs=2, batch_size=64, progress=False, out=str(tmp_path / "run"))
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_ftp_learns_real_mnist(small_mnist, tmp_path, activation):
+    summary = train(cfg(tmp_path, rule="ftp", activation=activation, epochs=3), small_mnist)
+    assert summary["test_accuracy"] > 0.88, summary  # 4000 training images, 3 epochs; chance is 0.10
+
+
+def test_run_directory_contents(small_mnist, tmp_path):
+    c = cfg(tmp_path, rule="ftp", schedule="cosine")
+    summary = train(c, small_mnist)
+    run = tmp_path / "run"
+    assert json.loads((run / "metrics.json").read_text()) == summary
+    assert 0 <= summary["test_accuracy"] <= 1 and 0 <= summary["best_val_accuracy"] <= 1
+    assert summary["epochs"] == 2 and summary["seconds"] > 0 and summary["diverged"] is None
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert lines[-1]["lr"] == pytest.approx(0.0)  # cosine ends at zero
+    config = json.loads((run / "config.json").read_text())
+    assert config["rule"] == "ftp" and config["resolved_rule_options"]["gamma"] == 0.1
+    assert (run / "checkpoint.pt").exists() and not list(run.glob("*.tmp"))
+
+
+def _params(out_dir) -> list[torch.Tensor]:
+    return list(torch.load(out_dir / "checkpoint.pt", weights_only=False)["model"].values())
+
+
+def test_seeded_runs_are_bit_identical(small_mnist, tmp_path):
+    a = train(cfg(tmp_path / "a", rule="ftp", seed=3), small_mnist)
+    b = train(cfg(tmp_path / "b", rule="ftp", seed=3), small_mnist)
+    c = train(cfg(tmp_path / "c", rule="ftp", seed=4), small_mnist)
+    assert a["test_accuracy"] == b["test_accuracy"]
+    pa, pb, pc = (_params(tmp_path / d / "run") for d in "abc")
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert not all(torch.equal(x, y) for x, y in zip(pa, pc))
+
+
+def test_resume_continues_bit_identically(small_mnist, tmp_path, monkeypatch):
+    full = train(cfg(tmp_path / "full", rule="ftp", epochs=3, schedule="cosine"), small_mnist)
+
+    saves = 0
+    real_save = train_mod._atomic_save
+
+    def crash_after_first_epoch(obj, path):
+        nonlocal saves
+        real_save(obj, path)
+        saves += 1
+        if saves == 1:
+            raise KeyboardInterrupt  # the machine dies right after epoch 1 was checkpointed
+
+    c = cfg(tmp_path / "cut", rule="ftp", epochs=3, schedule="cosine")
+    monkeypatch.setattr(train_mod, "_atomic_save", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(c, small_mnist)
+    monkeypatch.setattr(train_mod, "_atomic_save", real_save)
+    resumed = train(c, small_mnist, resume=True)
+
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    assert all(torch.equal(x, y) for x, y in zip(_params(tmp_path / "full" / "run"), _params(tmp_path / "cut" / "run")))
+    lines = lambda d: [{k: v for k, v in json.loads(s).items() if k != "train_seconds"}  # noqa: E731
+                       for s in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines("full") == lines("cut")
+
+
+def test_resume_refuses_a_different_config(small_mnist, tmp_path):
+    train(cfg(tmp_path, rule="bp", epochs=1), small_mnist)
+    with pytest.raises(ValueError, match="differs from the checkpoint in lr"):
+        train(cfg(tmp_path, rule="bp", epochs=2, lr=0.5), small_mnist, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(cfg(tmp_path / "elsewhere", rule="bp"), small_mnist, resume=True)
+
+
+class NaNAfter(BP):
+    """BP that reports a non-finite loss at a given global step (to exercise divergence handling)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def step(self, model, x, y) -> StepOutput:
+        self.calls += 1
+        out = super().step(model, x, y)
+        return StepOutput(out.loss * float("nan"), out.logits) if self.calls == self.at else out
+
+
+def test_divergence_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(small_mnist, tmp_path, monkeypatch):
+    steps_per_epoch = -(-len(small_mnist.y_train) // 64)
+    monkeypatch.setattr(train_mod, "make_rule", lambda name, **o: NaNAfter(steps_per_epoch + 5))
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 5.*last good checkpoint \(epoch 1\)"):
+        train(cfg(tmp_path, rule="bp", epochs=3), small_mnist)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(p).all() for p in ckpt["model"].values())
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "epoch 2, step 5" in summary["diverged"] and summary["epochs"] == 1
+
+
+def test_real_divergence_is_caught(small_mnist, tmp_path):
+    with pytest.raises(TrainingDiverged, match="epoch 1"):
+        train(cfg(tmp_path, rule="bp", activation="relu", lr=1e4, momentum=0.0, epochs=1), small_mnist)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown key.*hiden"):
+        TrainConfig.from_dict({"hiden": "10"})
+    with pytest.raises(ValueError, match="comma-separated list of positive integers"):
+        TrainConfig(hidden="10,x")
+    with pytest.raises(ValueError, match="non-empty list of positive integers"):
+        TrainConfig(hidden="0")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        TrainConfig(optimizer="lbfgs")
+    c = TrainConfig.from_dict({"hidden": [32, 16], "rule": {"name": "ftp", "gamma": 0.2}})
+    assert c.hidden == "32,16" and c.rule == "ftp" and c.rule_options == {"gamma": 0.2}
