@@ -23,7 +23,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
 }
 NORMS = ("none", "layernorm")
-INITS = ("auto", "xavier", "kaiming", "torch")
+INITS = ("torch", "auto", "xavier", "kaiming")  # torch: PyTorch's default; auto: xavier for tanh/sigmoid, kaiming otherwise
 
 
 class Block(nn.Module):
@@ -90,7 +90,7 @@ def _init_linear(layer: nn.Linear, activation: str, init: str) -> None:
 
 
 def mlp(in_features: int, hidden: Sequence[int], num_classes: int, activation: str = "tanh",
-        norm: str = "none", init: str = "auto") -> Net:
+        norm: str = "none", init: str = "torch") -> Net:
     """Fully connected net in_features-hidden...-num_classes.
 
     norm='layernorm' inserts a LayerNorm without affine parameters before each
@@ -116,7 +116,7 @@ def mlp(in_features: int, hidden: Sequence[int], num_classes: int, activation: s
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidden: str | Sequence[int] = (1024, 128),
-                activation: str = "tanh", norm: str = "none", init: str = "auto") -> Net:
+                activation: str = "tanh", norm: str = "none", init: str = "torch") -> Net:
     """Model factory used by the CLI and the trainer."""
     if name == "mlp":
         return mlp(math.prod(input_shape), parse_hidden(hidden), num_classes, activation, norm, init)

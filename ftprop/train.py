@@ -38,7 +38,7 @@ class TrainConfig:
     hidden: str = "1024,128"
     activation: str = "tanh"
     norm: str = "none"
-    init: str = "auto"
+    init: str = "torch"
     rule: str = "ftp"
     rule_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 30

@@ -8,6 +8,9 @@ import torch
 
 from ftprop.data import Dataset, DatasetError, load_dataset
 
+# Test nets are small: one thread is fastest for them and keeps the suite fast on a machine busy with other work.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def mnist() -> Dataset:

@@ -1,14 +1,16 @@
 """The training loop: learning on real data, bit-for-bit reproducibility, resume, divergence, run files."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 import torch
 
-import ftprop.train as train_mod
 from ftprop.rules import BP, StepOutput
 from ftprop.train import TrainConfig, TrainingDiverged, train
+
+train_mod = importlib.import_module("ftprop.train")  # `ftprop.train` the attribute is the function
 
 
 def cfg(tmp_path, **kw) -> TrainConfig:
@@ -18,8 +20,12 @@ def cfg(tmp_path, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_ftp_learns_real_mnist(small_mnist, tmp_path, activation):
-    summary = train(cfg(tmp_path, rule="ftp", activation=activation, epochs=3), small_mnist)
-    assert summary["test_accuracy"] > 0.88, summary  # 4000 training images, 3 epochs; chance is 0.10
+    """4000 training images, 8 epochs: FTP gets close to BP (measured: tanh 90.1 vs 90.6%, ReLU 91.7 vs 91.7%)."""
+    run = lambda rule: train(cfg(tmp_path / rule, rule=rule, activation=activation, hidden="256,128", epochs=8,  # noqa
+                                 lr=0.03), small_mnist)["test_accuracy"]
+    ftp, bp = run("ftp"), run("bp")
+    assert ftp > 0.88, ftp  # chance is 0.10
+    assert ftp > bp - 0.02, (ftp, bp)
 
 
 def test_run_directory_contents(small_mnist, tmp_path):

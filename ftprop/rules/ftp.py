@@ -53,8 +53,8 @@ class FTP(Rule):
     gamma: float = 0.1
     gamma_mode: str = "step"          # "step": gamma moves the output target; "multiplier": gamma scales the correction
     g_dist: str = "gaussian"          # distribution of the fixed projection G
-    g_scale: float = 0.05             # standard deviation of G's entries
-    target_nonlin: str = "linear"     # s in s(G t_L) - s(G p); "tanh" is within 0.1% of linear at g_scale 0.05
+    g_scale: float = 0.1              # standard deviation of G's entries (chosen by measurement, docs/ALGORITHM.md)
+    target_nonlin: str = "linear"     # s in s(G t_L) - s(G p); "tanh" is within 0.4% of linear at g_scale 0.1
     fprime: bool = True               # multiply the local error by f'(a_l) (the local loss's exact gradient)
     update_input: str = "h"           # "h": grad W_l uses h_{l-1} (first pass); "t": uses t_{l-1} (second pass)
     tangent: bool = True              # drop the radial part of h_l - t_l (keeps ReLU nets bounded; see docs)

@@ -1,0 +1,41 @@
+"""The benchmark's counters: FLOPs against the MACs counted by hand, and the peak-memory tracker on known tensors."""
+from __future__ import annotations
+
+import torch
+
+from ftprop.bench import PeakMemory, benchmark
+from ftprop.models import mlp
+from ftprop.rules import make_rule
+
+
+def test_flops_match_hand_counted_macs():
+    """784-1024-128-10: BP = forward + weight grads + input grads of layers 2..L (2.003M MACs, the authors'
+    spreadsheet); FTP = forward + weight grads + second pass through layer 2 + the G projection(s)."""
+    sizes = [784, 1024, 128, 10]
+    layers = list(zip(sizes[:-1], sizes[1:]))
+    forward = sum(a * b for a, b in layers)
+    bp_macs = 2 * forward + sum(a * b for a, b in layers[1:])
+    ftp_linear = 2 * forward + 1024 * 128 + 10 * 1024
+    ftp_tanh = 2 * forward + 1024 * 128 + 2 * 10 * 1024
+    assert round(bp_macs / 1e6, 3) == 2.003  # the published table's BP figure
+    assert abs(ftp_tanh / 2.023e6 - 1) < 0.001  # the published FTP figure (two projections through G)
+    x = torch.randn(500, 784)
+    y = torch.randint(0, 10, (500,))
+    res = benchmark({"bp": make_rule("bp"), "ftp": make_rule("ftp"), "ftp_tanh": make_rule("ftp", target_nonlin="tanh")},
+                    lambda: mlp(784, (1024, 128), 10), x, y, batch_size=8, rounds=1, steps_per_round=1, warmup=1)
+    assert res["bp"]["flops_per_sample"] == 2 * bp_macs
+    assert res["ftp"]["flops_per_sample"] == 2 * ftp_linear
+    assert res["ftp_tanh"]["flops_per_sample"] == 2 * ftp_tanh
+    assert res["bp"]["ratio_to_bp"] == 1.0 and res["ftp"]["ratio_to_bp"] > 0
+
+
+def test_peak_memory_tracks_live_storage():
+    with PeakMemory() as mem:
+        a = torch.zeros(1000)             # 4000 bytes
+        b = torch.zeros(2000)             # +8000 -> 12000
+        del a, b
+        c = torch.ones(500)               # 2000 after the others are freed
+        d = c.view(5, 100)                # a view shares storage: no new bytes
+        e = torch.empty(0) + 1            # noqa: F841
+    assert mem.peak == 12000
+    assert mem.current == 2000 + 0 and d.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()

