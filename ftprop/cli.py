@@ -1,4 +1,4 @@
-"""Command line: `ftprop train | compare | bench | cost | data`.
+"""Command line: `ftprop train | compare | bench | cost | reproduce | data`.
 
 Every flag of `train` and `compare` maps onto a TrainConfig field; `--config
 file.toml` sets fields from a file and flags given explicitly win over it.
@@ -59,6 +59,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-decay", type=float, help=f"decay factor for --schedule step (default {d.lr_decay})")
     p.add_argument("--val-size", type=int, help=f"training samples held out for validation (default {d.val_size})")
     p.add_argument("--device", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--quant", help="low-precision training: bits of weights, activations, errors, updates, e.g. "
+                   "w8a8e8u8 (a letter left out stays float; default: float32)")
+    p.add_argument("--rounding", choices=("nearest", "stochastic"), help="rounding of --quant (default nearest)")
+    p.add_argument("--analog", help="analog crossbar device: ideal, reram or poor, optionally with overrides, e.g. "
+                   "reram:read_noise=0.05 (default: none)")
     p.add_argument("--gamma", type=float, help="FTP's gamma (rule option)")
     p.add_argument("--g-scale", type=float, help="FTP's std of the projection G (rule option)")
     p.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -180,6 +185,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+    path = reproduce(args.studies, args.budget, Path(args.runs), Path(args.docs))
+    print(f"wrote {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftprop", description="Train neural networks with Forward Target Propagation "
                                 "and its peers, and compare them with backpropagation.")
@@ -229,6 +241,15 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--layers", action="store_true", help="also print the per-layer breakdown")
     k.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
     k.set_defaults(func=cmd_cost)
+
+    r = sub.add_parser("reproduce", help="rerun the studies behind docs/ and regenerate docs/RESULTS.md")
+    r.add_argument("studies", nargs="+", help="study names, or all")
+    r.add_argument("--budget", default="full", choices=("small", "full"),
+                   help="small: the same pipeline in minutes (fewer epochs and seeds); full: the published figures")
+    r.add_argument("--runs", default="runs/reproduce", help="where runs go; finished runs are reused, "
+                   "interrupted ones resumed (default runs/reproduce)")
+    r.add_argument("--docs", default="docs", help="docs directory to write (default docs)")
+    r.set_defaults(func=cmd_reproduce)
 
     d = sub.add_parser("data", help="check or fetch datasets")
     d.add_argument("action", choices=("fetch", "info"), help="fetch: download the canonical files (needs internet); "
