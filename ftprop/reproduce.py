@@ -10,6 +10,7 @@ seeds) to check that it works; only `full` reproduces the published figures.
 from __future__ import annotations
 
 import datetime
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,32 +41,37 @@ BUDGETS = {"small": Budget("small", epochs=2, seeds=2, bench_rounds=5),
 class Study:
     name: str
     title: str
-    run: Callable[[Budget, Path, Path], str]  # (budget, runs dir, docs/results dir) -> markdown section
+    run: Callable[[Budget, Path, Path], tuple[str, list[list[str]]]]  # (budget, runs, figures) -> (section, summary)
 
 
 def _compare_section(base: TrainConfig, rules: list[str], budget: Budget, runs: Path, figures: Path, key: str,
-                     goal: str) -> str:
+                     goal: str) -> tuple[str, list[str]]:
+    """A comparison's markdown and its one-line summary for the README (test accuracy per rule)."""
     comparison = run_compare(base, rules, budget.seeds, runs / key, resume=True)
     figure = f"{key}.{budget.name}.png"
     shutil.copyfile(runs / key / "curves.png", figures / figure)
     command = (f"ftprop compare --rules {','.join(rules)} --dataset {base.dataset} --hidden {base.hidden} "
                f"--activation {base.activation} --epochs {base.epochs} --schedule {base.schedule} "
                f"--seeds {budget.seeds} --out runs/{key}")
-    return (f"### {base.dataset}, {base.hidden.replace(',', '-')} {base.activation}\n\n"
-            f"Goal: {goal}.\n\n{comparison.describe()}.\n\n{comparison.table()}\n\n"
-            f"Command: `{command}`\n\n![learning curves](results/{figure})\n")
+    setting = f"{base.dataset}, {base.hidden.replace(',', '-')} {base.activation}"
+    summary = [setting, *(report.pct([r["test_accuracy"] for r in runs_ if not r["diverged"]]) or "diverged"
+                          for runs_ in comparison.results.values()), goal]
+    return (f"### {setting}\n\nGoal: {goal}.\n\n{comparison.describe()}.\n\n{comparison.table()}\n\n"
+            f"Command: `{command}`\n\n![learning curves](results/{figure})\n"), summary
 
 
-def study_mlp(budget: Budget, runs: Path, figures: Path) -> str:
+def study_mlp(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
     """Issue 2: FTP vs BP on the paper's MLP (MNIST tanh and ReLU, Fashion-MNIST tanh), and the step-time bench."""
-    parts = []
+    parts, summary = [], []
     for dataset, activation, goal in (
             ("mnist", "tanh", "FTP >= 98.0% mean and within 0.4 points of BP"),
             ("mnist", "relu", "FTP >= 97.8% mean, no divergence"),
             ("fashion-mnist", "tanh", "FTP within 1.0 point of BP")):
         base = TrainConfig(dataset=dataset, activation=activation, hidden="1024,128", epochs=budget.epochs,
                            schedule="cosine", progress=False)
-        parts.append(_compare_section(base, ["bp", "ftp"], budget, runs, figures, f"mlp-{dataset}-{activation}", goal))
+        section, row = _compare_section(base, ["bp", "ftp"], budget, runs, figures, f"mlp-{dataset}-{activation}", goal)
+        parts.append(section)
+        summary.append(row)
 
     data = load_dataset("mnist")
     rows = []
@@ -82,12 +88,17 @@ def study_mlp(budget: Budget, runs: Path, figures: Path) -> str:
                  + f"\n\nMedian over {budget.bench_rounds} interleaved rounds of 20 steps (BP and FTP alternate), "
                  "one SGD step included. Command: `ftprop bench --rules bp,ftp --dataset mnist --hidden 1024,128 "
                  f"--batch-size 64 --rounds {budget.bench_rounds}` (and 256).\n")
-    return "\n".join(parts)
+    ratios = {row[0]: row[4] for row in rows if row[1] == "ftp"}
+    summary.append(["step time FTP / BP, batch 64 and 256", "1", f"{ratios[64]} and {ratios[256]}", "<= 1.10"])
+    return "\n".join(parts), summary
 
 
 STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("mlp", "FTP vs BP on multilayer perceptrons", study_mlp),
 )}
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def assemble(docs: Path) -> Path:
@@ -101,6 +112,13 @@ def assemble(docs: Path) -> Path:
             "that reruns it.\n\n" + body)
     out = docs / "RESULTS.md"
     out.write_text(text)
+    readme = docs.parent / "README.md"
+    summaries = [p.with_suffix(".summary.json") for p in sections if p]
+    rows = [row for p in summaries if p.exists() for row in json.loads(p.read_text())]
+    if readme.exists() and README_START in readme.read_text():
+        head, rest = readme.read_text().split(README_START, 1)
+        table = report.markdown_table(["setting", "BP", "FTP", "goal"], rows)
+        readme.write_text(f"{head}{README_START}\n{table}\n\n{README_END}{rest.split(README_END, 1)[1]}")
     return out
 
 
@@ -117,7 +135,8 @@ def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
     for name in names:
         b = BUDGETS[budget]
         started = datetime.datetime.now(datetime.timezone.utc)
-        body = STUDIES[name].run(b, runs / b.name, figures)
+        body, summary = STUDIES[name].run(b, runs / b.name, figures)
+        (figures / f"{name}.{b.name}.summary.json").write_text(json.dumps(summary) + "\n")
         header = (f"## {STUDIES[name].title}\n\nStudy `{name}`, budget `{b.name}` ({b.epochs} epochs, seeds "
                   f"0..{b.seeds - 1}); machine: {report.machine()}; run finished "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (started {started:%H:%M}). "
