@@ -43,7 +43,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"mlp, paper-cnn, resnet or spec (default {d.model})")
     p.add_argument("--depth", type=int, help="conv layers of --model resnet: even, >= 2 (default 6)")
     p.add_argument("--spec", help="the model as a spec string, with --model spec, e.g. c32k5-relu-p2-f-l10 "
-                   "(grammar: ftprop.models.SPEC_GRAMMAR, docs/ALGORITHM_CNN.md)")
+                   "(grammar: ftprop.models.SPEC_GRAMMAR and docs/ALGORITHM.md)")
     p.add_argument("--hidden", help=f"hidden layer sizes, comma separated (default {d.hidden})")
     p.add_argument("--activation", help=f"one of {', '.join(ACTIVATIONS)} (default {d.activation})")
     p.add_argument("--norm", help=f"none or layernorm; CNN models also batchnorm (default {d.norm})")
@@ -156,13 +156,17 @@ def cmd_cost(args: argparse.Namespace) -> int:
         key, text = item.split("=", 1)
         options[key.strip().replace("-", "_")] = _parse_value(text)
     rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
+    skipped: dict[str, str] = {}
     results = cost.cost_for(args.dataset, rules, model=args.model, hidden=args.hidden, activation=args.activation,
-                            norm=args.norm, batch_size=args.batch_size, bytes_per_value=args.bytes_per_value)
+                            norm=args.norm, batch_size=args.batch_size, bytes_per_value=args.bytes_per_value,
+                            skipped=skipped)
+    for name, reason in skipped.items():
+        print(f"ftprop cost: {name} left out: {reason}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    published = cost.PUBLISHED_FC_MNIST if (args.dataset == "mnist" and args.model == "mlp"
-                                            and args.hidden.replace(" ", "") == "1024,128") else None
+    published = cost.PUBLISHED_FC.get(args.dataset) if (args.model == "mlp"
+                                                        and args.hidden.replace(" ", "") == "1024,128") else None
     print(f"{args.dataset}, {args.model} {args.hidden} {args.activation}: MACs per training sample (analytic), values "
           f"kept between passes at batch {args.batch_size} x {args.bytes_per_value} bytes, MCU latency per sample "
           + ", ".join(f"{m} {s.clock_hz / 1e6:.0f} MHz x {s.cycles_per_mac} cycles/MAC" for m, s in cost.MCUS.items())

@@ -75,8 +75,9 @@ def _same_run(run_dir: Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> 
     if not path.exists():
         return False
     saved = json.loads(path.read_text())
-    mine = dataclasses.asdict(cfg)
-    return all(saved.get(k) == mine[k] for k in mine if k not in ("progress", "out", "device", "data_dir", *ignore))
+    mine, default = dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig())  # a field newer than the run: default
+    return all(saved.get(k, default[k]) == mine[k] for k in mine
+               if k not in ("progress", "out", "device", "data_dir", *ignore))
 
 
 def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resume: bool = False,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches, load_dataset
+from .hardware import attach as attach_hardware, check_hardware
 from .models import Net, build_model, parse_hidden
 from .rules import Rule, make_rule
 
@@ -39,6 +40,8 @@ class TrainConfig:
     activation: str = "tanh"
     norm: str = "none"
     init: str = "torch"
+    depth: int | None = None          # conv layers of --model resnet (None: its default, 6)
+    spec: str | None = None           # --model spec: the model as a spec string (ftprop.models.SPEC_GRAMMAR)
     rule: str = "ftp"
     rule_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 30
@@ -52,6 +55,9 @@ class TrainConfig:
     lr_decay: float = 0.1
     val_size: int = 5000
     seed: int = 0
+    quant: str = ""                   # low-precision training, e.g. "w8a8e8u8" (ftprop/hardware.py); "" = float32
+    rounding: str = "nearest"         # rounding of `quant`: nearest or stochastic
+    analog: str = ""                  # analog crossbar preset, e.g. "reram", "reram:read_noise=0.05" (ftprop/analog.py)
     device: str = "cpu"
     data_dir: str | None = None
     out: str | None = None
@@ -71,6 +77,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        check_hardware(self.quant, self.rounding, self.analog)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
@@ -172,10 +179,11 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
     out = Path(cfg.out) if cfg.out else None
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation, cfg.norm,
-                        cfg.init).to(device)
+                        cfg.init, depth=cfg.depth, spec=cfg.spec).to(device)
     rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
     opt = make_optimizer(cfg, model.parameters())
     sched = make_scheduler(cfg, opt)
+    hardware = attach_hardware(model, opt, cfg.quant, cfg.rounding, cfg.analog, seed=cfg.seed)  # nothing for float
     order = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init and dropout
     history: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
@@ -194,6 +202,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         rule.load_state_dict(ckpt["rule"])
+        hardware.load_state_dict(ckpt.get("hardware", {}))
         order.set_state(ckpt["order_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         history, start_epoch, elapsed = ckpt["history"], ckpt["epoch"], ckpt["elapsed"]
@@ -246,7 +255,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
             _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch + 1, "elapsed": elapsed,
                           "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "rule": rule.state_dict(), "order_rng": order.get_state(), "torch_rng": torch.get_rng_state(),
-                          "history": history}, ckpt_path)
+                          "hardware": hardware.state_dict(), "history": history}, ckpt_path)
         if cfg.progress:
             tqdm.write(f"{cfg.rule} epoch {epoch + 1}: train loss {metrics['train_loss']:.4f} "
                        f"val acc {val_acc:.4f} test acc {test_acc:.4f} ({train_seconds:.1f}s)")

@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..models import Net
+from ..models import Net, is_mlp
 from .base import Rule
 
 
@@ -27,14 +26,14 @@ class PeerRule(Rule):
 def local_forward(model: Net, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """First pass with every block's input detached, so each block's graph is local to it.
 
-    Returns (inputs, pre, outs): h_{l-1} (detached), a_l = layer_l(h_{l-1}) and h_l = post_l(a_l) for every block;
-    outs[-1] are the logits z.
+    Returns (inputs, pre, outs): h_{l-1} (detached), a_l = layer_l(pre_l(h_{l-1})) and h_l = post_l(a_l) for every
+    block; outs[-1] are the logits z.
     """
     h = model.prepare(x)
     inputs, pre, outs = [], [], []
     for block in model.blocks:
         h_in = h.detach()
-        a = block.layer(h_in)
+        a = block.layer(block.pre(h_in))
         h = block.post(a)
         inputs.append(h_in)
         pre.append(a)
@@ -58,8 +57,15 @@ def one_hot(y: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
 
 def glorot_uniform(rows: int, cols: int, scale: float, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """scale * U(-a, a), a = sqrt(6 / (rows + cols)): Glorot/Xavier uniform, the standard init of such a weight."""
-    limit = scale * math.sqrt(6.0 / (rows + cols))
-    m = (torch.rand(rows, cols, generator=gen, dtype=torch.float64) * 2 - 1) * limit
+    return glorot_like((rows, cols), scale, gen, like)
+
+
+def glorot_like(shape: tuple[int, ...], scale: float, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Glorot uniform for a weight of `shape` (out, in, *kernel): a = sqrt(6 / (fan_in + fan_out)), where the fans
+    count the kernel's receptive field, as nn.init.xavier_uniform_ does; for a matrix it is glorot_uniform."""
+    receptive = math.prod(shape[2:])
+    limit = scale * math.sqrt(6.0 / ((shape[0] + shape[1]) * receptive))
+    m = (torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 - 1) * limit
     return m.to(device=like.device, dtype=like.dtype)
 
 
@@ -76,19 +82,18 @@ def out_features(model: Net) -> int:
     return int(n)
 
 
-def linear_weight(block: nn.Module, rule: str) -> torch.Tensor:
-    layer = block.layer
-    if not isinstance(layer, nn.Linear):
-        raise NotImplementedError(f"{rule}: only blocks whose layer is nn.Linear are supported, got "
-                                  f"{type(layer).__name__}")
-    return layer.weight
-
-
 def fill_missing_grads(model: Net) -> None:
     """Zeros for any parameter the rule does not train, so optimizers and checks see a gradient everywhere."""
     for p in model.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+
+
+def require_mlp(model: Net, rule: str) -> None:
+    """Rules defined for fully connected nets only (DTP's learned linear inverses, FF's label embedding)."""
+    if not is_mlp(model):
+        raise ValueError(f"{rule} supports MLPs only (blocks of nn.Linear with activations or LayerNorm; no "
+                         f"convolutions, pooling, residual blocks, batch norm or dropout)")
 
 
 def need_hidden(model: Net, rule: str) -> None:

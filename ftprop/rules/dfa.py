@@ -15,6 +15,10 @@ the first step from its own generator seeded with `seed`; it lives in state_dict
 Implementation: every block runs on a detached input, so no graph crosses a layer; (e B_l) / B is the gradient
 applied to h_l and autograd through block l's own post supplies f_l' (exact for LayerNorm in the post too). A
 hidden layer's update depends on the rest of the network only through e.
+
+Convolutional and residual blocks: |h_l| is the block's whole output (C x H x W for a conv map), B_l projects onto it
+flattened, and (e B_l) / B enters the block's output, so autograd through the block's own graph (post, normalisation,
+conv; both convs and the shortcut of a residual block) turns it into every parameter gradient of the block.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..models import Net
+from ..models import Net, as_net
 from ._common import PeerRule, fit_matrices, glorot_uniform, local_forward, need_hidden, num_features, output_error
 from .base import StepOutput, check_batch
 
@@ -52,6 +56,7 @@ class DFA(PeerRule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         check_batch(model, x, y)
+        model = as_net(model)
         need_hidden(model, "dfa")
         model.zero_grad(set_to_none=True)
         _, _, outs = local_forward(model, x)

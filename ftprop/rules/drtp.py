@@ -15,6 +15,10 @@ target y* projected by B_l). Since B_l is symmetric in distribution, the opposit
 B_l ~ b_scale * U(-a, a), a = sqrt(6 / (n_out + |h_l|)) (Glorot uniform), drawn once on the first step from its own
 generator seeded with `seed`; it lives in state_dict. The hidden signal never involves W_L or the output: perturbing
 the output layer leaves every hidden gradient unchanged.
+
+Convolutional and residual blocks: |h_l| is the block's whole output (C x H x W for a conv map), B_l projects onto it
+flattened, and -(y B_l) / B enters the block's output, so autograd through the block's own graph (post, normalisation,
+conv; both convs and the shortcut of a residual block) turns it into every parameter gradient of the block.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..models import Net
+from ..models import Net, as_net
 from ._common import (PeerRule, fit_matrices, glorot_uniform, local_forward, need_hidden, num_features, one_hot,
                       output_error)
 from .base import StepOutput, check_batch
@@ -53,6 +57,7 @@ class DRTP(PeerRule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         check_batch(model, x, y)
+        model = as_net(model)
         need_hidden(model, "drtp")
         model.zero_grad(set_to_none=True)
         _, _, outs = local_forward(model, x)

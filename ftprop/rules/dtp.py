@@ -37,8 +37,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..models import Net
-from ._common import PeerRule, RuleRNG, fit_matrices, glorot_uniform, need_hidden, num_features, output_error
+from ..models import Net, as_net
+from ._common import (PeerRule, RuleRNG, fit_matrices, glorot_uniform, need_hidden, num_features, output_error,
+                      require_mlp)
 from .base import StepOutput, check_batch
 
 INVERSE_ACTIVATIONS = ("same", "tanh", "linear")
@@ -88,6 +89,8 @@ class DTP(PeerRule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         check_batch(model, x, y)
+        model = as_net(model)
+        require_mlp(model, "dtp")
         need_hidden(model, "dtp")
         model.zero_grad(set_to_none=True)
         blocks = model.blocks

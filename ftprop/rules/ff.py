@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models import Net
-from ._common import PeerRule, RuleRNG, fill_missing_grads, need_hidden, out_features
+from ..models import Net, as_net
+from ._common import PeerRule, RuleRNG, fill_missing_grads, need_hidden, out_features, require_mlp
 from .base import StepOutput, check_batch
 
 GOODNESS = ("sum", "mean")
@@ -102,6 +102,8 @@ class FF(PeerRule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         check_batch(model, x, y)
+        model = as_net(model)
+        require_mlp(model, "ff")
         need_hidden(model, "ff")
         n_classes = out_features(model)
         if n_classes < 2:
@@ -131,6 +133,7 @@ class FF(PeerRule):
     @torch.no_grad()
     def predict(self, model: Net, x: torch.Tensor) -> torch.Tensor:
         """(B, C): for each candidate label, the goodness summed over the hidden layers with that label embedded."""
+        model = as_net(model)
         n_classes = out_features(model)
         scores = []
         for c in range(n_classes):

@@ -1,6 +1,6 @@
 """Forward Target Propagation (As-Saquib et al., arXiv 2506.11030, 2025).
 
-With blocks h_l = post_l(a_l), a_l = layer_l(h_{l-1}), h_0 = x, z = h_L, p = softmax(z):
+With blocks h_l = post_l(a_l), a_l = layer_l(pre_l(h_{l-1})), h_0 = x, z = h_L, p = softmax(z):
 
     output target:   t_L = p - gamma (p - y)                          (gamma_mode="step")
     first target:    t_1 = h_1 + s(G t_L) - s(G p)                     (G fixed random, s = tanh)
@@ -10,10 +10,19 @@ With blocks h_l = post_l(a_l), a_l = layer_l(h_{l-1}), h_0 = x, z = h_L, p = sof
     output layer:    dL/dz = (p - y) / B
 
 Every block's input is detached, so each local loss reaches only its own
-block's parameters: no gradient ever crosses a layer. The whole update costs
+block's parameters: no gradient ever crosses a block. The whole update costs
 one forward pass, two projections through G and a forward pass of the
 target through blocks 2..L-1 on top of the per-layer weight gradients.
 See docs/ALGORITHM.md for the choices and the evidence behind the defaults.
+
+Convolutional and residual nets (docs/ALGORITHM.md, "Convolutional and
+residual networks"): h_1 is the first block's whole output (for a CNN the
+conv feature map C x H x W, before pooling, which lives in the next block's
+`pre`); G maps to it flattened. The second pass runs blocks exactly as the
+first: pooling, flatten, residual additions, normalisation, with the first
+pass's dropout masks and batch-norm batch statistics (`two_pass`), so running statistics are updated once per
+step. A residual block is one block: its local loss trains both its convs
+(and shortcut) through the block's own graph; no gradient leaves the block.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models import Net
+from ..models import Net, as_net, two_pass
 from .base import Rule, StepOutput, check_batch
 
 G_DISTS = ("gaussian", "uniform")
@@ -99,10 +108,16 @@ class FTP(Rule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         check_batch(model, x, y)
+        model = as_net(model)
         blocks = model.blocks
         if len(blocks) < 2:
             raise ValueError("ftp needs at least one hidden block before the output block")
         model.zero_grad(set_to_none=True)
+        with two_pass(model, "ftp") as passes:
+            return self._step(model, x, y, passes)
+
+    def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes) -> StepOutput:  # noqa: ANN001
+        blocks = model.blocks
         batch = x.shape[0]
 
         # First pass: each block sees a detached input, so its graph is local to it.
@@ -110,12 +125,13 @@ class FTP(Rule):
         inputs, pre, outs = [], [], []
         for block in blocks:
             h_in = h.detach()
-            a = block.layer(h_in)
+            a = block.layer(block.pre(h_in))
             h = block.post(a)
             inputs.append(h_in)
             pre.append(a)
             outs.append(h)
         z = outs[-1]
+        passes.replay()  # from here on: the first pass's dropout masks and batch-norm statistics
 
         scale = 1.0 / (self.gamma * batch)
         with torch.no_grad():
@@ -126,14 +142,18 @@ class FTP(Rule):
             h1 = outs[0]
             if self.G is None:
                 self.G = self._projection(z.shape[1], h1[0].numel(), h1)
+            elif tuple(self.G.shape) != (z.shape[1], h1[0].numel()):
+                raise ValueError(f"ftp: stored G has shape {tuple(self.G.shape)} but the model needs "
+                                 f"{(z.shape[1], h1[0].numel())} (outputs x first block's output)")
             correction = self._correction(p, e).view_as(h1)
             t = h1 + correction
             errors = [correction.mul_(-scale)]  # (h_1 - t_1) / (gamma B)
             # Second pass: the target travels forward through the network's own weights.
-            t_inputs = [inputs[0]]
+            t_inputs = [inputs[0]]  # the layer's input on the target path: pre_l(t_{l-1})
             for l, block in enumerate(blocks[1:-1], start=1):
-                t_inputs.append(t)
-                t = block(t)
+                u = block.pre(t)
+                t_inputs.append(u)
+                t = block.post(block.layer(u))
                 errors.append((outs[l] - t).mul_(scale))
 
         roots: list[torch.Tensor] = []

@@ -19,9 +19,14 @@ lives in state_dict. The official code takes e' (modulated pass) for the last la
 option keeps the other reading.
 
 Recipe of the paper and official code: SGD lr 0.01, momentum 0.9, batch 64, 100 epochs, lr x0.1 at epochs 60 and
-90, He-uniform init, no biases, 10% dropout on the hidden layers. Dropout: both passes must see the same mask
-(the official code draws one mask per batch and applies it in both passes). Our models have no dropout, so this
-is moot today; a model with dropout would need the mask shared between the two passes (see the report).
+90, He-uniform init, no biases, 10% dropout on the hidden layers. Dropout: both passes see the same mask (the
+official code draws one mask per batch and applies it in both passes); batch norm normalises the modulated pass
+with the standard pass's batch statistics and updates its running statistics once (`two_pass`).
+
+Convolutional and residual nets: F maps e to the whole input (C x H x W); the modulated pass runs every block as
+the standard pass does (pooling, flatten, residual additions, normalisation), and (h_l - h'_l) / B is sent into
+block l's pre-activation a_l = layer_l(pre_l(h'_{l-1})), so a residual block's two convs both learn from it through
+the block's own graph.
 
 Implementation: the standard pass runs without a graph. In the modulated pass each block's layer runs on a
 detached input, and one backward call sends (h_l - h'_l) / B into the pre-activation of hidden block l (and e' / B
@@ -35,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ..models import Net
+from ..models import Net, as_net, two_pass
 from ._common import PeerRule, fit_matrices, need_hidden, num_features, output_error
 from .base import StepOutput, check_batch
 
@@ -70,8 +75,13 @@ class PEPITA(PeerRule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         check_batch(model, x, y)
+        model = as_net(model)
         need_hidden(model, "pepita")
         model.zero_grad(set_to_none=True)
+        with two_pass(model, "pepita") as passes:
+            return self._step(model, x, y, passes)
+
+    def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes) -> StepOutput:  # noqa: ANN001
         batch = x.shape[0]
         blocks = model.blocks
 
@@ -84,11 +94,12 @@ class PEPITA(PeerRule):
             z = acts[-1]
             loss, _, e = output_error(z, y)
             h = h0 + (e @ self._projection(z.shape[1], num_features(h0), z)).view_as(h0)  # x + e F
+        passes.replay()
 
         roots: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         for l, block in enumerate(blocks[:-1]):  # modulated pass: graph only inside each layer
-            a = block.layer(h)
+            a = block.layer(block.pre(h))
             with torch.no_grad():
                 h = block.post(a)
             roots.append(a)

@@ -1,0 +1,298 @@
+"""Low-precision training for every rule, without touching the rules: fixed point with a per-tensor scale.
+
+    spec = parse_quant("w8a8e8u8", rounding="stochastic")
+    hw = LowPrecision(model, optimizer, spec, seed=0)     # hooks on the model and the optimizer
+    rule.step(model, x, y); optimizer.step()              # as always
+    hw.remove()                                           # back to float
+
+What is quantized, and where it is intercepted (the same for every rule, since every rule runs the model's blocks):
+
+- w, weights: every parameter the optimizer holds, after each optimizer step (and once when attached), so the
+  forward and every later use see only representable weights.
+- a, activations: every block's output h_l = post(a_l) (a forward hook on `block.post`), and the input of every
+  block's `layer` (a forward pre-hook: the network input x, PEPITA's x + e F, FF's normalised inputs, FTP's targets
+  when a rule runs a layer on them). This covers targets that travel through blocks (FTP's second pass t_l =
+  block_l(t_{l-1}), PEPITA's modulated pass): they are block outputs. Gradients pass straight through (STE).
+- e, errors: the gradient arriving at every block's output h_l and at every layer's output a_l (tensor hooks
+  registered from the forward hooks). A rule's learning signal always enters autograd at one of these tensors:
+  BP's dL/dh_l and dL/da_l; FTP's (h_l - t_l)/(gamma B) and (p - y)/B (roots of `torch.autograd.backward`); DFA's
+  e B_l / B and DRTP's -y B_l / B (roots); FA's e B_l (the grad_outputs of `autograd.grad(h_l, a_l, ...)`, and the
+  delta it returns, which the hook on a_l quantizes before it is returned); PEPITA's (h_l - h'_l)/B at a_l and e'/B
+  at z; DTP's (h_l - t_l)/(eta B) and (p - y)/B; FF's dLoss/dh_l. What cannot be intercepted generically: values a
+  rule computes by hand before handing them to autograd (FTP's t_1 = h_1 - gamma G e itself, FA's e B_l product,
+  DTP's targets through its inverses) are quantized only where they enter autograd as errors; the rules' own
+  matrices (G, B_l, F) and DTP's inverses (trained inside the rule) stay in float.
+- u, updates: the optimizer's change of each parameter, delta = p_after - p_before (learning rate, momentum and
+  weight decay included), quantized before it is applied; then the weights are requantized. Optimizer state
+  (momentum buffers) stays in float, as the accumulator of a digital optimizer would.
+
+Number format: signed fixed point with b bits and a per-tensor scale s, values q*s with integer q in
+[-2^(b-1), 2^(b-1) - 1]. s is chosen per tensor and per use from its largest magnitude m: scale="pow2" (default)
+takes the smallest power of two with m <= (2^(b-1) - 1) s (a true fixed-point format whose binary point moves per
+tensor, i.e. block floating point; grids of different scales are nested, so requantizing is exact); scale="max"
+takes s = m / (2^(b-1) - 1) (the usual float scale of fake quantization). Round to nearest (ties to even) uses
+`torch.fake_quantize_per_tensor_affine`; stochastic rounding q = floor(x/s + U[0,1)) is unbiased, drawn from a
+generator owned by this object (seeded, in state_dict), so the global RNG and reproducibility are untouched.
+b = 32 (the default of every field) means float32: nothing is registered, and a run is bit-identical to the float
+run.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .rules._common import RuleRNG
+
+ROUNDINGS = ("nearest", "stochastic")
+SCALES = ("pow2", "max")
+FLOAT_BITS = 32
+_FIELDS = {"w": "weights", "a": "activations", "e": "errors", "u": "updates"}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Bits per kind of tensor (32 = float, not quantized) and the rounding and scale modes."""
+
+    weights: int = FLOAT_BITS
+    activations: int = FLOAT_BITS
+    errors: int = FLOAT_BITS
+    updates: int = FLOAT_BITS
+    rounding: str = "nearest"
+    scale: str = "pow2"
+
+    def __post_init__(self) -> None:
+        for kind in _FIELDS.values():
+            bits = getattr(self, kind)
+            if not isinstance(bits, int) or not 2 <= bits <= FLOAT_BITS:
+                raise ValueError(f"quant: {kind} bits must be an integer from 2 to {FLOAT_BITS} (32 = float), got "
+                                 f"{bits!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"quant: rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"quant: scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+
+    @property
+    def is_float(self) -> bool:
+        return all(getattr(self, kind) >= FLOAT_BITS for kind in _FIELDS.values())
+
+    def __str__(self) -> str:
+        return "".join(f"{k}{getattr(self, kind)}" for k, kind in _FIELDS.items())
+
+
+def parse_quant(text: str | None, rounding: str = "nearest", scale: str = "pow2") -> QuantSpec:
+    """'w8a8e8u8' -> QuantSpec; letters w (weights), a (activations), e (errors/targets), u (updates), each at most
+    once and in any order, each followed by its bits (2..32); an omitted letter stays float. '', 'none', 'fp32' and
+    'float' mean no quantization."""
+    raw = (text or "").strip().lower()
+    if raw in ("", "none", "fp32", "float", "float32"):
+        return QuantSpec(rounding=rounding, scale=scale)
+    if not re.fullmatch(r"(?:[a-z]\d*)+", raw):
+        raise ValueError(f"quant: cannot read {text!r}; expected letters w, a, e, u each followed by bits, e.g. "
+                         f"'w8a8e8u8' or 'w4a8'")
+    bits: dict[str, int] = {}
+    for letter, digits in re.findall(r"([a-z])(\d*)", raw):
+        if letter not in _FIELDS:
+            raise ValueError(f"quant: unknown letter {letter!r} in {text!r}; use w (weights), a (activations), "
+                             f"e (errors/targets), u (updates)")
+        if not digits:
+            raise ValueError(f"quant: {letter!r} in {text!r} needs a number of bits, e.g. {letter}8")
+        if _FIELDS[letter] in bits:
+            raise ValueError(f"quant: {letter!r} given twice in {text!r}")
+        bits[_FIELDS[letter]] = int(digits)
+    return QuantSpec(**bits, rounding=rounding, scale=scale)
+
+
+def quant_scale(x: torch.Tensor, bits: int, scale: str = "pow2") -> torch.Tensor:
+    """The per-tensor step s (a float32 scalar tensor, no host sync) for `bits`-bit signed fixed point."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = x.detach().abs().amax().float()
+    s = amax / qmax
+    if scale == "pow2":
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+        s = torch.where(amax > s * qmax, s * 2, s)  # guard against log2 rounding
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.where(amax > 0, s, torch.ones_like(s)).clamp_min(tiny)
+
+
+def quantize(x: torch.Tensor, bits: int, rounding: str = "nearest", scale: str = "pow2",
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """x rounded onto the grid {q * s : q integer in [-2^(b-1), 2^(b-1) - 1]}; no autograd (use `fake_quant`)."""
+    if bits >= FLOAT_BITS:
+        return x
+    x = x.detach()
+    s = quant_scale(x, bits, scale)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if rounding == "nearest":
+        return torch.fake_quantize_per_tensor_affine(x, s, torch.zeros((), dtype=torch.int32, device=x.device),
+                                                     qmin, qmax)
+    s = s.to(x.dtype)
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.floor(x / s + u).clamp_(qmin, qmax).mul_(s)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: fn(x); backward: the incoming gradient unchanged (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def fake_quant(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    return _StraightThrough.apply(x, fn) if x.requires_grad else fn(x)
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError("hardware: the model must be an ftprop Net (a sequence of blocks with `layer` and `post`)")
+    return list(blocks)
+
+
+class LowPrecision:
+    """Hooks that quantize weights, activations, errors and updates of `model` trained with `optimizer`.
+
+    `trace`: set to a list to record (kind, where, tensor) for every quantization done (for tests and debugging).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, spec: QuantSpec, seed: int = 0) -> None:
+        self.spec = spec
+        self.model = model
+        self.optimizer = optimizer
+        self.rng = RuleRNG(seed, offset=7)
+        self.trace: list[tuple[str, str, torch.Tensor]] | None = None
+        self.handles: list[Any] = []
+        self._before: list[torch.Tensor] | None = None
+        if spec.is_float:
+            return
+        for i, block in enumerate(blocks_of(model)):
+            if spec.activations < FLOAT_BITS:
+                self.handles.append(block.layer.register_forward_pre_hook(self._layer_input_hook(f"blocks.{i}.layer")))
+            self.handles.append(block.post.register_forward_hook(self._output_hook(f"blocks.{i}.post",
+                                                                                 activation=True)))
+            self.handles.append(block.layer.register_forward_hook(self._output_hook(f"blocks.{i}.layer",
+                                                                                  activation=False)))
+        if spec.updates < FLOAT_BITS:
+            self.handles.append(optimizer.register_step_pre_hook(self._before_step))
+        if spec.updates < FLOAT_BITS or spec.weights < FLOAT_BITS:
+            self.handles.append(optimizer.register_step_post_hook(self._after_step))
+        self.quantize_weights()
+
+    # ---------------------------------------------------------------- quantizers
+    def q(self, x: torch.Tensor, bits: int, kind: str, where: str) -> torch.Tensor:
+        gen = self.rng.get(x.device) if self.spec.rounding == "stochastic" else None
+        out = quantize(x, bits, self.spec.rounding, self.spec.scale, gen)
+        if self.trace is not None:
+            self.trace.append((kind, where, out.detach().clone()))
+        return out
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def quantize_weights(self) -> None:
+        if self.spec.weights < FLOAT_BITS:
+            for p in self._params():
+                p.copy_(self.q(p, self.spec.weights, "weight", "param"))
+
+    # ---------------------------------------------------------------- hooks
+    def _layer_input_hook(self, where: str):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            if not isinstance(x, torch.Tensor) or getattr(x, "_ftprop_quantized", False):
+                return None  # already a quantized block output
+            return (fake_quant(x, lambda t: self.q(t, self.spec.activations, "activation", where)), *args[1:])
+        return hook
+
+    def _output_hook(self, where: str, activation: bool):
+        def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+            if not isinstance(out, torch.Tensor):
+                return None
+            if activation and self.spec.activations < FLOAT_BITS:
+                out = fake_quant(out, lambda t: self.q(t, self.spec.activations, "activation", where))
+                out._ftprop_quantized = True
+            if self.spec.errors < FLOAT_BITS and out.requires_grad:
+                out.register_hook(lambda g: self.q(g, self.spec.errors, "error", where))
+            return out
+        return hook
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self._before = [p.detach().clone() for p in self._params()]
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._before is not None:
+            for p, old in zip(self._params(), self._before):
+                p.copy_(old + self.q(p - old, self.spec.updates, "update", "param"))
+            self._before = None
+        self.quantize_weights()
+
+    # ---------------------------------------------------------------- lifecycle
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = self.rng.state_dict()
+        return {"rng": rng} if rng else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.load_state_dict(state.get("rng"))
+
+
+class Hardware:
+    """The simulations attached to one model and optimizer ("quant", "analog"), saved and restored together."""
+
+    def __init__(self, parts: dict[str, Any]) -> None:
+        self.parts = parts
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.parts):
+            raise ValueError(f"hardware: checkpoint has {sorted(state)}, this run simulates {sorted(self.parts)}")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+    def remove(self) -> None:
+        for part in self.parts.values():
+            part.remove()
+
+
+def check_hardware(quant: str = "", rounding: str = "nearest", analog: str = "") -> tuple[QuantSpec, Any]:
+    """Parse and check a run's hardware settings together; clear errors for anything that cannot work."""
+    from .analog import parse_device
+
+    spec = parse_quant(quant, rounding)
+    device = parse_device(analog)
+    if device.n_states and (spec.weights < FLOAT_BITS or spec.updates < FLOAT_BITS):
+        raise ValueError(f"quant {quant!r} sets weight/update bits but analog {analog!r} stores the weights in "
+                         f"devices with {device.n_states} states; use only a and e bits with an analog device")
+    return spec, device
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer, quant: str = "", rounding: str = "nearest",
+           analog: str = "", seed: int = 0) -> Hardware:
+    """Attach what `quant` and `analog` ask for (nothing for float and the ideal device) and return it."""
+    from .analog import AnalogCrossbar
+
+    spec, device = check_hardware(quant, rounding, analog)
+    parts: dict[str, Any] = {}
+    if not spec.is_float:
+        parts["quant"] = LowPrecision(model, optimizer, spec, seed)  # first: digital activations, then the DAC
+    if not device.is_ideal:
+        parts["analog"] = AnalogCrossbar(model, optimizer, device, seed)
+    return Hardware(parts)
