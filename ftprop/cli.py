@@ -139,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     rows = [[name, f"{1e3 * r['step_time_median_s']:.3f}", f"{r['ratio_to_bp']:.3f}" if r["ratio_to_bp"] else "-",
              f"{r['flops_per_sample'] / 1e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"] for name, r in results.items()]
-    print(f"{cfg.dataset}, {cfg.model} {cfg.hidden} {cfg.activation}, batch {cfg.batch_size}, {args.rounds} interleaved "
+    print(f"{cfg.dataset}, {cfg.model_label()}, batch {cfg.batch_size}, {args.rounds} interleaved "
           f"rounds of {args.steps} steps; machine: {report.machine()}\n")
     print(report.markdown_table(["rule", "step ms (median)", "time / BP", "MFLOP / sample", "peak MiB / step"], rows))
     return 0

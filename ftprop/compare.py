@@ -20,8 +20,8 @@ from .rules import make_rule
 from .train import TrainConfig, TrainingDiverged, resolve_device, train
 
 # Keys a rule's own config may not change: they define the comparison.
-SHARED_KEYS = ("dataset", "model", "hidden", "activation", "norm", "init", "epochs", "val_size", "seed", "data_dir",
-               "device", "out", "progress")
+SHARED_KEYS = ("dataset", "model", "hidden", "depth", "spec", "activation", "norm", "init", "epochs", "val_size", "seed",
+               "quant", "rounding", "analog", "data_dir", "device", "out", "progress")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Comparison:
     def describe(self) -> str:
         b = self.base
         seeds = len(next(iter(self.results.values()), []))
-        return (f"{b.dataset}, {b.model} {b.hidden} {b.activation}, {b.epochs} epochs, batch {b.batch_size}, "
+        return (f"{b.dataset}, {b.model_label()}, {b.epochs} epochs, batch {b.batch_size}, "
                 f"seeds 0..{seeds - 1}; per-rule settings: " +
                 "; ".join(f"{r}: {c.optimizer} lr {c.lr}, schedule {c.schedule}"
                           + (f", {c.rule_options}" if c.rule_options else "") for r, c in self.configs.items()))
@@ -116,5 +116,5 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
     (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rules": rules,
                                                   "rule_configs": {r: dataclasses.asdict(c) for r, c in configs.items()},
                                                   "results": results}, indent=2) + "\n")
-    report.plot_curves(histories, out / "curves.png", f"{base.dataset}: {base.model} {base.hidden} {base.activation}")
+    report.plot_curves(histories, out / "curves.png", f"{base.dataset}: {base.model_label()}")
     return comparison

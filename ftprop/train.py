@@ -79,6 +79,14 @@ class TrainConfig:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
         check_hardware(self.quant, self.rounding, self.analog)
 
+    def model_label(self) -> str:
+        """The net in words, for table headers and plot titles."""
+        arch = {"mlp": f"mlp {self.hidden.replace(',', '-')}", "resnet": f"resnet depth {self.depth or 6}",
+                "spec": f"spec {self.spec}"}.get(self.model, self.model)
+        extras = "".join(f", {k} {v}" for k, v in (("norm", self.norm), ("quant", self.quant), ("analog", self.analog))
+                         if v and v != "none")
+        return f"{arch} {self.activation}{extras}"
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
         """Build from a mapping (a TOML file's contents); a `[rule]` table gives rule options."""
