@@ -63,7 +63,10 @@ def _sync(device: torch.device) -> None:
 
 def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Tensor, y: torch.Tensor,
               batch_size: int, rounds: int = 15, steps_per_round: int = 20, warmup: int = 5) -> dict[str, dict[str, Any]]:
-    """Per rule: median step time over interleaved rounds, ratio to BP, FLOPs and peak memory per step."""
+    """Per rule: median step time over interleaved rounds, ratio to BP, FLOPs and peak memory per step.
+
+    rounds=0 measures FLOPs and memory only (timing fields are then None).
+    """
     device = x.device
     setups = {}
     for name, rule in rules.items():
@@ -93,12 +96,12 @@ def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Te
             _sync(device)
             results[name]["times"].append((time.perf_counter() - t0) / len(batches))
 
-    base = statistics.median(results["bp"]["times"]) if "bp" in results else None
+    base = statistics.median(results["bp"]["times"]) if "bp" in results and rounds else None
     for name, r in results.items():
         times = r.pop("times")
-        r["step_time_median_s"] = statistics.median(times)
-        r["step_time_iqr_s"] = statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0] \
-            if len(times) > 1 else 0.0
+        r["step_time_median_s"] = statistics.median(times) if times else None
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else None
+        r["step_time_iqr_s"] = quartiles[2] - quartiles[0] if quartiles else None
         r["ratio_to_bp"] = r["step_time_median_s"] / base if base else None
         r["flops_per_sample"] = r["flops_per_step"] / batch_size
         r["batch_size"] = batch_size

@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from . import report
+from .bench import benchmark
 from .data import load_dataset
+from .models import build_model
 from .rules import make_rule
 from .train import TrainConfig, TrainingDiverged, resolve_device, train
 
 # Keys a rule's own config may not change: they define the comparison.
-SHARED_KEYS = ("dataset", "model", "hidden", "depth", "spec", "activation", "norm", "init", "epochs", "val_size", "seed",
-               "quant", "rounding", "analog", "data_dir", "device", "out", "progress")
+SHARED_KEYS = ("dataset", "model", "hidden", "depth", "spec", "activation", "norm", "init", "epochs", "batch_size",
+               "val_size", "seed", "quant", "rounding", "analog", "data_dir", "device", "out", "progress")
 
 
 @dataclass
@@ -30,9 +32,10 @@ class Comparison:
     configs: dict[str, TrainConfig]            # rule -> its config (seed and out filled per run)
     results: dict[str, list[dict[str, Any]]]   # rule -> per-seed metrics.json contents
     histories: dict[str, list[list[dict[str, Any]]]]  # rule -> per-seed per-epoch metrics
+    costs: dict[str, dict[str, Any]]           # rule -> FLOPs and peak memory of one training step (bench.benchmark)
 
     def table(self) -> str:
-        return report.compare_table(self.results)
+        return report.compare_table(self.results, self.costs)
 
     def describe(self) -> str:
         b = self.base
@@ -62,7 +65,9 @@ def rule_config(base: TrainConfig, rule: str, overrides: dict[str, Any] | None) 
     """The base config for `rule`: base rule options apply only to base.rule; a rule config file overrides."""
     values = dataclasses.asdict(base) | {"rule": rule, "rule_options": base.rule_options if rule == base.rule else {}}
     if overrides:
-        extra = TrainConfig.from_dict({"rule": rule, **overrides})
+        settings = dict(overrides)
+        table = settings.pop("rule", {})
+        extra = TrainConfig.from_dict({**settings, "rule": {"name": rule, **table}})
         values |= {k: v for k, v in dataclasses.asdict(extra).items() if k in overrides or k == "rule_options"}
     cfg = TrainConfig(**values)
     make_rule(cfg.rule, **cfg.rule_options)  # fail early on a bad rule or option
@@ -111,10 +116,14 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
             lines = (run_dir / "metrics.jsonl").read_text().splitlines()
             histories[rule].append([json.loads(line) for line in lines if line])
             print(f"{rule} seed {seed}: test accuracy {summary['test_accuracy']}", file=sys.stderr)
-    comparison = Comparison(base, configs, results, histories)
+    costs = benchmark({r: make_rule(r, **c.rule_options) for r, c in configs.items()},
+                      lambda: build_model(base.model, data.input_shape, data.num_classes, base.hidden, base.activation,
+                                          base.norm, base.init, depth=base.depth, spec=base.spec),
+                      data.x_train, data.y_train, base.batch_size, rounds=0, steps_per_round=1, warmup=1)
+    comparison = Comparison(base, configs, results, histories, costs)
     (out / "table.md").write_text(f"{comparison.describe()}\n\nMachine: {report.machine()}\n\n{comparison.table()}\n")
     (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rules": rules,
                                                   "rule_configs": {r: dataclasses.asdict(c) for r, c in configs.items()},
-                                                  "results": results}, indent=2) + "\n")
+                                                  "results": results, "step_costs": costs}, indent=2) + "\n")
     report.plot_curves(histories, out / "curves.png", f"{base.dataset}: {base.model_label()}")
     return comparison

@@ -32,19 +32,37 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def compare_table(results: dict[str, list[dict[str, Any]]]) -> str:
-    """results[rule] = list of per-seed summaries (metrics.json contents)."""
+def compare_table(results: dict[str, list[dict[str, Any]]], costs: dict[str, dict[str, Any]] | None = None) -> str:
+    """results[rule] = per-seed summaries (metrics.json contents); costs[rule] = bench.benchmark's figures for one
+    training step (FLOPs, peak memory). Ratios are to BP when BP is among the rules."""
+    def ratio(rule: str, value: float | None, of: dict[str, float | None]) -> str:
+        return f"{value / of['bp']:.2f}" if value is not None and of.get("bp") else "-"
+
+    ok = {rule: [r for r in runs if not r["diverged"]] for rule, runs in results.items()}
+    sec = {rule: statistics.median(r["seconds_per_epoch"] for r in runs) if runs else None for rule, runs in ok.items()}
+    header = ["rule", "test acc % (mean ± std)", "best val acc %", "s / epoch (median)"]
+    if "bp" in results:
+        header.append("time / BP")
+    if costs:
+        header += ["MFLOP / sample", "FLOPs / BP", "peak MiB / step", "memory / BP"]
+        flops = {r: c["flops_per_sample"] for r, c in costs.items()}
+        mem = {r: c["peak_memory_bytes"] for r, c in costs.items()}
+    header.append("runs ok")
     rows = []
     for rule, runs in results.items():
-        ok = [r for r in runs if not r["diverged"]]
-        rows.append([
-            rule,
-            pct([r["test_accuracy"] for r in ok]) if ok else "diverged",
-            pct([r["best_val_accuracy"] for r in ok if r["best_val_accuracy"] is not None]) if ok else "-",
-            f"{statistics.median(r['seconds_per_epoch'] for r in ok):.2f}" if ok else "-",
-            f"{len(ok)}/{len(runs)}",
-        ])
-    return markdown_table(["rule", "test acc % (mean ± std)", "best val acc %", "s / epoch (median)", "runs ok"], rows)
+        good = ok[rule]
+        row = [rule,
+               pct([r["test_accuracy"] for r in good]) if good else "diverged",
+               pct([r["best_val_accuracy"] for r in good if r["best_val_accuracy"] is not None]) if good else "-",
+               f"{sec[rule]:.2f}" if sec[rule] is not None else "-"]
+        if "bp" in results:
+            row.append(ratio(rule, sec[rule], sec))
+        if costs:
+            row += [f"{flops[rule] / 1e6:.3f}", ratio(rule, flops[rule], flops),
+                    f"{mem[rule] / 2**20:.2f}", ratio(rule, mem[rule], mem)]
+        row.append(f"{len(good)}/{len(runs)}")
+        rows.append(row)
+    return markdown_table(header, rows)
 
 
 def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from . import report
 from .bench import benchmark
-from .compare import run_compare
+from .compare import load_rule_config, run_compare
 from .data import load_dataset
 from .models import build_model
 from .rules import make_rule
@@ -45,17 +45,22 @@ class Study:
 
 
 def _compare_section(base: TrainConfig, rules: list[str], budget: Budget, runs: Path, figures: Path, key: str,
-                     goal: str) -> tuple[str, list[str]]:
-    """A comparison's markdown and its one-line summary for the README (test accuracy per rule)."""
-    comparison = run_compare(base, rules, budget.seeds, runs / key, resume=True)
+                     goal: str, rule_configs: dict[str, Path] | None = None) -> tuple[str, list[str]]:
+    """A comparison's markdown and its one-line summary for the README (test accuracy per rule).
+    rule_configs: rule -> path of its TOML settings (configs/)."""
+    loaded = {rule: load_rule_config(path) for rule, path in (rule_configs or {}).items()}
+    comparison = run_compare(base, rules, budget.seeds, runs / key, resume=True, rule_configs=loaded)
     figure = f"{key}.{budget.name}.png"
     shutil.copyfile(runs / key / "curves.png", figures / figure)
     command = (f"ftprop compare --rules {','.join(rules)} --dataset {base.dataset} --hidden {base.hidden} "
                f"--activation {base.activation} --epochs {base.epochs} --schedule {base.schedule} "
-               f"--seeds {budget.seeds} --out runs/{key}")
+               f"--seeds {budget.seeds} --out runs/{key}"
+               + "".join(f" --rule-config {rule}=configs/{path.name}" for rule, path in (rule_configs or {}).items()))
     setting = f"{base.dataset}, {base.hidden.replace(',', '-')} {base.activation}"
-    summary = [setting, *(report.pct([r["test_accuracy"] for r in runs_ if not r["diverged"]]) or "diverged"
-                          for runs_ in comparison.results.values()), goal]
+    accuracy = "; ".join(f"{rule} {report.pct([r['test_accuracy'] for r in runs_ if not r['diverged']])}"
+                         if any(not r["diverged"] for r in runs_) else f"{rule} diverged"
+                         for rule, runs_ in comparison.results.items())
+    summary = [setting, accuracy, goal]
     return (f"### {setting}\n\nGoal: {goal}.\n\n{comparison.describe()}.\n\n{comparison.table()}\n\n"
             f"Command: `{command}`\n\n![learning curves](results/{figure})\n"), summary
 
@@ -79,7 +84,7 @@ def study_mlp(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
         res = benchmark({"bp": make_rule("bp"), "ftp": make_rule("ftp")},
                         lambda: build_model("mlp", data.input_shape, 10, "1024,128", "tanh"),
                         data.x_train, data.y_train, batch, rounds=budget.bench_rounds)
-        rows += [[batch, rule, f"{1e3 * r['step_time_median_s']:.3f}", f"{1e3 * r['step_time_iqr_s']:.3f}",
+        rows += [[batch, rule, f"{1e3 * r['step_time_median_s']:.3f}", f"{1e3 * r['step_time_iqr_s']:.3f}" if r["step_time_iqr_s"] is not None else "-",
                   f"{r['ratio_to_bp']:.3f}", f"{r['flops_per_sample'] / 2e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"]
                  for rule, r in res.items()]
     parts.append("### Step time, MNIST 784-1024-128-10 tanh\n\nGoal: FTP / BP step time <= 1.10 at batch 64 and 256.\n\n"
@@ -89,12 +94,39 @@ def study_mlp(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
                  "one SGD step included. Command: `ftprop bench --rules bp,ftp --dataset mnist --hidden 1024,128 "
                  f"--batch-size 64 --rounds {budget.bench_rounds}` (and 256).\n")
     ratios = {row[0]: row[4] for row in rows if row[1] == "ftp"}
-    summary.append(["step time FTP / BP, batch 64 and 256", "1", f"{ratios[64]} and {ratios[256]}", "<= 1.10"])
+    summary.append(["step time FTP / BP, batch 64 and 256", f"{ratios[64]} and {ratios[256]}", "<= 1.10"])
+    return "\n".join(parts), summary
+
+
+PEERS = ("fa", "dfa", "drtp", "pepita", "dtp", "ff")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings
+
+
+def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
+    """Issue 3: every rule in one harness. The PEPITA setup (one hidden layer of 1024) and the FTP setup
+    (784-1024-128-10), ReLU throughout (Forward-Forward's goodness needs unbounded units), each rule with its
+    configs/RULE.toml settings and the same net, data, epochs, batch and seeds."""
+    configs = {rule: CONFIGS / f"{rule}.toml" for rule in PEERS}
+    parts, summary = [], []
+    setups = [("mnist", "1024", ["bp", "fa", "dfa", "drtp", "pepita"],
+               "PEPITA >= 97.8%, FA >= 98.0%, DFA >= 98.0%, DRTP >= 94.5% (PEPITA setup)")]
+    setups += [(dataset, "1024,128", ["bp", *PEERS, "ftp"],
+                "DTP >= 97.5%, FF >= 97.0% on MNIST; FTP against PEPITA, DRTP, DTP and FF") for dataset in
+               ("mnist", "fashion-mnist")]
+    for dataset, hidden, rules, goal in setups:
+        base = TrainConfig(dataset=dataset, activation="relu", hidden=hidden, epochs=budget.epochs, schedule="cosine",
+                           progress=False)
+        section, row = _compare_section(base, rules, budget, runs, figures,
+                                        f"peers-{dataset}-{hidden.replace(',', '-')}", goal,
+                                        {r: configs[r] for r in rules if r in configs})
+        parts.append(section)
+        summary.append(row)
     return "\n".join(parts), summary
 
 
 STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("mlp", "FTP vs BP on multilayer perceptrons", study_mlp),
+    Study("peers", "FTP and its peers in one harness", study_peers),
 )}
 
 
@@ -117,7 +149,7 @@ def assemble(docs: Path) -> Path:
     rows = [row for p in summaries if p.exists() for row in json.loads(p.read_text())]
     if readme.exists() and README_START in readme.read_text():
         head, rest = readme.read_text().split(README_START, 1)
-        table = report.markdown_table(["setting", "BP", "FTP", "goal"], rows)
+        table = report.markdown_table(["setting", "test accuracy % (mean ± std over seeds) or figure", "goal"], rows)
         readme.write_text(f"{head}{README_START}\n{table}\n\n{README_END}{rest.split(README_END, 1)[1]}")
     return out
 

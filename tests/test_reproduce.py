@@ -5,17 +5,24 @@ import dataclasses
 
 import pytest
 
+import ftprop.compare
 import ftprop.reproduce as rep
+from ftprop.data import load_dataset
 
 
-def test_reproduce_writes_sections_and_results(tmp_path, monkeypatch):
-    real = rep.run_compare
+@pytest.fixture
+def tiny(monkeypatch):
+    """Every study on 1000 training and 500 test images, one epoch, one seed: the same pipeline in seconds."""
+    def small(name, *a, **k):
+        d = load_dataset(name, *a, **k)
+        return dataclasses.replace(d, x_train=d.x_train[:1000], y_train=d.y_train[:1000], x_val=d.x_val[:500],
+                                   y_val=d.y_val[:500], x_test=d.x_test[:500], y_test=d.y_test[:500])
 
-    def on_1000_images(base, *a, **k):  # same pipeline, a thousandth of the compute
-        return real(dataclasses.replace(base, val_size=59000), *a, **k)
-
-    monkeypatch.setattr(rep, "run_compare", on_1000_images)
+    monkeypatch.setattr(ftprop.compare, "load_dataset", small)
     monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=1, seeds=1, bench_rounds=1))
+
+
+def test_reproduce_writes_sections_and_results(tmp_path, tiny):
     docs = tmp_path / "docs"
     (tmp_path / "README.md").write_text(f"intro\n{rep.README_START}\nold\n{rep.README_END}\nrest\n")
     results = rep.reproduce(["mlp"], "small", tmp_path / "runs", docs)
@@ -38,3 +45,20 @@ def test_unknown_study_or_budget(tmp_path):
         rep.reproduce(["nope"], "small", tmp_path, tmp_path)
     with pytest.raises(ValueError, match="unknown budget"):
         rep.reproduce(["mlp"], "medium", tmp_path, tmp_path)
+
+
+def test_peers_study_runs_every_rule_with_its_config(tmp_path, tiny, monkeypatch):
+    real = rep.run_compare
+    seen = {}
+
+    def spy(base, rules, *a, rule_configs=None, **k):
+        seen[base.hidden, base.dataset] = (rules, rule_configs)
+        return real(base, rules, *a, rule_configs=rule_configs, **k)
+
+    monkeypatch.setattr(rep, "run_compare", spy)
+    text = rep.reproduce(["peers"], "small", tmp_path / "runs", tmp_path / "docs").read_text()
+    rules, configs = seen["1024,128", "mnist"]
+    assert rules == ["bp", "fa", "dfa", "drtp", "pepita", "dtp", "ff", "ftp"]
+    assert configs["pepita"]["rule"]["f_scale"] == 0.15 and configs["ff"]["optimizer"] == "adam"
+    assert seen["1024", "mnist"][0] == ["bp", "fa", "dfa", "drtp", "pepita"]
+    assert text.count("| pepita |") == 3 and "FLOPs / BP" in text and "--rule-config ff=configs/ff.toml" in text
