@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ftprop.models import mlp
 from ftprop.rules import make_rule
+from ftprop.rules.ftp import _closed_form_derivatives
 from tests.conftest import tiny_batch
 
 
@@ -175,3 +176,19 @@ def test_ftp_relu_stays_bounded_with_tangent_and_diverges_without(small_mnist):
     with_tangent, without = run(tangent=True), run(tangent=False)
     assert with_tangent > 0.85, "FTP with the tangential local error should learn on ReLU"
     assert without < 0.5, "without it, ReLU FTP is expected to blow up (if this fails, update docs/ALGORITHM.md)"
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu", "sigmoid"])
+@pytest.mark.parametrize("options", [{}, {"tangent": False}, {"fprime": False}, {"update_input": "t"},
+                                     {"target_nonlin": "tanh", "gamma_mode": "multiplier"}])
+def test_ftp_closed_form_and_autograd_paths_agree(activation, options):
+    """Plain Linear + pointwise blocks take the closed-form local gradients; a hooked (or conv, normed...) block
+    takes autograd. Both must give the same update."""
+    x, y = tiny_batch()
+    nets = [tiny_net(activation), tiny_net(activation)]
+    nets[1].blocks[1].register_forward_hook(lambda m, i, o: None)  # forces the autograd path
+    assert _closed_form_derivatives(nets[0]) is not None and _closed_form_derivatives(nets[1]) is None
+    for net in nets:
+        make_rule("ftp", gamma=0.3, g_scale=0.7, **options).step(net, x, y)
+    for a, b in zip(grads(nets[0]), grads(nets[1])):
+        torch.testing.assert_close(a, b)

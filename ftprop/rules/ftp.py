@@ -27,10 +27,11 @@ step. A residual block is one block: its local loss trains both its convs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..models import Net, as_net, two_pass
 from .base import Rule, StepOutput, check_batch
@@ -52,6 +53,35 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     d, v = delta.flatten(1), h.flatten(1)
     coef = torch.linalg.vecdot(d, v) / torch.linalg.vecdot(v, v).clamp_min(1e-12)
     return torch.addcmul(d, coef.unsqueeze(1), v, value=-1).view_as(delta)
+
+
+# g * f'(a) written in terms of h = f(a), for the activations where that is possible: the fused kernels autograd
+# itself uses for these activations' backward.
+_THROUGH_ACTIVATION: dict[type, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    nn.Identity: lambda m, g, h: g,
+    nn.Tanh: lambda m, g, h: torch.ops.aten.tanh_backward(g, h),
+    nn.Sigmoid: lambda m, g, h: torch.ops.aten.sigmoid_backward(g, h),
+    nn.ReLU: lambda m, g, h: torch.ops.aten.threshold_backward(g, h, 0),
+    nn.LeakyReLU: lambda m, g, h: torch.ops.aten.leaky_relu_backward(g, h, m.negative_slope, True),
+}
+
+
+def _closed_form_derivatives(model: Net) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None:
+    """Per block, (g, h) -> g * f'(a), when every block is a plain Linear layer followed by at most one pointwise
+    activation; else None and FTP differentiates each block's local loss with autograd (conv, norms, dropout,
+    residuals, hooked blocks...). Both give the same gradients (tests/test_rules.py); the closed form just skips
+    building graphs."""
+    derivatives = []
+    for block in model.blocks:
+        post = block.post
+        if isinstance(post, nn.Sequential) and len(post) <= 1:
+            post = post[0] if len(post) else nn.Identity()
+        fn = _THROUGH_ACTIVATION.get(type(post))
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (block, block.layer, block.post))
+        if type(block.layer) is not nn.Linear or not isinstance(block.pre, nn.Identity) or fn is None or hooked:
+            return None  # hooks (hardware simulation) may watch the gradients autograd carries: keep autograd
+        derivatives.append(lambda g, h, fn=fn, post=post: fn(post, g, h))
+    return derivatives
 
 
 @dataclass
@@ -119,17 +149,20 @@ class FTP(Rule):
     def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes) -> StepOutput:  # noqa: ANN001
         blocks = model.blocks
         batch = x.shape[0]
+        derivatives = _closed_form_derivatives(model)  # None unless every block is Linear + a pointwise activation
 
-        # First pass: each block sees a detached input, so its graph is local to it.
+        # First pass: each block sees a detached input, so its graph is local to it. With closed-form local
+        # gradients no graph is needed at all: FTP has no backward pass to prepare for.
         h = model.prepare(x)
         inputs, pre, outs = [], [], []
-        for block in blocks:
-            h_in = h.detach()
-            a = block.layer(block.pre(h_in))
-            h = block.post(a)
-            inputs.append(h_in)
-            pre.append(a)
-            outs.append(h)
+        with torch.set_grad_enabled(derivatives is None and torch.is_grad_enabled()):
+            for block in blocks:
+                h_in = h.detach()
+                a = block.layer(block.pre(h_in))
+                h = block.post(a)
+                inputs.append(h_in)
+                pre.append(a)
+                outs.append(h)
         z = outs[-1]
         passes.replay()  # from here on: the first pass's dropout masks and batch-norm statistics
 
@@ -155,12 +188,24 @@ class FTP(Rule):
                 t_inputs.append(u)
                 t = block.post(block.layer(u))
                 errors.append((outs[l] - t).mul_(scale))
+            if self.tangent:
+                errors = [_tangential(err, outs[l].detach()) for l, err in enumerate(errors)]
+            e.div_(batch)  # dCE/dz of the mean loss
+
+        if derivatives is not None:
+            with torch.no_grad():
+                for l, (block, err) in enumerate(zip(blocks, [*errors, e])):
+                    output = l == len(errors)  # the output layer always gets dCE/dz through its own post
+                    d = derivatives[l](err, outs[l]) if self.fprime or output else err
+                    source = inputs[l] if self.update_input == "h" or output else t_inputs[l]
+                    block.layer.weight.grad = d.t() @ source
+                    if block.layer.bias is not None:
+                        block.layer.bias.grad = d.sum(0)
+            return StepOutput(loss, z)
 
         roots: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         for l, (block, err) in enumerate(zip(blocks[:-1], errors)):
-            if self.tangent:
-                err = _tangential(err, outs[l].detach())
             if self.update_input == "h":
                 roots.append(outs[l] if self.fprime else pre[l])
                 grads.append(err)
@@ -169,7 +214,7 @@ class FTP(Rule):
                 roots.append(pre[0] if l == 0 else block.layer(t_inputs[l]))  # t_0 = h_0 = x
                 grads.append(d)
         roots.append(z)
-        grads.append(e / batch)
+        grads.append(e)
         torch.autograd.backward(roots, grads)
         return StepOutput(loss, z.detach())
 
