@@ -70,6 +70,7 @@ def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: Path, ti
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for rule, runs in histories.items():
@@ -87,6 +88,7 @@ def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: Path, ti
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
     ax_loss.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log", title="training loss")
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
