@@ -98,6 +98,10 @@ def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     if args.no_progress:
         values["progress"] = False
     values.update(overrides)
+    model = values.get("model", TrainConfig.model)
+    if getattr(args, "hidden", None) is not None and model != "mlp":
+        raise ValueError(f"--hidden sets the hidden layers of --model mlp; --model {model} takes "
+                         + ("--depth" if model == "resnet" else "--spec" if model == "spec" else "no layer sizes"))
     return TrainConfig(**values)
 
 

@@ -68,6 +68,7 @@ def test_bench_json(capsys):
     (["train", "--activation", "swish"], "unknown activation 'swish'"),
     (["train", "--hidden", "1024,abc"], "--hidden must be a comma-separated list of positive integers"),
     (["train", "--hidden", "0"], "non-empty list of positive integers"),
+    (["train", "--model", "paper-cnn", "--hidden", "1024,128"], "--hidden sets the hidden layers of --model mlp"),
     (["train", "--rule-opt", "gamma"], "--rule-opt expects KEY=VALUE"),
     (["train", "--rule", "ftp", "--rule-opt", "gama=0.1"], "has no option(s) gama"),
     (["train", "--config", "/nonexistent.toml"], "no such file"),
