@@ -1,19 +1,21 @@
 """Pieces the peer rules share: the local first pass, the output error, fixed random matrices, a rule-owned RNG.
 
-Nothing here is a learning rule; each rule module states its own equations and uses only what they need.
+Each rule module states its own equations and uses only what they need. DirectProjection is the one mechanism DFA and
+DRTP share (they differ only in the signal they project), so it lives here rather than in either rule.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..models import Net, is_mlp
-from .base import Rule
+from ..models import Net, as_net, is_mlp
+from .base import Rule, StepOutput, check_batch
 
 
 class PeerRule(Rule):
@@ -147,3 +149,53 @@ class RuleRNG:
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         self.gen = None
         self.pending = {"state": state["state"].clone(), "device": state["device"]} if state else None
+
+
+@dataclass
+class DirectProjection(PeerRule):
+    """DFA and DRTP: a fixed random matrix B_l (n_out x |h_l|) per hidden block carries an output-space signal
+    straight to that block's output; subclasses say which signal (`_hidden_signal`)."""
+
+    b_scale: float = 1.0   # multiplier on the Glorot-uniform range of each B_l
+    seed: int = 0          # seeds the B_l, independently of the model's initialisation
+    B: list[torch.Tensor] | None = field(default=None, init=False, repr=False)  # one per hidden block
+
+    def __post_init__(self) -> None:
+        if not self.b_scale > 0:
+            raise ValueError(f"{self.name}: b_scale must be > 0, got {self.b_scale}")
+
+    def _hidden_signal(self, e: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The (batch x n_out) signal that B_l projects onto every hidden block, before the 1/B of the mean."""
+        raise NotImplementedError
+
+    def _matrices(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        n_out = num_features(outs[-1])
+        shapes = [(n_out, num_features(h)) for h in outs[:-1]]
+        if self.B is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            self.B = [glorot_uniform(o, n, self.b_scale, gen, outs[-1]) for o, n in shapes]
+        self.B = fit_matrices(f"{self.name}: B", self.B, shapes, outs[-1])
+        return self.B
+
+    def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        check_batch(model, x, y)
+        model = as_net(model)
+        need_hidden(model, self.name)
+        model.zero_grad(set_to_none=True)
+        _, _, outs = local_forward(model, x)
+        z = outs[-1]
+        loss, _, e = output_error(z, y)
+        batch = x.shape[0]
+        signal = self._hidden_signal(e, y, z) / batch
+        grads = [(signal @ b).view_as(h) for b, h in zip(self._matrices(outs), outs[:-1])]
+        torch.autograd.backward(outs, [*grads, e / batch])
+        return StepOutput(loss, z.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.B is None else {"B": list(self.B)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"B"}
+        if unknown:
+            raise ValueError(f"{self.name}: unknown state keys {sorted(unknown)}")
+        self.B = [b.clone() for b in state["B"]] if "B" in state else None

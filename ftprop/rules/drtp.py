@@ -22,58 +22,18 @@ conv; both convs and the shortcut of a residual block) turns it into every param
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from ..models import Net, as_net
-from ._common import (PeerRule, fit_matrices, glorot_uniform, local_forward, need_hidden, num_features, one_hot,
-                      output_error)
-from .base import StepOutput, check_batch
+from ._common import DirectProjection, num_features, one_hot
 
 
 @dataclass
-class DRTP(PeerRule):
-    """Direct random target projection; options: the scale of the projection matrices and their seed."""
+class DRTP(DirectProjection):
+    """Direct random target projection: the projected signal is -y, the one-hot label alone. Options: b_scale, seed."""
 
     name = "drtp"
-    b_scale: float = 1.0   # multiplier on the Glorot-uniform range of each B_l
-    seed: int = 0          # seeds the B_l, independently of the model's initialisation
-    B: list[torch.Tensor] | None = field(default=None, init=False, repr=False)  # one per hidden block
 
-    def __post_init__(self) -> None:
-        if not self.b_scale > 0:
-            raise ValueError(f"drtp: b_scale must be > 0, got {self.b_scale}")
-
-    def _projection(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
-        n_out = num_features(outs[-1])
-        shapes = [(n_out, num_features(h)) for h in outs[:-1]]
-        if self.B is None:
-            gen = torch.Generator().manual_seed(self.seed)
-            self.B = [glorot_uniform(o, n, self.b_scale, gen, outs[-1]) for o, n in shapes]
-        self.B = fit_matrices("drtp: B", self.B, shapes, outs[-1])
-        return self.B
-
-    def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        check_batch(model, x, y)
-        model = as_net(model)
-        need_hidden(model, "drtp")
-        model.zero_grad(set_to_none=True)
-        _, _, outs = local_forward(model, x)
-        z = outs[-1]
-        loss, _, e = output_error(z, y)
-        batch = x.shape[0]
-        target = one_hot(y, num_features(z), z).div_(-batch)          # -y / B
-        grads = [(target @ b).view_as(h) for b, h in zip(self._projection(outs), outs[:-1])]
-        torch.autograd.backward(outs, [*grads, e / batch])
-        return StepOutput(loss, z.detach())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.B is None else {"B": list(self.B)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"B"}
-        if unknown:
-            raise ValueError(f"drtp: unknown state keys {sorted(unknown)}")
-        self.B = [b.clone() for b in state["B"]] if "B" in state else None
+    def _hidden_signal(self, e: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return -one_hot(y, num_features(z), z)

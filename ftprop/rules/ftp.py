@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models import Net, as_net, two_pass
+from ._common import local_forward, output_error
 from .base import Rule, StepOutput, check_batch
 
 G_DISTS = ("gaussian", "uniform")
@@ -153,25 +153,14 @@ class FTP(Rule):
 
         # First pass: each block sees a detached input, so its graph is local to it. With closed-form local
         # gradients no graph is needed at all: FTP has no backward pass to prepare for.
-        h = model.prepare(x)
-        inputs, pre, outs = [], [], []
         with torch.set_grad_enabled(derivatives is None and torch.is_grad_enabled()):
-            for block in blocks:
-                h_in = h.detach()
-                a = block.layer(block.pre(h_in))
-                h = block.post(a)
-                inputs.append(h_in)
-                pre.append(a)
-                outs.append(h)
+            inputs, pre, outs = local_forward(model, x)
         z = outs[-1]
         passes.replay()  # from here on: the first pass's dropout masks and batch-norm statistics
 
         scale = 1.0 / (self.gamma * batch)
+        loss, p, e = output_error(z, y)
         with torch.no_grad():
-            logp = torch.log_softmax(z, dim=1)
-            loss = F.nll_loss(logp, y)
-            p = logp.exp()
-            e = p.scatter_add(1, y.unsqueeze(1), torch.full_like(p[:, :1], -1.0))  # p - onehot(y)
             h1 = outs[0]
             if self.G is None:
                 self.G = self._projection(z.shape[1], h1[0].numel(), h1)
