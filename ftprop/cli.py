@@ -254,8 +254,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("studies", nargs="+", help="study names, or all")
     r.add_argument("--budget", default="full", choices=("small", "full"),
                    help="small: the same pipeline in minutes (fewer epochs and seeds); full: the published figures")
-    r.add_argument("--runs", default="runs/reproduce", help="where runs go; finished runs are reused, "
-                   "interrupted ones resumed (default runs/reproduce)")
+    r.add_argument("--runs", default="results/runs", help="where runs go; finished runs are reused, "
+                   "interrupted ones resumed (default results/runs, versioned without checkpoints)")
     r.add_argument("--docs", default="docs", help="docs directory to write (default docs)")
     r.set_defaults(func=cmd_reproduce)
 

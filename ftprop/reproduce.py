@@ -172,7 +172,7 @@ def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
         header = (f"## {STUDIES[name].title}\n\nStudy `{name}`, budget `{b.name}` ({b.epochs} epochs, seeds "
                   f"0..{b.seeds - 1}); machine: {report.machine()}; section generated "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC from the runs in "
-                  f"runs/reproduce/{b.name} (study started {started:%H:%M}; finished runs are reused). "
+                  f"results/runs/{b.name} (study started {started:%H:%M}; finished runs are reused). "
                   f"Rerun: `ftprop reproduce {name} --budget {b.name}`.\n\n")
         (figures / f"{name}.{b.name}.md").write_text(header + body)
     return assemble(docs)
