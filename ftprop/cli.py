@@ -68,6 +68,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--g-scale", type=float, help="FTP's std of the projection G (rule option)")
     p.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="any rule option, repeatable, e.g. --rule-opt tangent=False --rule-opt g_dist=uniform")
+    p.add_argument("--log-alignment", type=int, metavar="N",
+                   help="every N steps, log each layer's angle between the rule's update and BP's (alignment.jsonl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

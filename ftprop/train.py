@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches, load_dataset
+from .diagnostics import alignment, rng_state
 from .hardware import attach as attach_hardware, check_hardware
 from .models import Net, build_model, parse_hidden
 from .rules import Rule, make_rule
@@ -62,6 +63,7 @@ class TrainConfig:
     data_dir: str | None = None
     out: str | None = None
     progress: bool = True
+    log_alignment: int = 0            # every N steps, log each layer's angle to the BP gradient (0: off)
 
     def __post_init__(self) -> None:
         if isinstance(self.hidden, (list, tuple)):
@@ -219,9 +221,11 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
         _write_json(dataclasses.asdict(cfg) | {"resolved_rule_options": rule.options()}, out / "config.json")
         if not resume:
             (out / "metrics.jsonl").write_text("")
+            (out / "alignment.jsonl").unlink(missing_ok=True)
 
     x, y = data.x_train, data.y_train
     diverged = None
+    angles: list[dict[str, Any]] = []  # alignment records of the current epoch
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -232,10 +236,14 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
                    disable=not cfg.progress, desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}")
         for step, idx in enumerate(bar):
             xb, yb = x[idx], y[idx]
+            log_now = cfg.log_alignment and (epoch * steps + step) % cfg.log_alignment == 0
+            rng = rng_state(device) if log_now else None
             result = rule.step(model, xb, yb)
             if not torch.isfinite(result.loss):
                 diverged = f"loss became {result.loss.item()} at epoch {epoch + 1}, step {step + 1}"
                 break
+            if log_now:
+                angles.append({"epoch": epoch + 1, "step": step + 1, "layers": alignment(model, xb, yb, rng)})
             opt.step()
             loss_sum += result.loss * len(yb)
             correct += (result.logits.argmax(1) == yb).sum()
@@ -243,6 +251,10 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
                 seen = min((step + 1) * cfg.batch_size, len(y))
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
         bar.close()
+        if out and angles:
+            with open(out / "alignment.jsonl", "a") as f:
+                f.writelines(json.dumps(a) + "\n" for a in angles)
+        angles.clear()
         if diverged is None and not _all_finite(model):
             diverged = f"weights stopped being finite in epoch {epoch + 1}"
         if diverged:

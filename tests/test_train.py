@@ -131,3 +131,23 @@ def test_config_validation():
         TrainConfig(optimizer="lbfgs")
     c = TrainConfig.from_dict({"hidden": [32, 16], "rule": {"name": "ftp", "gamma": 0.2}})
     assert c.hidden == "32,16" and c.rule == "ftp" and c.rule_options == {"gamma": 0.2}
+
+
+def test_alignment_logging(small_mnist, tmp_path):
+    """BP aligns perfectly with itself; FTP's output layer is BP's exactly; logging changes nothing in the run."""
+    bp = train(cfg(tmp_path / "bp", rule="bp", epochs=1, log_alignment=10), small_mnist)
+    rows = [json.loads(line) for line in (tmp_path / "bp" / "run" / "alignment.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 64, 10))  # 63 steps per epoch
+    assert all(abs(layer["cosine"] - 1) < 1e-5 for r in rows for layer in r["layers"])
+
+    spec = dict(model="spec", spec="f-l64-bn-relu-d0.2-l32-relu-l10")  # dropout and batch norm: RNG and buffers
+    logged = train(cfg(tmp_path / "ftp", rule="ftp", epochs=2, log_alignment=7, **spec), small_mnist)
+    plain = train(cfg(tmp_path / "plain", rule="ftp", epochs=2, **spec), small_mnist)
+    assert logged["test_accuracy"] == plain["test_accuracy"]
+    ckpt = lambda d: torch.load(tmp_path / d / "run" / "checkpoint.pt", weights_only=False)["model"]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(ckpt("ftp").values(), ckpt("plain").values()))
+    rows = [json.loads(line) for line in (tmp_path / "ftp" / "run" / "alignment.jsonl").read_text().splitlines()]
+    assert len(rows) == 18 and rows[-1]["epoch"] == 2
+    last = rows[-1]["layers"]
+    assert abs(last[-1]["cosine"] - 1) < 1e-5  # the output layer's update is the cross-entropy gradient itself
+    assert all(-1 <= layer["cosine"] < 0.9999 for layer in last[:-1]) and bp["test_accuracy"] > 0
