@@ -70,6 +70,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="any rule option, repeatable, e.g. --rule-opt tangent=False --rule-opt g_dist=uniform")
     p.add_argument("--log-alignment", type=int, metavar="N",
                    help="every N steps, log each layer's angle between the rule's update and BP's (alignment.jsonl)")
+    p.add_argument("--label-noise", type=float, metavar="P",
+                   help="symmetric label noise: this fraction of training labels (0 <= P < 1) is replaced by a "
+                        "random other class, drawn from the run's seed; validation and test labels stay clean")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -23,7 +23,7 @@ from .train import TrainConfig, TrainingDiverged, resolve_device, train
 
 # Keys a rule's own config may not change: they define the comparison.
 SHARED_KEYS = ("dataset", "model", "hidden", "depth", "spec", "activation", "norm", "init", "epochs", "batch_size",
-               "val_size", "seed", "quant", "rounding", "analog", "data_dir", "device", "out", "progress")
+               "val_size", "seed", "label_noise", "quant", "rounding", "analog", "data_dir", "device", "out", "progress")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import report
+from . import study_understanding as _understanding
 from .bench import benchmark
 from .compare import load_rule_config, run_compare
 from .data import load_dataset
@@ -124,9 +125,17 @@ def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
     return "\n".join(parts), summary
 
 
+from .study_scaling import study_depth, study_hardware  # noqa: E402  (imports nothing from this module)
+
 STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("mlp", "FTP vs BP on multilayer perceptrons", study_mlp),
     Study("peers", "FTP and its peers in one harness", study_peers),
+    Study("hardware", "Low precision and analog hardware: accuracy against bits and devices", study_hardware),
+    Study("depth", "How far FTP scales in depth", study_depth),
+    Study("alignment", "Alignment of each rule's update with backpropagation", _understanding.study_alignment),
+    Study("gamma", "FTP's gamma and the other open choices", _understanding.study_gamma),
+    Study("feedback", "The distribution and scale of FTP's projection G", _understanding.study_feedback),
+    Study("label-noise", "Robustness to symmetric label noise", _understanding.study_label_noise),
 )}
 
 

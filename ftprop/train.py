@@ -64,6 +64,7 @@ class TrainConfig:
     out: str | None = None
     progress: bool = True
     log_alignment: int = 0            # every N steps, log each layer's angle to the BP gradient (0: off)
+    label_noise: float = 0.0          # fraction of TRAINING labels replaced by another class (noisy_labels)
 
     def __post_init__(self) -> None:
         if isinstance(self.hidden, (list, tuple)):
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
         check_hardware(self.quant, self.rounding, self.analog)
 
     def model_label(self) -> str:
@@ -102,6 +105,23 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+LABEL_NOISE_SEED = 0x4E015E  # offset so the noise stream differs from the batch-order stream of the same seed
+
+
+def noisy_labels(y: torch.Tensor, p: float, num_classes: int, seed: int) -> torch.Tensor:
+    """Symmetric label noise: exactly round(p * N) labels, chosen uniformly, each replaced by a uniformly random
+    OTHER class. Drawn from its own generator seeded by LABEL_NOISE_SEED + seed, so a run's noisy labels depend only
+    on its seed (the same for every rule) and draw nothing from the global RNG or the batch order."""
+    if p == 0:
+        return y
+    gen = torch.Generator().manual_seed(LABEL_NOISE_SEED + seed)
+    idx = torch.randperm(len(y), generator=gen)[:round(p * len(y))]
+    shift = torch.randint(1, num_classes, (len(idx),), generator=gen)
+    noisy = y.clone()
+    noisy[idx.to(y.device)] = (y[idx.to(y.device)] + shift.to(y.device)) % num_classes
+    return noisy
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,8 +224,9 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         saved = ckpt["config"]
-        changed = {k for k in saved if k not in ("epochs", "progress", "out", "device", "data_dir")
-                   and saved[k] != dataclasses.asdict(cfg)[k]}
+        mine = dataclasses.asdict(cfg)
+        changed = {k for k in saved if k not in ("epochs", "progress", "out", "device", "data_dir", "log_alignment")
+                   and saved[k] != mine.get(k)}
         if changed:
             raise ValueError(f"--resume: config differs from the checkpoint in {', '.join(sorted(changed))}")
         model.load_state_dict(ckpt["model"])
@@ -219,11 +240,16 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
     if out:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(dataclasses.asdict(cfg) | {"resolved_rule_options": rule.options()}, out / "config.json")
-        if not resume:
-            (out / "metrics.jsonl").write_text("")
-            (out / "alignment.jsonl").unlink(missing_ok=True)
+        # Start the per-epoch logs afresh, or (resuming) cut them back to the checkpoint: a crash between a log
+        # write and the checkpoint must not leave an epoch logged twice.
+        (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+        angles_log = out / "alignment.jsonl"
+        if cfg.log_alignment or angles_log.exists():
+            kept = [line for line in (angles_log.read_text().splitlines() if resume and angles_log.exists() else [])
+                    if json.loads(line)["epoch"] <= start_epoch]
+            angles_log.write_text("".join(line + "\n" for line in kept))
 
-    x, y = data.x_train, data.y_train
+    x, y = data.x_train, noisy_labels(data.y_train, cfg.label_noise, data.num_classes, cfg.seed)  # val/test clean
     diverged = None
     angles: list[dict[str, Any]] = []  # alignment records of the current epoch
     for epoch in range(start_epoch, cfg.epochs):
@@ -252,7 +278,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
         bar.close()
         if out and angles:
-            with open(out / "alignment.jsonl", "a") as f:
+            with open(angles_log, "a") as f:
                 f.writelines(json.dumps(a) + "\n" for a in angles)
         angles.clear()
         if diverged is None and not _all_finite(model):

@@ -31,3 +31,18 @@ def tiny_batch(n: int = 7, d_in: int = 6, n_out: int = 3, seed: int = 0) -> tupl
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(n, d_in, generator=gen, dtype=torch.float64),
             torch.randint(0, n_out, (n,), generator=gen))
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """Studies on 1000 training, 500 validation and 500 test images, one epoch, one seed: the pipeline in seconds."""
+    import ftprop.compare
+    import ftprop.reproduce as rep
+
+    def small(name, *a, **k):
+        d = load_dataset(name, *a, **k)
+        return dataclasses.replace(d, x_train=d.x_train[:1000], y_train=d.y_train[:1000], x_val=d.x_val[:500],
+                                   y_val=d.y_val[:500], x_test=d.x_test[:500], y_test=d.y_test[:500])
+
+    monkeypatch.setattr(ftprop.compare, "load_dataset", small)
+    monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=1, seeds=1, bench_rounds=1))

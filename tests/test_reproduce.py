@@ -1,25 +1,9 @@
 """The reproduce pipeline: runs, sections, plots and an assembled RESULTS.md, on a tiny budget."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-import ftprop.compare
 import ftprop.reproduce as rep
-from ftprop.data import load_dataset
-
-
-@pytest.fixture
-def tiny(monkeypatch):
-    """Every study on 1000 training and 500 test images, one epoch, one seed: the same pipeline in seconds."""
-    def small(name, *a, **k):
-        d = load_dataset(name, *a, **k)
-        return dataclasses.replace(d, x_train=d.x_train[:1000], y_train=d.y_train[:1000], x_val=d.x_val[:500],
-                                   y_val=d.y_val[:500], x_test=d.x_test[:500], y_test=d.y_test[:500])
-
-    monkeypatch.setattr(ftprop.compare, "load_dataset", small)
-    monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=1, seeds=1, bench_rounds=1))
 
 
 def test_reproduce_writes_sections_and_results(tmp_path, tiny):

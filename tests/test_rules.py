@@ -109,6 +109,40 @@ def test_ftp_g_is_fixed_seeded_and_restorable():
     assert uniform.G.abs().max() <= 0.05 * 3 ** 0.5 and abs(uniform.G.std().item() - 0.05) < 0.003
 
 
+def _g(n_out: int, n_hidden: int, **options) -> torch.Tensor:
+    return make_rule("ftp", **options)._projection(n_out, n_hidden, torch.zeros(1))
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5])
+def test_ftp_sparse_g_has_its_density_and_scale(density):
+    G = _g(10, 2000, g_dist="sparse", g_scale=0.05, g_density=density)
+    assert G.shape == (10, 2000) and int((G != 0).sum()) == round(density * G.numel())
+    assert abs(G.pow(2).mean().sqrt().item() - 0.05) < 0.002  # entries' std (about zero mean) is g_scale
+    assert abs(G[G != 0].std().item() - 0.05 / density ** 0.5) < 0.05 / density ** 0.5 * 0.05
+    assert abs(G.mean().item()) < 0.002
+    assert torch.equal(G, _g(10, 2000, g_dist="sparse", g_scale=0.05, g_density=density))  # seeded
+    assert not torch.equal(G, _g(10, 2000, g_dist="sparse", g_scale=0.05, g_density=density, seed=1))
+
+
+@pytest.mark.parametrize("n_out, n_hidden", [(10, 1024), (10, 6), (5, 3)])
+def test_ftp_orthogonal_g_has_orthonormal_rows_at_scale(n_out, n_hidden):
+    G = _g(n_out, n_hidden, g_dist="orthogonal", g_scale=0.1)
+    assert G.shape == (n_out, n_hidden)
+    k = max(n_out, n_hidden)
+    gram = G @ G.T if n_out <= n_hidden else G.T @ G  # rows orthonormal (columns when there are more rows)
+    torch.testing.assert_close(gram / (0.01 * k), torch.eye(min(n_out, n_hidden)), atol=1e-5, rtol=0)
+    assert abs(G.pow(2).mean().sqrt().item() - 0.1) < 1e-5  # entries have RMS g_scale
+    assert not torch.equal(G, _g(n_out, n_hidden, g_dist="orthogonal", g_scale=0.1, seed=1))
+
+
+@pytest.mark.parametrize("g_dist", ["sparse", "orthogonal"])
+def test_ftp_new_g_dists_train(g_dist):
+    net = tiny_net()
+    x, y = tiny_batch()
+    make_rule("ftp", g_dist=g_dist, g_density=0.5).step(net, x, y)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
 @pytest.mark.parametrize("rule_name, crosses", [("bp", True), ("ftp", False)])
 def test_no_gradient_crosses_a_layer(rule_name, crosses):
     """A gradient w.r.t. a block's input exists only if some rule sends error backward through that block."""
@@ -153,6 +187,9 @@ def test_bad_rule_options_raise_clear_errors():
         make_rule("ftp", gamma=0)
     with pytest.raises(ValueError, match="g_dist must be one of"):
         make_rule("ftp", g_dist="cauchy")
+    for density in (0, 1.5):
+        with pytest.raises(ValueError, match="g_density must be in"):
+            make_rule("ftp", g_dist="sparse", g_density=density)
     with pytest.raises(ValueError, match="batch size mismatch"):
         make_rule("bp").step(tiny_net(), torch.zeros(3, 6, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
 

@@ -57,7 +57,8 @@ def test_seeded_runs_are_bit_identical(small_mnist, tmp_path):
     assert not all(torch.equal(x, y) for x, y in zip(pa, pc))
 
 
-def test_resume_continues_bit_identically(small_mnist, tmp_path, monkeypatch):
+@pytest.mark.parametrize("crash", ["after checkpoint 1", "before checkpoint 2"])
+def test_resume_continues_bit_identically(small_mnist, tmp_path, monkeypatch, crash):
     full = train(cfg(tmp_path / "full", rule="ftp", epochs=3, schedule="cosine"), small_mnist)
 
     saves = 0
@@ -65,10 +66,12 @@ def test_resume_continues_bit_identically(small_mnist, tmp_path, monkeypatch):
 
     def crash_after_first_epoch(obj, path):
         nonlocal saves
-        real_save(obj, path)
         saves += 1
-        if saves == 1:
-            raise KeyboardInterrupt  # the machine dies right after epoch 1 was checkpointed
+        if crash == "before checkpoint 2" and saves == 2:
+            raise KeyboardInterrupt  # dies after epoch 2 was logged but before it was checkpointed
+        real_save(obj, path)
+        if crash == "after checkpoint 1" and saves == 1:
+            raise KeyboardInterrupt  # dies right after epoch 1 was checkpointed
 
     c = cfg(tmp_path / "cut", rule="ftp", epochs=3, schedule="cosine")
     monkeypatch.setattr(train_mod, "_atomic_save", crash_after_first_epoch)

@@ -36,7 +36,7 @@ from ..models import Net, as_net, two_pass
 from ._common import local_forward, output_error
 from .base import Rule, StepOutput, check_batch
 
-G_DISTS = ("gaussian", "uniform")
+G_DISTS = ("gaussian", "uniform", "sparse", "orthogonal")
 NONLINS = ("tanh", "linear")
 
 
@@ -93,6 +93,7 @@ class FTP(Rule):
     gamma_mode: str = "step"          # "step": gamma moves the output target; "multiplier": gamma scales the correction
     g_dist: str = "gaussian"          # distribution of the fixed projection G
     g_scale: float = 0.1              # standard deviation of G's entries (chosen by measurement, docs/ALGORITHM.md)
+    g_density: float = 0.1            # g_dist="sparse": fraction of G's entries that are nonzero
     target_nonlin: str = "linear"     # s in s(G t_L) - s(G p); "tanh" is within 0.4% of linear at g_scale 0.1
     fprime: bool = True               # multiply the local error by f'(a_l) (the local loss's exact gradient)
     update_input: str = "h"           # "h": grad W_l uses h_{l-1} (first pass); "t": uses t_{l-1} (second pass)
@@ -105,6 +106,8 @@ class FTP(Rule):
             raise ValueError(f"ftp: gamma must be > 0, got {self.gamma}")
         if not self.g_scale > 0:
             raise ValueError(f"ftp: g_scale must be > 0, got {self.g_scale}")
+        if not 0 < self.g_density <= 1:
+            raise ValueError(f"ftp: g_density must be in (0, 1], got {self.g_density}")
         for opt, value, allowed in (("gamma_mode", self.gamma_mode, ("step", "multiplier")),
                                     ("g_dist", self.g_dist, G_DISTS),
                                     ("target_nonlin", self.target_nonlin, NONLINS),
@@ -122,8 +125,19 @@ class FTP(Rule):
         gen = torch.Generator().manual_seed(self.seed)
         if self.g_dist == "gaussian":
             g = torch.randn(n_out, n_hidden, generator=gen) * self.g_scale
-        else:  # uniform with the same standard deviation
+        elif self.g_dist == "uniform":  # uniform with the same standard deviation
             g = (torch.rand(n_out, n_hidden, generator=gen) * 2 - 1) * (self.g_scale * 3 ** 0.5)
+        elif self.g_dist == "sparse":  # exactly round(density * size) gaussian entries, scaled so the std is g_scale
+            size = n_out * n_hidden
+            keep = torch.randperm(size, generator=gen)[:max(1, round(self.g_density * size))]
+            g = torch.zeros(size)
+            g[keep] = torch.randn(len(keep), generator=gen) * (self.g_scale * (size / len(keep)) ** 0.5)
+            g = g.view(n_out, n_hidden)
+        else:  # orthogonal: rows orthonormal (columns if n_out > n_hidden), scaled so entries have RMS g_scale
+            q, r = torch.linalg.qr(torch.randn(max(n_out, n_hidden), min(n_out, n_hidden), generator=gen,
+                                               dtype=torch.float64))
+            q = q * torch.sign(torch.diagonal(r))  # the Haar-distributed orthonormal frame
+            g = (q.t() if n_out <= n_hidden else q).float() * (self.g_scale * max(n_out, n_hidden) ** 0.5)
         return g.to(device=like.device, dtype=like.dtype)
 
     def _correction(self, p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

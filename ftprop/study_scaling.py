@@ -1,0 +1,315 @@
+"""Studies of constrained hardware (issue 6) and depth scaling (issue 4), for `ftprop reproduce`.
+
+`hardware`: accuracy against bit width (weights, activations, errors and updates all at b bits, stochastic rounding)
+and against analog device presets and read-noise levels. `depth`: accuracy against the number of hidden layers of
+width-256 MLPs and the number of conv layers of (residual) CNNs, plus the FTP / BP step time of the paper CNN and
+the residual CNN. Both train through `run_compare` (resume=True), so reruns reuse finished runs. Every statement in
+their sections (where FTP beats BP, whether a goal holds) is computed from the numbers, never typed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from . import compare, report
+from .bench import benchmark
+from .models import build_model
+from .rules import make_rule
+from .train import TrainConfig
+
+if TYPE_CHECKING:  # reproduce imports this module; only the type is needed here
+    from .reproduce import Budget
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings
+RULES = ["bp", "ftp", "dfa", "pepita"]
+DATASETS = ("mnist", "fashion-mnist")
+ACTIVATION = "relu"  # the activation the peers' configs (configs/*.toml) were tuned with
+
+# hardware study grids: (full, small)
+BITS = {"full": (32, 16, 8, 6, 4), "small": (32, 8, 4)}
+DEVICES = {"full": ("ideal", "reram", "poor"), "small": ("ideal", "reram", "poor")}
+READ_NOISE = {"full": (0.01, 0.02, 0.05, 0.1), "small": (0.05,)}  # on an otherwise ideal device, units of w_max
+# depth study grids
+MLP_DEPTHS = {"full": (1, 2, 4, 6, 8, 10), "small": (1, 4)}
+CNN_DEPTHS = {"full": (2, 4, 6), "small": (2, 4)}
+MLP_WIDTH = 256
+# cnn-bench: (label, model, depth) at these batch sizes, `BENCH_STEPS` steps per timing round
+BENCH_MODELS = (("paper CNN", "paper-cnn", None, 1.34), ("residual CNN depth 6", "resnet", 6, 1.15))
+BENCH_BATCHES = (64, 256)
+BENCH_STEPS = 20
+
+
+def _grid(budget: Budget, values: dict[str, Sequence[Any]]) -> Sequence[Any]:
+    return values["full" if budget.name == "full" else "small"]
+
+
+def _seeds(budget: Budget) -> int:
+    """The full budget's seeds; any smaller budget checks the pipeline with one seed."""
+    return budget.seeds if budget.name == "full" else 1
+
+
+def _rule_configs(rules: Sequence[str]) -> dict[str, dict[str, Any]]:
+    return {r: compare.load_rule_config(CONFIGS / f"{r}.toml") for r in rules if (CONFIGS / f"{r}.toml").exists()}
+
+
+def _accuracies(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """rule -> {'acc': test accuracies (%) of the runs that did not diverge, 'diverged': count, 'runs': count}."""
+    return {rule: {"acc": [100 * r["test_accuracy"] for r in runs if not r["diverged"] and r["test_accuracy"] is not None],
+                   "diverged": sum(1 for r in runs if r["diverged"]), "runs": len(runs)}
+            for rule, runs in results.items()}
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if not entry["acc"]:
+        return f"diverged ({entry['diverged']}/{entry['runs']})"
+    m, s = report.mean_std(entry["acc"])
+    return f"{m:.2f} ± {s:.2f}" + (f" ({entry['diverged']}/{entry['runs']} diverged)" if entry["diverged"] else "")
+
+
+def _mean(entry: dict[str, Any]) -> float | None:
+    return statistics.fmean(entry["acc"]) if entry["acc"] else None
+
+
+def _run(base: TrainConfig, budget: Budget, runs: Path, key: str, rules: Sequence[str] = RULES):
+    comparison = compare.run_compare(base, list(rules), _seeds(budget), runs / key, resume=True,
+                                     rule_configs=_rule_configs(rules))
+    return _accuracies(comparison.results)
+
+
+def _ftp_vs_bp(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """'FTP beats BP in ...; it does not in ...' from setting -> rule -> entry, computed from the means."""
+    wins, losses = [], []
+    for setting, by_rule in cells.items():
+        f, b = _mean(by_rule.get("ftp", {"acc": []})), _mean(by_rule.get("bp", {"acc": []}))
+        if f is None and b is None:
+            continue
+        if b is None or (f is not None and f > b):
+            wins.append(f"{setting} ({'BP diverged' if b is None else f'{f - b:+.2f}'})")
+        else:
+            losses.append(f"{setting} ({'FTP diverged' if f is None else f'{f - b:+.2f}'})")
+    return (f"FTP's mean test accuracy is higher than BP's in {len(wins)} of {len(wins) + len(losses)} settings"
+            + (f": {', '.join(wins)}" if wins else "") + ". It is not higher"
+            + (f" in {', '.join(losses)}" if losses else " in none") + " (FTP minus BP, points).")
+
+
+def _plot(panels: list[tuple[str, str, list[str], dict[str, list[dict[str, Any]]]]], path: Path,
+          ylabel: str = "test accuracy (%)") -> None:
+    """One panel per (title, xlabel, x tick labels, rule -> entries along x): mean with std error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(len(panels), 2)
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    for ax, (title, xlabel, ticks, lines) in zip(axes.flat, panels):
+        for i, (rule, entries) in enumerate(lines.items()):
+            xs = [j + (i - (len(lines) - 1) / 2) * 0.04 for j, e in enumerate(entries) if e["acc"]]
+            stats = [report.mean_std(e["acc"]) for e in entries if e["acc"]]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=rule)
+        ax.set_xticks(range(len(ticks)), ticks)
+        ax.set_xlim(-0.5, len(ticks) - 0.5)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _table(first: str, cells: dict[str, dict[str, dict[str, Any]]], rules: Sequence[str] = RULES) -> str:
+    return report.markdown_table([first, *rules], [[setting, *(_cell(by_rule[r]) for r in rules)]
+                                                   for setting, by_rule in cells.items()])
+
+
+# --------------------------------------------------------------------------------------------------- hardware
+def quant_for(bits: int) -> str:
+    """The --quant string with weights, activations, errors and updates all at `bits` ('' = float for 32)."""
+    return "" if bits >= 32 else f"w{bits}a{bits}e{bits}u{bits}"
+
+
+def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
+    """Issue 6 item 4: accuracy against bits and against analog devices and read noise, BP/FTP/DFA/PEPITA."""
+    bits, devices, noises = _grid(budget, BITS), _grid(budget, DEVICES), _grid(budget, READ_NOISE)
+    analog_settings = [(d, d) for d in devices] + [(f"ideal:read_noise={n}", f"read noise {n}") for n in noises]
+    by_bits: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
+    by_device: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for dataset in DATASETS:
+        base = TrainConfig(dataset=dataset, activation=ACTIVATION, hidden="1024,128", epochs=budget.epochs,
+                           schedule="cosine", rounding="stochastic", progress=False)
+        by_bits[dataset] = {b: _run(dataclasses.replace(base, quant=quant_for(b)), budget, runs,
+                                    f"hardware-{dataset}-{'float' if b >= 32 else f'b{b}'}") for b in bits}
+        by_device[dataset] = {label: _run(dataclasses.replace(base, analog=analog), budget, runs,
+                                          f"hardware-{dataset}-{label.replace(' ', '')}")
+                              for analog, label in analog_settings}
+
+    key_bits, key_dev = f"hardware-bits.{budget.name}.png", f"hardware-analog.{budget.name}.png"
+    tick = lambda b: "float (32)" if b >= 32 else str(b)  # noqa: E731
+    _plot([(f"{d}: low precision", "bits (w, a, e, u; stochastic rounding)", [tick(b) for b in bits],
+            {r: [by_bits[d][b][r] for b in bits] for r in RULES}) for d in DATASETS], figures / key_bits)
+    labels = [label for _, label in analog_settings]
+    _plot([(f"{d}: analog crossbar", "device preset / read noise (ideal device)", labels,
+            {r: [by_device[d][lab][r] for lab in labels] for r in RULES}) for d in DATASETS], figures / key_dev)
+
+    cells_all: dict[str, dict[str, dict[str, Any]]] = {}
+    parts = [f"MLP 784-1024-128-10 {ACTIVATION}, {budget.epochs} epochs, cosine schedule, seeds 0..{_seeds(budget) - 1}, "
+             f"each rule with its configs/RULE.toml settings (BP and FTP: the defaults, SGD lr 0.01 momentum 0.9). "
+             f"Test accuracy %, mean ± std over seeds; diverged runs are counted, not averaged.\n"]
+    for d in DATASETS:
+        bit_cells = {"float (32 bits)" if b >= 32 else f"{b} bits": by_bits[d][b] for b in bits}
+        dev_cells = {lab: by_device[d][lab] for lab in labels}
+        cells_all |= {f"{d} {k}": v for k, v in bit_cells.items()} | {f"{d} {k}": v for k, v in dev_cells.items()}
+        parts.append(f"### {d}: accuracy against bits\n\nWeights, activations, errors/targets and updates all at b bits "
+                     f"(fixed point, per-tensor power-of-two scale, stochastic rounding; `--quant wBaBeBuB --rounding "
+                     f"stochastic`).\n\n{_table('bits', bit_cells)}\n")
+        parts.append(f"### {d}: accuracy against analog devices and read noise\n\nPresets of ftprop/analog.py "
+                     f"(docs/HARDWARE.md); `read noise x` is an otherwise ideal device with read noise x·w_max on "
+                     f"every pass (`--analog ideal:read_noise=x`).\n\n{_table('device', dev_cells)}\n")
+    parts.append(f"![accuracy against bits](results/{key_bits})\n\n![accuracy against analog devices](results/{key_dev})\n")
+
+    verdict = _ftp_vs_bp(cells_all)
+    drops = {}
+    for d in DATASETS:
+        if 32 in bits:
+            drops |= {f"{d} {b} bits": (by_bits[d][32], by_bits[d][b]) for b in bits if b < 32}
+        if "ideal" in labels:
+            drops |= {f"{d} {lab}": (by_device[d]["ideal"], by_device[d][lab]) for lab in labels if lab != "ideal"}
+    verdict += "\n\n" + _robustness(drops)
+    summary = []
+    if 32 in bits and 8 in bits and "mnist" in by_bits:
+        f32, f8 = _mean(by_bits["mnist"][32]["ftp"]), _mean(by_bits["mnist"][8]["ftp"])
+        if f32 is None or f8 is None:
+            goal = "cannot be judged: an FTP run diverged"
+            figure = "diverged"
+        else:
+            holds = f32 - f8 <= 0.5
+            goal = (f"{'holds' if holds else 'does not hold'}: 8-bit FTP {f8:.2f}% against float FTP {f32:.2f}% "
+                    f"({f8 - f32:+.2f} points)")
+            figure = f"{f8:.2f} vs {f32:.2f} ({f8 - f32:+.2f})"
+        summary.append(["MNIST MLP, FTP w8a8e8u8 stochastic vs float", figure, "within 0.5 points of float"])
+    else:
+        goal = "not measured in this budget (needs the 32- and 8-bit runs on MNIST)"
+    parts.append(f"### Verdict\n\n{verdict}\n\nGoal \"8-bit FTP (w8a8e8u8, stochastic rounding) within 0.5 points of "
+                 f"float FTP on the MNIST MLP\": {goal}.\n\nCommand for one cell: `ftprop compare --rules "
+                 f"{','.join(RULES)} --dataset mnist --hidden 1024,128 --activation {ACTIVATION} --epochs "
+                 f"{budget.epochs} --schedule cosine --seeds {_seeds(budget)} --quant w8a8e8u8 --rounding stochastic "
+                 f"--rule-config dfa=configs/dfa.toml --rule-config pepita=configs/pepita.toml`.\n")
+    for d in DATASETS:
+        summary.append([f"{d} MLP, FTP − BP over bits and devices",
+                        "; ".join(f"{k.split(' ', 1)[1]} {_diff(v)}" for k, v in cells_all.items() if k.startswith(d + " ")),
+                        "FTP more robust than BP"])
+    return "\n".join(parts), summary
+
+
+def _robustness(drops: dict[str, tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]]) -> str:
+    """Whether FTP loses less accuracy than BP against its own float / ideal-device run, setting by setting."""
+    less, more = [], []
+    for setting, (ref, hw) in drops.items():
+        vals = [_mean(ref[r]) for r in ("ftp", "bp")] + [_mean(hw[r]) for r in ("ftp", "bp")]
+        if any(v is None for v in vals):
+            more.append(f"{setting} (a run diverged)")
+            continue
+        f_drop, b_drop = vals[0] - vals[2], vals[1] - vals[3]
+        (less if f_drop < b_drop else more).append(f"{setting} (FTP loses {f_drop:.2f}, BP {b_drop:.2f})")
+    if not drops:
+        return "Robustness (loss against the float / ideal run) is not measured in this budget."
+    return (f"Against each rule's own float (or ideal-device) run, FTP loses less accuracy than BP in {len(less)} of "
+            f"{len(drops)} settings" + (f": {', '.join(less)}" if less else "") + ". It loses as much or more"
+            + (f" in {', '.join(more)}" if more else " in none") + " (points lost).")
+
+
+def _diff(by_rule: dict[str, dict[str, Any]]) -> str:
+    f, b = _mean(by_rule["ftp"]), _mean(by_rule["bp"])
+    return "n/a" if f is None or b is None else f"{f - b:+.2f}"
+
+
+# --------------------------------------------------------------------------------------------------- depth
+def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
+    """Issue 4 item 6: accuracy and divergence against depth, MLPs (width 256) and CNNs, and the CNN step times."""
+    mlp_depths, cnn_depths = _grid(budget, MLP_DEPTHS), _grid(budget, CNN_DEPTHS)
+    mlp: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
+    cnn: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
+    for dataset in DATASETS:
+        common = dict(dataset=dataset, activation=ACTIVATION, epochs=budget.epochs, schedule="cosine", progress=False)
+        mlp[dataset] = {n: _run(TrainConfig(hidden=",".join([str(MLP_WIDTH)] * n), **common), budget, runs,
+                                f"depth-{dataset}-mlp{n}") for n in mlp_depths}
+        cnn[dataset] = {n: _run(TrainConfig(model="resnet", depth=n, **common), budget, runs,
+                                f"depth-{dataset}-cnn{n}") for n in cnn_depths}
+
+    figure = f"depth.{budget.name}.png"
+    panels = []
+    for d in DATASETS:
+        panels.append((f"{d}: MLP width {MLP_WIDTH}", "hidden layers", [str(n) for n in mlp_depths],
+                       {r: [mlp[d][n][r] for n in mlp_depths] for r in RULES}))
+        panels.append((f"{d}: CNN (residual beyond 2)", "conv layers", [str(n) for n in cnn_depths],
+                       {r: [cnn[d][n][r] for n in cnn_depths] for r in RULES}))
+    _plot(panels, figures / figure)
+
+    parts = [f"{ACTIVATION}, {budget.epochs} epochs, cosine schedule, batch 64, seeds 0..{_seeds(budget) - 1}; DFA and "
+             f"PEPITA with their configs/RULE.toml settings. MLPs: N hidden layers of {MLP_WIDTH} "
+             f"(`--hidden {MLP_WIDTH},...`); CNNs: `--model resnet --depth N` (depth 2 a plain CNN, residual blocks "
+             f"beyond). Test accuracy %, mean ± std over seeds; a cell notes how many runs diverged.\n"]
+    cells_all: dict[str, dict[str, dict[str, Any]]] = {}
+    divergence_rows = []
+    for d in DATASETS:
+        mc = {f"MLP {n} hidden": mlp[d][n] for n in mlp_depths}
+        cc = {f"CNN {n} conv": cnn[d][n] for n in cnn_depths}
+        cells_all |= {f"{d} {k}": v for k, v in (mc | cc).items()}
+        parts.append(f"### {d}: accuracy against depth\n\n{_table('depth', mc | cc)}\n")
+        divergence_rows += [[d, k, *(f"{v[r]['diverged']}/{v[r]['runs']}" for r in RULES)] for k, v in (mc | cc).items()]
+    parts.append("### Divergence per depth (runs diverged / runs)\n\n"
+                 + report.markdown_table(["dataset", "depth", *RULES], divergence_rows) + "\n")
+    parts.append(f"![accuracy against depth](results/{figure})\n")
+    parts.append(f"### FTP against BP\n\n{_ftp_vs_bp(cells_all)}\n")
+
+    summary = []
+    deepest = max(mlp_depths)
+    m = mlp.get("mnist", {}).get(deepest)
+    if m:
+        f, b = _mean(m["ftp"]), _mean(m["bp"])
+        ftp_div = sum(mlp[d][n]["ftp"]["diverged"] for d in DATASETS for n in mlp_depths)
+        figure_text = ("FTP diverged" if f is None or b is None else f"FTP {f:.2f}, BP {b:.2f} ({f - b:+.2f})")
+        summary.append([f"MNIST MLP {deepest} x {MLP_WIDTH}, FTP vs BP", f"{figure_text}; FTP diverged runs at any MLP "
+                        f"depth: {ftp_div}", "depth 10: within 1.0 point, no divergence"])
+    deepest_cnn = max(cnn_depths)
+    c = cnn.get("fashion-mnist", {}).get(deepest_cnn)
+    if c:
+        summary.append([f"Fashion-MNIST CNN {deepest_cnn} conv, FTP − BP", _diff(c), "resnet >= 6 conv: within 2.0 points"])
+    bench_md, bench_summary = cnn_bench(budget)
+    parts.append(bench_md)
+    return "\n".join(parts), summary + bench_summary
+
+
+def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
+    """FTP / BP step time of the paper CNN and the residual CNN (depth 6) on MNIST at BENCH_BATCHES."""
+    data = compare.load_dataset("mnist")
+    rows, summary = [], []
+    for label, model, depth, goal in BENCH_MODELS:
+        ratios = []
+        for batch in BENCH_BATCHES:
+            res = benchmark({"bp": make_rule("bp"), "ftp": make_rule("ftp")},
+                            lambda: build_model(model, data.input_shape, data.num_classes, activation="relu",
+                                                depth=depth),
+                            data.x_train, data.y_train, batch, rounds=budget.bench_rounds, steps_per_round=BENCH_STEPS,
+                            warmup=min(5, BENCH_STEPS))
+            for rule, r in res.items():
+                iqr = f"{1e3 * r['step_time_iqr_s']:.3f}" if r["step_time_iqr_s"] is not None else "-"
+                rows.append([label, batch, rule, f"{1e3 * r['step_time_median_s']:.3f}", iqr, f"{r['ratio_to_bp']:.3f}",
+                             f"{r['flops_per_sample'] / 2e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"])
+            ratios.append(res["ftp"]["ratio_to_bp"])
+        verdict = "meets" if all(r <= goal for r in ratios) else "misses"
+        summary.append([f"step time FTP / BP, {label}, batch {' and '.join(map(str, BENCH_BATCHES))}",
+                        f"{' and '.join(f'{r:.3f}' for r in ratios)} ({verdict} the goal)", f"<= {goal}"])
+    text = ("### Step time of the convolutional models (MNIST)\n\nGoals: FTP / BP <= 1.34 on the paper CNN (the "
+            "published MAC ratio) and <= 1.15 on the residual CNN.\n\n"
+            + report.markdown_table(["model", "batch", "rule", "step ms (median)", "IQR ms", "time / BP",
+                                     "MMAC / sample", "peak MiB allocated in a step"], rows)
+            + f"\n\nMedian over {budget.bench_rounds} interleaved rounds of {BENCH_STEPS} steps (BP and FTP alternate), "
+            "one SGD step included. Command: `ftprop bench --rules bp,ftp --dataset mnist --model paper-cnn "
+            f"--activation relu --batch-size 64 --rounds {budget.bench_rounds}` (and `--model resnet --depth 6`, "
+            "batch 256).\n")
+    return text, summary

@@ -1,0 +1,93 @@
+"""The hardware and depth studies end to end on a tiny budget: runs, tables, verdicts and plots."""
+from __future__ import annotations
+
+import json
+
+import ftprop.compare
+import ftprop.reproduce as rep
+import ftprop.study_scaling as sc
+
+
+def test_quant_for():
+    assert sc.quant_for(32) == "" and sc.quant_for(8) == "w8a8e8u8" and sc.quant_for(4) == "w4a4e4u4"
+
+
+def test_hardware_study(tmp_path, tiny, monkeypatch):
+    monkeypatch.setitem(sc.BITS, "small", (32, 8))
+    monkeypatch.setitem(sc.DEVICES, "small", ("ideal", "poor"))
+    monkeypatch.setitem(sc.READ_NOISE, "small", (0.05,))
+    seen = []
+    real = ftprop.compare.run_compare
+
+    def spy(base, rules, *a, **k):
+        seen.append((base.dataset, base.quant, base.rounding, base.analog, tuple(rules)))
+        return real(base, rules, *a, **k)
+
+    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    docs = tmp_path / "docs"
+    text = rep.reproduce(["hardware"], "small", tmp_path / "runs", docs).read_text()
+    assert ("mnist", "w8a8e8u8", "stochastic", "", ("bp", "ftp", "dfa", "pepita")) in seen
+    assert ("fashion-mnist", "", "stochastic", "ideal:read_noise=0.05", ("bp", "ftp", "dfa", "pepita")) in seen
+    assert len(seen) == 2 * (2 + 2 + 1)
+    for fig in ("hardware-bits", "hardware-analog"):
+        assert (docs / "results" / f"{fig}.small.png").stat().st_size > 10_000 and f"results/{fig}.small.png" in text
+    assert "### mnist: accuracy against bits" in text and "### fashion-mnist: accuracy against analog" in text
+    assert "| float (32 bits) |" in text and "| 8 bits |" in text and "| poor |" in text and "| read noise 0.05 |" in text
+    assert text.count("| bits | bp | ftp | dfa | pepita |") == 2
+    assert "FTP's mean test accuracy is higher than BP's in" in text and "of 10 settings" in text
+    assert "FTP loses less accuracy than BP in" in text and "of 6 settings" in text
+    assert "within 0.5 points of float FTP on the MNIST MLP\": holds" in text or "\": does not hold" in text
+    summary = json.loads((docs / "results" / "hardware.small.summary.json").read_text())
+    assert summary[0][0].startswith("MNIST MLP, FTP w8a8e8u8") and len(summary) == 3
+
+
+def test_hardware_verdict_without_8_bits(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(sc, "DATASETS", ("mnist",))
+    monkeypatch.setattr(sc, "RULES", ["bp", "ftp"])
+    monkeypatch.setitem(sc.BITS, "small", (4,))
+    monkeypatch.setitem(sc.DEVICES, "small", ("ideal",))
+    monkeypatch.setitem(sc.READ_NOISE, "small", ())
+    body, summary = sc.study_hardware(rep.BUDGETS["small"], tmp_path / "runs", tmp_path)
+    assert "not measured in this budget" in body and "of 2 settings" in body and len(summary) == 1
+
+
+def test_ftp_vs_bp_is_computed():
+    e = lambda *acc, div=0: {"acc": list(acc), "diverged": div, "runs": len(acc) + div}  # noqa: E731
+    text = sc._ftp_vs_bp({"a": {"bp": e(90.0), "ftp": e(91.0)}, "b": {"bp": e(92.0), "ftp": e(91.5)},
+                          "c": {"bp": e(div=1), "ftp": e(80.0)}})
+    assert "higher than BP's in 2 of 3 settings: a (+1.00), c (BP diverged)" in text and "not higher in b (-0.50)" in text
+
+
+def test_depth_study(tmp_path, tiny, monkeypatch):
+    monkeypatch.setitem(sc.MLP_DEPTHS, "small", (1, 3))
+    monkeypatch.setitem(sc.CNN_DEPTHS, "small", (4,))
+    monkeypatch.setattr(sc, "BENCH_BATCHES", (16,))
+    monkeypatch.setattr(sc, "BENCH_STEPS", 2)
+    seen = []
+    real = ftprop.compare.run_compare
+
+    def spy(base, rules, *a, **k):
+        seen.append((base.dataset, base.model, base.hidden, base.depth))
+        return real(base, rules, *a, **k)
+
+    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    docs = tmp_path / "docs"
+    text = rep.reproduce(["depth"], "small", tmp_path / "runs", docs).read_text()
+    assert ("mnist", "mlp", "256,256,256", None) in seen and ("fashion-mnist", "resnet", "1024,128", 4) in seen
+    assert len(seen) == 2 * 3
+    assert (docs / "results" / "depth.small.png").stat().st_size > 10_000 and "results/depth.small.png" in text
+    assert "| MLP 3 hidden |" in text and "| CNN 4 conv |" in text and "| depth | bp | ftp | dfa | pepita |" in text
+    assert "Divergence per depth" in text and "| mnist | MLP 1 hidden | 0/1 | 0/1 |" in text
+    assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
+    summary = json.loads((docs / "results" / "depth.small.summary.json").read_text())
+    names = [row[0] for row in summary]
+    assert "MNIST MLP 3 x 256, FTP vs BP" in names and any("paper CNN" in n for n in names)
+    assert any(r[2] == "<= 1.15" for r in summary)
+
+
+def test_robustness_is_computed():
+    e = lambda *acc: {"acc": list(acc), "diverged": 0, "runs": len(acc)}  # noqa: E731
+    text = sc._robustness({"m 8 bits": ({"ftp": e(90.0), "bp": e(95.0)}, {"ftp": e(89.5), "bp": e(93.0)}),
+                           "m poor": ({"ftp": e(90.0), "bp": e(95.0)}, {"ftp": e(80.0), "bp": e(90.0)})})
+    assert "less accuracy than BP in 1 of 2 settings: m 8 bits (FTP loses 0.50, BP 2.00)" in text
+    assert "as much or more in m poor (FTP loses 10.00, BP 5.00)" in text
