@@ -21,6 +21,8 @@ from .models import build_model
 from .rules import make_rule
 from .train import TrainConfig, TrainingDiverged, resolve_device, train
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings (RULE.toml)
+
 # Keys a rule's own config may not change: they define the comparison.
 SHARED_KEYS = ("dataset", "model", "hidden", "depth", "spec", "activation", "norm", "init", "epochs", "batch_size",
                "val_size", "seed", "label_noise", "quant", "rounding", "analog", "data_dir", "device", "out", "progress")
@@ -59,6 +61,11 @@ def load_rule_config(path: str | Path) -> dict[str, Any]:
                          f"set them on the command line instead")
     TrainConfig.from_dict(values, source=str(path))  # validates keys and values
     return values
+
+
+def repo_rule_configs(rules: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """configs/RULE.toml for each rule that has one (rules without one use the comparison's settings)."""
+    return {r: load_rule_config(CONFIGS / f"{r}.toml") for r in rules if (CONFIGS / f"{r}.toml").exists()}
 
 
 def rule_config(base: TrainConfig, rule: str, overrides: dict[str, Any] | None) -> TrainConfig:

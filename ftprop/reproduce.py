@@ -19,7 +19,7 @@ from typing import Callable
 from . import report
 from . import study_understanding as _understanding
 from .bench import benchmark
-from .compare import load_rule_config, run_compare
+from .compare import CONFIGS, load_rule_config, run_compare
 from .data import load_dataset
 from .models import build_model
 from .rules import make_rule
@@ -100,7 +100,6 @@ def study_mlp(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
 
 
 PEERS = ("fa", "dfa", "drtp", "pepita", "dtp", "ff")
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings
 
 
 def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:

@@ -22,7 +22,6 @@ from .train import TrainConfig
 if TYPE_CHECKING:  # reproduce imports this module; only the type is needed here
     from .reproduce import Budget
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings
 RULES = ["bp", "ftp", "dfa", "pepita"]
 DATASETS = ("mnist", "fashion-mnist")
 ACTIVATION = "relu"  # the activation the peers' configs (configs/*.toml) were tuned with
@@ -51,7 +50,7 @@ def _seeds(budget: Budget) -> int:
 
 
 def _rule_configs(rules: Sequence[str]) -> dict[str, dict[str, Any]]:
-    return {r: compare.load_rule_config(CONFIGS / f"{r}.toml") for r in rules if (CONFIGS / f"{r}.toml").exists()}
+    return compare.repo_rule_configs(rules)
 
 
 def _accuracies(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:

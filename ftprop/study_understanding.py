@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import report
-from .compare import load_rule_config, run_compare
+from .compare import repo_rule_configs, run_compare
 from .train import TrainConfig
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings
 ALIGN_EVERY = {"small": 25, "full": 100}  # steps between alignment records (the issue's overhead figure is at 100)
 
 
@@ -105,7 +104,7 @@ def study_alignment(budget, runs: Path, figures: Path) -> tuple[str, list[list[s
     every = ALIGN_EVERY.get(budget.name, 100)
     base = _base(budget, activation="relu", log_alignment=every)
     rules = list(ALIGN_RULES)
-    configs = {r: load_rule_config(CONFIGS / f"{r}.toml") for r in rules if (CONFIGS / f"{r}.toml").exists()}
+    configs = repo_rule_configs(rules)
     key = "alignment-mnist"
     comparison = run_compare(base, rules, budget.seeds, runs / key, resume=True, rule_configs=configs)
     curves = {r: _angle_series(runs / key, r, budget.seeds, every) for r in rules}
@@ -358,7 +357,7 @@ def study_label_noise(budget, runs: Path, figures: Path) -> tuple[str, list[list
     """Symmetric label noise on the training labels only (ftprop.train.noisy_labels), BP, FTP and DFA."""
     levels = noise_levels(_full(budget))
     rules = list(NOISE_RULES)
-    configs = {r: load_rule_config(CONFIGS / f"{r}.toml") for r in rules if (CONFIGS / f"{r}.toml").exists()}
+    configs = repo_rule_configs(rules)
     plot: dict[str, dict[str, list[tuple[float, list[float]]]]] = {}
     parts, summary = [], []
     for dataset in ("mnist", "fashion-mnist"):
