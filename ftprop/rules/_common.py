@@ -151,8 +151,24 @@ class RuleRNG:
         self.pending = {"state": state["state"].clone(), "device": state["device"]} if state else None
 
 
+class FixedMatrices:
+    """Checkpointing for rules whose only state is `B`, their list of fixed random matrices (FA, DFA, DRTP)."""
+
+    name: str
+    B: list[torch.Tensor] | None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.B is None else {"B": list(self.B)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"B"}
+        if unknown:
+            raise ValueError(f"{self.name}: unknown state keys {sorted(unknown)}")
+        self.B = [b.clone() for b in state["B"]] if "B" in state else None
+
+
 @dataclass
-class DirectProjection(PeerRule):
+class DirectProjection(FixedMatrices, PeerRule):
     """DFA and DRTP: a fixed random matrix B_l (n_out x |h_l|) per hidden block carries an output-space signal
     straight to that block's output; subclasses say which signal (`_hidden_signal`)."""
 
@@ -190,12 +206,3 @@ class DirectProjection(PeerRule):
         grads = [(signal @ b).view_as(h) for b, h in zip(self._matrices(outs), outs[:-1])]
         torch.autograd.backward(outs, [*grads, e / batch])
         return StepOutput(loss, z.detach())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.B is None else {"B": list(self.B)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"B"}
-        if unknown:
-            raise ValueError(f"{self.name}: unknown state keys {sorted(unknown)}")
-        self.B = [b.clone() for b in state["B"]] if "B" in state else None

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models import Net, as_net, weight_layers
-from ._common import PeerRule, fit_matrices, glorot_like, need_hidden, output_error
+from ._common import FixedMatrices, PeerRule, fit_matrices, glorot_like, need_hidden, output_error
 from .base import StepOutput, check_batch
 
 
@@ -111,7 +110,7 @@ def feedback_layers(model: Net) -> list[nn.Module]:
 
 
 @dataclass
-class FA(PeerRule):
+class FA(FixedMatrices, PeerRule):
     """Feedback alignment; options: the scale of the feedback matrices and their seed."""
 
     name = "fa"
@@ -167,12 +166,3 @@ class FA(PeerRule):
             if l > 0:
                 g = inputs[l].grad
         return StepOutput(loss, z.detach())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.B is None else {"B": list(self.B)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"B"}
-        if unknown:
-            raise ValueError(f"fa: unknown state keys {sorted(unknown)}")
-        self.B = [b.clone() for b in state["B"]] if "B" in state else None
