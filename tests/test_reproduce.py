@@ -40,7 +40,7 @@ def test_peers_study_runs_every_rule_with_its_config(tmp_path, tiny, monkeypatch
         return real(base, rules, *a, rule_configs=rule_configs, **k)
 
     monkeypatch.setattr(rep, "run_compare", spy)
-    text = rep.reproduce(["peers"], "small", tmp_path / "runs", tmp_path / "docs").read_text()
+    text = rep.reproduce(["peers-pepita-setup", "peers"], "small", tmp_path / "runs", tmp_path / "docs").read_text()
     rules, configs = seen["1024,128", "mnist"]
     assert rules == ["bp", "fa", "dfa", "drtp", "pepita", "dtp", "ff", "ftp"]
     assert configs["pepita"]["rule"]["f_scale"] == 0.15 and configs["ff"]["optimizer"] == "adam"
