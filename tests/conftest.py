@@ -27,6 +27,20 @@ def small_mnist(mnist: Dataset) -> Dataset:
                                x_test=mnist.x_test[:2000], y_test=mnist.y_test[:2000])
 
 
+def sgd_losses(net: torch.nn.Module, rule, x: torch.Tensor, y: torch.Tensor, epochs: int) -> list[float]:
+    """Train with `rule` and SGD (lr 0.01, momentum 0.9, batch 64, seeded order); the loss of every step."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    order = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=order)
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            losses.append(rule.step(net, x[idx], y[idx]).loss.item())
+            opt.step()
+    return losses
+
+
 def tiny_batch(n: int = 7, d_in: int = 6, n_out: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(n, d_in, generator=gen, dtype=torch.float64),

@@ -13,6 +13,7 @@ from ftprop.data import DatasetError, load_dataset
 from ftprop.models import (Residual, as_net, build_model, from_sequential, paper_cnn, paper_cnn_spec, resnet,
                            resnet_spec, spec_model)
 from ftprop.rules import make_rule
+from tests.conftest import sgd_losses
 
 SHAPE = (1, 12, 12)
 APPLICABLE = ("bp", "ftp", "fa", "dfa", "drtp", "pepita")
@@ -524,16 +525,7 @@ def test_ftp_learns_with_the_paper_cnn_on_real_mnist(mnist_2000):
     x, y, xt, yt = mnist_2000
     torch.manual_seed(0)
     net = paper_cnn((1, 28, 28), 10, "relu", channels=8)
-    rule = make_rule("ftp")
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    order = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(4):
-        perm = torch.randperm(len(y), generator=order)
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            losses.append(rule.step(net, x[idx], y[idx]).loss.item())
-            opt.step()
+    losses = sgd_losses(net, make_rule("ftp"), x, y, epochs=4)
     with torch.no_grad():
         accuracy = (net(xt).argmax(1) == yt).double().mean().item()
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ftprop.data import DatasetError, load_dataset
 from ftprop.models import Block, Net, mlp
 from ftprop.rules import RULES, make_rule
+from tests.conftest import sgd_losses
 
 PEERS = ("fa", "dfa", "drtp", "pepita", "dtp", "ff")
 
@@ -433,31 +434,14 @@ def mnist_slice():
     return data.x_train[:2000], data.y_train[:2000]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run fastest on one thread, and stay fast on a machine busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", PEERS)
-def test_each_rule_lowers_the_training_loss_on_real_mnist(name, mnist_slice, one_thread):
+def test_each_rule_lowers_the_training_loss_on_real_mnist(name, mnist_slice):
     """10 passes over 2000 images with a 784-64-32-10 net (under a second per rule)."""
     x, y = mnist_slice
     torch.manual_seed(0)
     net = mlp(784, (64, 32), 10, "relu" if name == "ff" else "tanh")
     rule = make_rule(name)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    order = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(10):
-        perm = torch.randperm(len(y), generator=order)
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            losses.append(rule.step(net, x[idx], y[idx]).loss.item())
-            opt.step()
+    losses = sgd_losses(net, rule, x, y, epochs=10)
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     with torch.no_grad():
         accuracy = (rule.predict(net, x).argmax(1) == y).double().mean().item()
@@ -466,7 +450,7 @@ def test_each_rule_lowers_the_training_loss_on_real_mnist(name, mnist_slice, one
 
 
 @pytest.mark.parametrize("name", ["dtp", "ff"])
-def test_trainer_resume_is_bit_identical_with_rule_state(name, mnist_slice, tmp_path, one_thread):
+def test_trainer_resume_is_bit_identical_with_rule_state(name, mnist_slice, tmp_path):
     """The trainer checkpoints rule.state_dict(); inverses and RNG streams must resume exactly."""
     from ftprop.data import Dataset
     from ftprop.train import TrainConfig, train

@@ -103,6 +103,18 @@ def need_hidden(model: Net, rule: str) -> None:
         raise ValueError(f"{rule} needs at least one hidden block before the output block")
 
 
+def begin_step(model: Net, x: torch.Tensor, y: torch.Tensor, rule: str, mlp_only: bool = False) -> Net:
+    """What every rule's step does first: check the batch, accept an nn.Sequential, check the model has a hidden
+    block (and is an MLP, for rules defined only there), and clear the gradients the step will fill."""
+    check_batch(model, x, y)
+    model = as_net(model)
+    if mlp_only:
+        require_mlp(model, rule)
+    need_hidden(model, rule)
+    model.zero_grad(set_to_none=True)
+    return model
+
+
 def fit_matrices(name: str, mats: list[torch.Tensor], shapes: list[tuple[int, ...]],
                  like: torch.Tensor) -> list[torch.Tensor]:
     """The stored matrices on `like`'s device and dtype (a no-op when they already are).
@@ -194,10 +206,7 @@ class DirectProjection(FixedMatrices, PeerRule):
         return self.B
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        check_batch(model, x, y)
-        model = as_net(model)
-        need_hidden(model, self.name)
-        model.zero_grad(set_to_none=True)
+        model = begin_step(model, x, y, self.name)
         _, _, outs = local_forward(model, x)
         z = outs[-1]
         loss, _, e = output_error(z, y)

@@ -37,10 +37,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..models import Net, as_net
-from ._common import (PeerRule, RuleRNG, fit_matrices, glorot_uniform, need_hidden, num_features, output_error,
-                      require_mlp)
-from .base import StepOutput, check_batch
+from ..models import Net
+from ._common import PeerRule, RuleRNG, begin_step, fit_matrices, glorot_uniform, num_features, output_error
+from .base import StepOutput
 
 INVERSE_ACTIVATIONS = ("same", "tanh", "linear")
 
@@ -88,11 +87,7 @@ class DTP(PeerRule):
         return torch.tanh if self.inverse_activation == "tanh" else (lambda a: a)
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        check_batch(model, x, y)
-        model = as_net(model)
-        require_mlp(model, "dtp")
-        need_hidden(model, "dtp")
-        model.zero_grad(set_to_none=True)
+        model = begin_step(model, x, y, "dtp", mlp_only=True)
         blocks = model.blocks
         batch = x.shape[0]
 

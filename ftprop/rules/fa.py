@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Net, as_net, weight_layers
-from ._common import FixedMatrices, PeerRule, fit_matrices, glorot_like, need_hidden, output_error
-from .base import StepOutput, check_batch
+from ..models import Net, weight_layers
+from ._common import FixedMatrices, PeerRule, begin_step, fit_matrices, glorot_like, output_error
+from .base import StepOutput
 
 
 class _FeedbackLinear(torch.autograd.Function):
@@ -131,10 +131,7 @@ class FA(FixedMatrices, PeerRule):
         return self.B
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        check_batch(model, x, y)
-        model = as_net(model)
-        need_hidden(model, "fa")
-        model.zero_grad(set_to_none=True)
+        model = begin_step(model, x, y, "fa")
         mods = feedback_layers(model)
         B = self._feedback(mods, mods[0].weight)
         for m in mods:

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models import Net, as_net
-from ._common import PeerRule, RuleRNG, fill_missing_grads, need_hidden, out_features, require_mlp
-from .base import StepOutput, check_batch
+from ._common import PeerRule, RuleRNG, begin_step, fill_missing_grads, out_features
+from .base import StepOutput
 
 GOODNESS = ("sum", "mean")
 NORMS = ("unit", "rms")
@@ -101,14 +101,10 @@ class FF(PeerRule):
         return (y + shift) % n_classes
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        check_batch(model, x, y)
-        model = as_net(model)
-        require_mlp(model, "ff")
-        need_hidden(model, "ff")
+        model = begin_step(model, x, y, "ff", mlp_only=True)
         n_classes = out_features(model)
         if n_classes < 2:
             raise ValueError("ff needs at least 2 classes to draw wrong labels")
-        model.zero_grad(set_to_none=True)
         batch = x.shape[0]
         y_neg = self.negative_labels(y, n_classes)
         u = torch.cat([self.embed(model, x, y, n_classes), self.embed(model, x, y_neg, n_classes)])

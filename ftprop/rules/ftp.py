@@ -32,9 +32,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..models import Net, as_net, two_pass
-from ._common import local_forward, output_error
-from .base import Rule, StepOutput, check_batch
+from ..models import Net, two_pass
+from ._common import begin_step, local_forward, output_error
+from .base import Rule, StepOutput
 
 G_DISTS = ("gaussian", "uniform", "sparse", "orthogonal")
 NONLINS = ("tanh", "linear")
@@ -151,12 +151,7 @@ class FTP(Rule):
         return (s_first - s_p).mul_(scale)
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        check_batch(model, x, y)
-        model = as_net(model)
-        blocks = model.blocks
-        if len(blocks) < 2:
-            raise ValueError("ftp needs at least one hidden block before the output block")
-        model.zero_grad(set_to_none=True)
+        model = begin_step(model, x, y, "ftp")
         with two_pass(model, "ftp") as passes:
             return self._step(model, x, y, passes)
 

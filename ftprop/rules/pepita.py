@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from ..models import Net, as_net, two_pass
-from ._common import PeerRule, fit_matrices, need_hidden, num_features, output_error
-from .base import StepOutput, check_batch
+from ..models import Net, two_pass
+from ._common import PeerRule, begin_step, fit_matrices, num_features, output_error
+from .base import StepOutput
 
 OUTPUT_ERRORS = ("modulated", "first")
 
@@ -74,10 +74,7 @@ class PEPITA(PeerRule):
         return self.F
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        check_batch(model, x, y)
-        model = as_net(model)
-        need_hidden(model, "pepita")
-        model.zero_grad(set_to_none=True)
+        model = begin_step(model, x, y, "pepita")
         with two_pass(model, "pepita") as passes:
             return self._step(model, x, y, passes)
 
