@@ -131,18 +131,21 @@ def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
                                           for dataset in ("mnist", "fashion-mnist")])
 
 
-from .study_scaling import study_depth, study_hardware  # noqa: E402  (imports nothing from this module)
+from .study_scaling import study_cnn, study_depth, study_hardware  # noqa: E402  (imports nothing from this module)
+from .study_sequences import study_sequences  # noqa: E402  (imports nothing from this module)
 
 STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("mlp", "FTP vs BP on multilayer perceptrons", study_mlp),
     Study("peers-pepita-setup", "The peers on PEPITA's setup (784-1024-10)", study_peers_pepita_setup),
     Study("peers", "FTP and its peers in one harness (784-1024-128-10)", study_peers),
     Study("hardware", "Low precision and analog hardware: accuracy against bits and devices", study_hardware),
+    Study("cnn", "Convolutional and residual networks", study_cnn),
     Study("depth", "How far FTP scales in depth", study_depth),
     Study("alignment", "Alignment of each rule's update with backpropagation", _understanding.study_alignment),
     Study("gamma", "FTP's gamma and the other open choices", _understanding.study_gamma),
     Study("feedback", "The distribution and scale of FTP's projection G", _understanding.study_feedback),
     Study("label-noise", "Robustness to symmetric label noise", _understanding.study_label_noise),
+    Study("sequences", "Recurrent networks: BPTT, FTP and DFA through time", study_sequences),
 )}
 
 

@@ -11,22 +11,38 @@ from __future__ import annotations
 
 from .base import Rule, StepOutput, rule_options
 from .bp import BP
+from .bptt import BPTT
 from .dfa import DFA
+from .dfa_rnn import DFAThroughTime
 from .drtp import DRTP
 from .dtp import DTP
 from .fa import FA
 from .ff import FF
 from .ftp import FTP
+from .ftp_rnn import FTPThroughTime
 from .pepita import PEPITA
 
 RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (BP, FTP, FA, DFA, DRTP, PEPITA, DTP, FF)}
 
+# Rules for ftprop.recurrent.RecurrentNet (x: batch x time x features). A registry of their own: they train a
+# different kind of model, so they are not interchangeable with the rules above (`ftprop sequences` uses these).
+SEQUENCE_RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (BPTT, FTPThroughTime, DFAThroughTime)}
+
 
 def make_rule(name: str, **options: object) -> Rule:
     """Build the rule `name` with `options`; unknown names and options raise ValueError."""
-    if name not in RULES:
-        raise ValueError(f"unknown rule {name!r}; choose one of: {', '.join(RULES)}")
-    cls = RULES[name]
+    return _make(RULES, name, options)
+
+
+def make_sequence_rule(name: str, **options: object) -> Rule:
+    """Build the recurrent rule `name` (SEQUENCE_RULES) with `options`; unknown names and options raise ValueError."""
+    return _make(SEQUENCE_RULES, name, options)
+
+
+def _make(registry: dict[str, type[Rule]], name: str, options: dict[str, object]) -> Rule:
+    if name not in registry:
+        raise ValueError(f"unknown rule {name!r}; choose one of: {', '.join(registry)}")
+    cls = registry[name]
     known = rule_options(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -35,5 +51,5 @@ def make_rule(name: str, **options: object) -> Rule:
     return cls(**options)
 
 
-__all__ = ["RULES", "Rule", "StepOutput", "make_rule", "rule_options", "BP", "FTP", "FA", "DFA", "DRTP", "PEPITA",
-           "DTP", "FF"]
+__all__ = ["RULES", "SEQUENCE_RULES", "Rule", "StepOutput", "make_rule", "make_sequence_rule", "rule_options", "BP", "FTP", "FA", "DFA",
+           "DRTP", "PEPITA", "DTP", "FF", "BPTT", "FTPThroughTime", "DFAThroughTime"]

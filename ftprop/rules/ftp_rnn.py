@@ -1,0 +1,116 @@
+"""Forward Target Propagation through time: FTP for recurrent nets, with no error travelling backward in time.
+
+The paper (As-Saquib et al., arXiv 2506.11030) trains RNNs with FTP but publishes no recurrent equations; this is
+our definition (docs/ALGORITHM.md, "Recurrent networks", has the measurements behind the defaults). With
+h^l_t = cell_l(h^{l-1}_t, h^l_{t-1}), h^0_t = x_t, h^l_0 = 0, z = V h^L_T + c, output error e (p - y for
+cross-entropy, z - y for MSE), batch size B:
+
+    nudge:         c = -gamma e G                     (G: outputs x H_1, fixed random, entries N(0, g_scale^2))
+    second pass:   tau^1_t = cell_1(x_t, tau^1_{t-1}) + [t in S] c,   tau^1_0 = 0
+                   tau^l_t = cell_l(tau^{l-1}_t, tau^l_{t-1}),        l = 2 .. L
+                   S = {1} (inject="first": the projected contrast is the target of the first hidden state and
+                   the recurrence carries it forward) or S = {1 .. T} (inject="every": the same nudge is applied
+                   to the first layer at every step and accumulates forward through the recurrence)
+    local loss:    L^l_t = |h^l_t - tau^l_t|^2 / (2 gamma B), inputs of cell_l at step t detached
+                   -> error at the cell's output  (h^l_t - tau^l_t) / (gamma B), optionally with its radial part
+                   (along h^l_t, per sample) removed (tangent=True)
+    update:        grad theta_l = sum_t of the local losses' gradients through that one step of cell l
+    readout:       the exact gradient of the loss (the true output error)
+
+Targets only move forward in time (the second pass runs t = 1 .. T like the first), and each step's cell learns
+from a loss that no other step's graph can reach, so nothing travels backward in time or down the stack.
+Linearised, tau^1_t - h^1_t = -gamma sum_{s in S, s <= t} J_{t<-s} G^T e, with J_{t<-s} the forward Jacobian of
+the recurrence from step s to t: DFA through time whose feedback at step t is carried by the network's own forward
+dynamics instead of a fresh random matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..recurrent import RecurrentNet
+from ._recurrent import RecurrentRule, local_unroll, sequence_error
+from .base import StepOutput
+
+INJECT = ("first", "every")
+
+
+def _radial_free(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per sample, the part of `delta` orthogonal to `h` (a relative target cannot inflate the state's norm)."""
+    coef = torch.linalg.vecdot(delta, h) / torch.linalg.vecdot(h, h).clamp_min(1e-12)
+    return torch.addcmul(delta, coef.unsqueeze(1), h, value=-1)
+
+
+@dataclass
+class FTPThroughTime(RecurrentRule):
+    """Recurrent FTP; options: gamma, g_scale, inject ("first" or "every"), tangent, seed."""
+
+    name = "ftp"
+    gamma: float = 0.01               # small: the second pass stays in the linear regime (best measured on adding)
+    g_scale: float = 0.1              # standard deviation of G's entries
+    inject: str = "every"             # "every" learned faster than "first" (docs/ALGORITHM.md)
+    tangent: bool = False             # removing the radial part slowed learning on the adding problem
+    seed: int = 0
+    G: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.gamma > 0:
+            raise ValueError(f"ftp: gamma must be > 0, got {self.gamma}")
+        if not self.g_scale > 0:
+            raise ValueError(f"ftp: g_scale must be > 0, got {self.g_scale}")
+        if self.inject not in INJECT:
+            raise ValueError(f"ftp: inject must be one of {', '.join(INJECT)}, got {self.inject!r}")
+
+    def _projection(self, model: RecurrentNet, like: torch.Tensor) -> torch.Tensor:
+        shape = (model.readout.out_features, model.cells[0].hidden_size)
+        if self.G is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            self.G = torch.randn(*shape, generator=gen).mul_(self.g_scale)
+        if tuple(self.G.shape) != shape:
+            raise ValueError(f"ftp: stored G has shape {tuple(self.G.shape)} but the model needs {shape}")
+        self.G = self.G.to(device=like.device, dtype=like.dtype)
+        return self.G
+
+    @torch.no_grad()
+    def targets(self, model: RecurrentNet, x: torch.Tensor, e: torch.Tensor) -> list[list[torch.Tensor]]:
+        """The second pass: tau^l_t for every layer and step (module docstring)."""
+        nudge = (e @ self._projection(model, e)).mul_(-self.gamma)
+        x = model.inputs(x)[0]
+        hidden = model.initial_states(x)
+        taus: list[list[torch.Tensor]] = [[] for _ in model.cells]
+        for t in range(x.shape[1]):
+            below = x[:, t]
+            for l, cell in enumerate(model.cells):
+                tau = cell(below, hidden[l])
+                if l == 0 and (t == 0 or self.inject == "every"):
+                    tau = tau + nudge
+                taus[l].append(tau)
+                hidden[l] = below = tau
+        return taus
+
+    def step(self, model: RecurrentNet, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        self.begin(model, x, y)
+        states, z = local_unroll(model, x)
+        err = sequence_error(z, y)
+        taus = self.targets(model, x, err.e)
+        scale = 1.0 / (self.gamma * x.shape[0])
+        roots, seeds = [], []
+        with torch.no_grad():
+            for layer, layer_taus in zip(states, taus):
+                for h, tau in zip(layer, layer_taus):
+                    delta = (h.detach() - tau).mul_(scale)
+                    roots.append(h)
+                    seeds.append(_radial_free(delta, h.detach()) if self.tangent else delta)
+        torch.autograd.backward([*roots, z], [*seeds, err.dz])
+        return StepOutput(err.loss, z.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.G is None else {"G": self.G}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"G"}
+        if unknown:
+            raise ValueError(f"ftp: unknown state keys {sorted(unknown)}")
+        self.G = state.get("G")
