@@ -5,6 +5,9 @@ rounds (bp, ftp, bp, ftp, ...) and each rule's figure is the median over
 rounds; ratios to BP come from the same run. FLOPs are counted by
 `torch.utils.flop_counter` (matmuls and convolutions: 2 FLOPs per MAC), and
 peak memory by tracking the tensor storages alive during the step.
+A rule with `pipeline=True` (FTP) steps each block's parameter group as soon
+as its gradients exist (ftprop/pipeline.py), so it is timed with its own
+optimizer steps included, like the others.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import pipeline
 from .models import Net
 from .rules import Rule
 
@@ -53,7 +57,8 @@ class PeakMemory(TorchDispatchMode):
 
 def _step(model: Net, rule: Rule, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     rule.step(model, x, y)
-    opt.step()
+    if not pipeline.enabled(rule):  # a pipelined rule has stepped every block already
+        opt.step()
 
 
 def _sync(device: torch.device) -> None:
@@ -72,7 +77,10 @@ def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Te
     for name, rule in rules.items():
         torch.manual_seed(0)
         model = make_model().to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        pipelined = pipeline.enabled(rule)
+        opt = torch.optim.SGD(pipeline.param_groups(model) if pipelined else model.parameters(), lr=1e-3, momentum=0.9)
+        if pipelined:
+            pipeline.wire(rule, model, opt)
         setups[name] = (model, rule, opt)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(y), (batch_size,), generator=gen).to(device) for _ in range(steps_per_round)]

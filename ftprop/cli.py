@@ -1,4 +1,4 @@
-"""Command line: `ftprop train | compare | bench | cost | reproduce | data`.
+"""Command line: `ftprop train | compare | bench | cost | sequences | reproduce | data`.
 
 Every flag of `train` and `compare` maps onto a TrainConfig field; `--config
 file.toml` sets fields from a file and flags given explicitly win over it.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from . import report
+from . import distributed, report
 from .bench import benchmark
 from .compare import load_rule_config, run_compare
 from .data import DATASETS, DatasetError, cache_dir, fetch, load_dataset
@@ -113,8 +113,10 @@ def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args, rule=args.rule or TrainConfig.rule, seed=args.seed, out=args.out)
     make_rule(cfg.rule, **cfg.rule_options)  # fail on a bad rule or option before loading data
-    summary = train(cfg, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    summary = train(cfg, resume=args.resume)  # data-parallel when launched by torchrun (docs/SCALING.md)
+    if distributed.rank() == 0:  # every rank returns the same summary
+        print(json.dumps(summary, indent=2))
+    distributed.finish()
     return 0
 
 
@@ -137,6 +139,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args)
     rules = {r.strip(): make_rule(r.strip(), **(cfg.rule_options if r.strip() == cfg.rule else {}))
              for r in args.rules.split(",") if r.strip()}
+    if args.pipeline:  # FTP once more, updating each block as soon as its target exists (ftprop/pipeline.py)
+        ftp_options = cfg.rule_options if cfg.rule == "ftp" else {}
+        rules["ftp-pipelined"] = make_rule("ftp", **{**ftp_options, "pipeline": True})
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_dir, device=device)
     make = lambda: build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation,  # noqa: E731
@@ -198,6 +203,36 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sequences(args: argparse.Namespace) -> int:
+    from .recurrent import CELLS
+    from .seqtrain import SeqConfig, results_table, run_sequences
+
+    if args.cell not in CELLS:
+        raise ValueError(f"unknown cell {args.cell!r}; choose one of {', '.join(CELLS)}")
+    options: dict[str, Any] = {}
+    for item in args.rule_opt:
+        if "=" not in item:
+            raise ValueError(f"--rule-opt expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        options[key.strip().replace("-", "_")] = _parse_value(text)
+    cfg = SeqConfig(task=args.task, T=args.T, classes=args.classes, n_train=args.n_train, n_test=args.n_test,
+                    csv=args.csv, lookback=args.lookback, horizon=args.horizon, cell=args.cell, hidden=args.hidden,
+                    layers=args.layers, rule=args.rule, rule_options=options, epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    results, _ = run_sequences(cfg, rules, args.seeds, bench_rounds=args.bench_rounds)
+    print(f"{results['data']}, {cfg.cell} {cfg.layers}x{cfg.hidden}, Adam lr {cfg.lr}, batch {cfg.batch_size}, "
+          f"{cfg.epochs} epochs, seeds 0..{args.seeds - 1} (test at the best validation epoch); "
+          f"machine: {report.machine()}\n")
+    print(results_table(results))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
     path = reproduce(args.studies, args.budget, Path(args.runs), Path(args.docs))
@@ -236,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
     b.add_argument("--steps", type=int, default=20, help="training steps per round (default 20)")
     b.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
+    b.add_argument("--pipeline", action="store_true", help="also time FTP with pipeline=True (per-block updates)")
     _add_config_flags(b)
     b.set_defaults(func=cmd_bench)
 
@@ -254,6 +290,31 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--layers", action="store_true", help="also print the per-layer breakdown")
     k.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
     k.set_defaults(func=cmd_cost)
+
+    q = sub.add_parser("sequences", help="recurrent nets on sequence tasks: BPTT, FTP and DFA through time; "
+                       "table of test figures and cost per sequence")
+    q.add_argument("--task", default="adding", help="adding, order, ett (or etth1), sunspots or co2 (default adding)")
+    q.add_argument("--rules", default="bptt,ftp,dfa", help="comma-separated recurrent rules (default bptt,ftp,dfa)")
+    q.add_argument("--rule", default="ftp", help="the rule that --rule-opt applies to (default ftp)")
+    q.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a rule option, repeatable, e.g. --rule-opt inject=first")
+    q.add_argument("--T", type=int, default=50, help="sequence length of adding and order (default 50)")
+    q.add_argument("--classes", type=int, default=4, help="temporal order: 4 or 8 classes (default 4)")
+    q.add_argument("--n-train", type=int, default=10000, help="synthetic training sequences (default 10000)")
+    q.add_argument("--n-test", type=int, default=2000, help="synthetic validation and test sequences (default 2000)")
+    q.add_argument("--csv", help="ett: an ETT-format CSV (default $FTPROP_ETT, else ../shared/data/ett/ETTh1.csv)")
+    q.add_argument("--lookback", type=int, help="forecasting look-back (default: ett 96, sunspots 24, co2 104)")
+    q.add_argument("--horizon", type=int, help="forecasting horizon (ett: 96, 192, 336 or 720; default 96)")
+    q.add_argument("--cell", default="gru", help="gru or elman (default gru)")
+    q.add_argument("--hidden", type=int, default=64, help="units per recurrent layer (default 64)")
+    q.add_argument("--layers", type=int, default=1, help="stacked recurrent layers (default 1)")
+    q.add_argument("--epochs", type=int, default=10, help="(default 10)")
+    q.add_argument("--batch-size", type=int, default=64, help="(default 64)")
+    q.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    q.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    q.add_argument("--bench-rounds", type=int, default=7, help="interleaved timing rounds for the cost (default 7)")
+    q.add_argument("--out", help="also write results.json (every run's history) here")
+    q.set_defaults(func=cmd_sequences)
 
     r = sub.add_parser("reproduce", help="rerun the studies behind docs/ and regenerate docs/RESULTS.md")
     r.add_argument("studies", nargs="+", help="study names, or all")

@@ -4,6 +4,11 @@ A run directory holds `config.json` (the resolved config), `metrics.jsonl`
 (one line per epoch), `checkpoint.pt` (written atomically after every good
 epoch) and `metrics.json` (the summary). `resume=True` continues from the
 checkpoint and reproduces the uninterrupted run bit for bit on CPU.
+
+Launched by torchrun as several processes, the same loop trains data-parallel
+(ftprop/distributed.py): `batch_size` is the global batch, each rank steps on
+its shard, gradients are averaged before the optimizer step, and rank 0 alone
+writes the run directory. With one process those calls do nothing.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed, pipeline
 from .data import Dataset, batches, load_dataset
 from .diagnostics import alignment, rng_state
 from .hardware import attach as attach_hardware, check_hardware
@@ -203,22 +209,31 @@ def _summary(history: list[dict[str, Any]], seconds: float, diverged: str | None
 
 def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -> dict[str, Any]:
     """Train one run and return its summary (the contents of metrics.json)."""
-    device = resolve_device(cfg.device)
+    ctx, device = distributed.init(resolve_device(cfg.device))  # one process unless launched by torchrun
+    distributed.check_batch_size(cfg.batch_size, ctx)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, device=device)  # one split for all seeds
-    out = Path(cfg.out) if cfg.out else None
+    run_dir = Path(cfg.out) if cfg.out else None
+    out = run_dir if ctx.main else None  # the directory this process writes: only rank 0 writes
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation, cfg.norm,
                         cfg.init, depth=cfg.depth, spec=cfg.spec).to(device)
     rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
-    opt = make_optimizer(cfg, model.parameters())
+    pipelined = pipeline.enabled(rule)  # the rule steps each block's parameter group itself, inside rule.step
+    opt = make_optimizer(cfg, pipeline.param_groups(model) if pipelined else model.parameters())
     sched = make_scheduler(cfg, opt)
     hardware = attach_hardware(model, opt, cfg.quant, cfg.rounding, cfg.analog, seed=cfg.seed)  # nothing for float
+    if pipelined:
+        if hardware or cfg.log_alignment:
+            raise ValueError("pipeline=True does not combine with --quant, --analog or --log-alignment (their hooks "
+                             "and the alignment check assume one optimizer step after the rule's step)")
+        pipeline.wire(rule, model, opt, lambda params: distributed.average_grads(params, ctx))
+    distributed.shard_rule(rule, ctx)
     order = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init and dropout
     history: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
 
-    ckpt_path = out / "checkpoint.pt" if out else None
+    ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
     if resume:
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
@@ -237,6 +252,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
         order.set_state(ckpt["order_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         history, start_epoch, elapsed = ckpt["history"], ckpt["epoch"], ckpt["elapsed"]
+    distributed.broadcast_model(model, ctx)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(dataclasses.asdict(cfg) | {"resolved_rule_options": rule.options()}, out / "config.json")
@@ -252,30 +268,40 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
     x, y = data.x_train, noisy_labels(data.y_train, cfg.label_noise, data.num_classes, cfg.seed)  # val/test clean
     diverged = None
     angles: list[dict[str, Any]] = []  # alignment records of the current epoch
+    rule_synced = False  # rules create their state at their first step; then rank 0's is copied to every rank
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        correct = torch.zeros((), device=device, dtype=torch.long)  # on this rank's shards
+        seen = 0  # samples of the global batches so far
         steps = math.ceil(len(y) / cfg.batch_size)
         bar = tqdm(batches(len(y), cfg.batch_size, order, device), total=steps, leave=False,
-                   disable=not cfg.progress, desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}")
-        for step, idx in enumerate(bar):
+                   disable=not (cfg.progress and ctx.main), desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}")
+        for step, batch_idx in enumerate(bar):
+            idx = distributed.shard(batch_idx, ctx)  # the whole batch in one process
+            if len(idx) == 0:  # a final batch smaller than the number of processes
+                continue
             xb, yb = x[idx], y[idx]
             log_now = cfg.log_alignment and (epoch * steps + step) % cfg.log_alignment == 0
             rng = rng_state(device) if log_now else None
             result = rule.step(model, xb, yb)
-            if not torch.isfinite(result.loss):
-                diverged = f"loss became {result.loss.item()} at epoch {epoch + 1}, step {step + 1}"
+            loss = distributed.average(model, rule, result.loss, ctx, grads=not pipelined)  # the global batch's
+            if not rule_synced:  # after `average`, which has already made the rule's learned state agree
+                distributed.broadcast_rule(rule, ctx)
+                rule_synced = True
+            if not torch.isfinite(loss):
+                diverged = f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}"
                 break
-            if log_now:
+            if log_now and ctx.main:
                 angles.append({"epoch": epoch + 1, "step": step + 1, "layers": alignment(model, xb, yb, rng)})
-            opt.step()
-            loss_sum += result.loss * len(yb)
+            if not pipelined:
+                opt.step()
+            loss_sum += loss * (len(yb) * ctx.world)
             correct += (result.logits.argmax(1) == yb).sum()
-            if step % 50 == 0 and cfg.progress:
-                seen = min((step + 1) * cfg.batch_size, len(y))
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+            seen += len(yb) * ctx.world
+            if step % 50 == 0 and cfg.progress and ctx.main:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() * ctx.world / seen:.4f}")
         bar.close()
         if out and angles:
             with open(angles_log, "a") as f:
@@ -285,13 +311,14 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
             diverged = f"weights stopped being finite in epoch {epoch + 1}"
         if diverged:
             break
+        correct = distributed.all_sum(correct, ctx)
         train_seconds = time.perf_counter() - t0
         sched.step()
         val_loss, val_acc = evaluate(model, rule, data.x_val, data.y_val)
         test_loss, test_acc = evaluate(model, rule, data.x_test, data.y_test)
         elapsed += time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-                   "train_loss": loss_sum.item() / len(y), "train_accuracy": correct.item() / len(y),
+                   "train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
                    "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
                    "train_seconds": train_seconds}
         history.append(metrics)
@@ -302,13 +329,14 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
                           "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "rule": rule.state_dict(), "order_rng": order.get_state(), "torch_rng": torch.get_rng_state(),
                           "hardware": hardware.state_dict(), "history": history}, ckpt_path)
-        if cfg.progress:
+        if cfg.progress and ctx.main:
             tqdm.write(f"{cfg.rule} epoch {epoch + 1}: train loss {metrics['train_loss']:.4f} "
                        f"val acc {val_acc:.4f} test acc {test_acc:.4f} ({train_seconds:.1f}s)")
 
     summary = _summary(history, elapsed, diverged)
     if out:
         _write_json(summary, out / "metrics.json")
+    distributed.barrier(ctx)  # every rank leaves once rank 0's files are written (a resume may read them next)
     if diverged:
         kept = f"; last good checkpoint (epoch {len(history)}) kept in {ckpt_path}" if out and history else ""
         raise TrainingDiverged(f"training diverged: {diverged}{kept}")

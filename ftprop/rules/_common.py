@@ -9,7 +9,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,7 @@ class RuleRNG:
         self.seed = seed + offset
         self.gen: torch.Generator | None = None
         self.pending: dict[str, Any] | None = None
+        self.shard = (0, 1)  # (rank, world size) in data-parallel training; set by ftprop.distributed.shard_rule
 
     def get(self, device: torch.device) -> torch.Generator:
         if self.gen is None or self.gen.device.type != device.type:
@@ -152,6 +153,18 @@ class RuleRNG:
                                   f"restarting its stream from the seed", stacklevel=3)
                 self.pending = None
         return self.gen
+
+    def draw(self, fn: Callable[..., torch.Tensor], shape: tuple[int, ...], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Per-sample random numbers for a batch of `shape` (samples first): `fn(*args, size=..., generator=...,
+        **kwargs)`, e.g. torch.randn or torch.randint.
+
+        In data-parallel training every rank draws the numbers of the whole global batch and keeps its own slice,
+        so each sample gets what it would get in one process and every rank's stream stays in step.
+        """
+        rank, world = self.shard
+        device = kwargs.get("device") or torch.device("cpu")
+        full = fn(*args, size=(shape[0] * world, *shape[1:]), generator=self.get(torch.device(device)), **kwargs)
+        return full[rank * shape[0]:(rank + 1) * shape[0]]
 
     def state_dict(self) -> dict[str, Any]:
         if self.gen is not None:

@@ -35,6 +35,13 @@ class Rule:
         """Class scores for evaluation; rules that classify differently (Forward-Forward) override it."""
         return model(x)
 
+    def learned_state(self) -> list[torch.Tensor]:
+        """The tensors the rule trains itself inside `step`, not through the optimizer (DTP's inverses).
+
+        Data-parallel training averages them across ranks after every step, as it averages the gradients.
+        """
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

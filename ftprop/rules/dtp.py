@@ -127,13 +127,12 @@ class DTP(PeerRule):
         """One plain SGD step per inverse on |g_l(f_l(h_{l-1} + eps)) - (h_{l-1} + eps)|^2 / (2B)."""
         if not inverses:
             return
-        gen = self.rng.get(hs[0].device)
         batch = hs[0].shape[0]
         for k in range(1, len(hs)):
             v, c = inverses[k - 1]
             noisy = hs[k - 1]
             if self.noise_std > 0:
-                noise = torch.randn(noisy.shape, generator=gen, device=noisy.device, dtype=noisy.dtype)
+                noise = self.rng.draw(torch.randn, noisy.shape, device=noisy.device, dtype=noisy.dtype)
                 noisy = noisy + noise.mul_(self.noise_std)
             with torch.no_grad():
                 fwd = model.blocks[k](noisy)
@@ -144,6 +143,9 @@ class DTP(PeerRule):
             with torch.no_grad():
                 v.sub_(gv, alpha=self.inverse_lr)
                 c.sub_(gc, alpha=self.inverse_lr)
+
+    def learned_state(self) -> list[torch.Tensor]:
+        return [t for pair in self.inverses or [] for t in pair]
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}

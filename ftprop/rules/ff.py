@@ -96,8 +96,7 @@ class FF(PeerRule):
 
     def negative_labels(self, y: torch.Tensor, n_classes: int) -> torch.Tensor:
         """Uniform over the wrong labels: y + k mod C with k uniform in 1 .. C-1, never y itself."""
-        gen = self.rng.get(y.device)
-        shift = torch.randint(1, n_classes, y.shape, generator=gen, device=y.device)
+        shift = self.rng.draw(torch.randint, y.shape, 1, n_classes, device=y.device)
         return (y + shift) % n_classes
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:

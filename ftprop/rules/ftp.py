@@ -99,6 +99,7 @@ class FTP(Rule):
     update_input: str = "h"           # "h": grad W_l uses h_{l-1} (first pass); "t": uses t_{l-1} (second pass)
     tangent: bool = True              # drop the radial part of h_l - t_l (keeps ReLU nets bounded; see docs)
     seed: int = 0                     # seeds G, independently of the model's initialisation
+    pipeline: bool = False            # fill each block's gradients as soon as its target exists, then block_ready(l)
     G: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +115,9 @@ class FTP(Rule):
                                     ("update_input", self.update_input, ("h", "t"))):
             if value not in allowed:
                 raise ValueError(f"ftp: {opt} must be one of {', '.join(allowed)}, got {value!r}")
+        # Set by the training loop when pipeline=True (ftprop.pipeline.wire): called with a block's index as soon as
+        # its gradients are final, to update it while the next targets are computed. Not an option, not state.
+        self.block_ready: Callable[[int], None] | None = None
 
     def options(self) -> dict[str, Any]:
         opts = super().options()
@@ -169,6 +173,40 @@ class FTP(Rule):
 
         scale = 1.0 / (self.gamma * batch)
         loss, p, e = output_error(z, y)
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # autograd roots and their gradients, not yet run
+        due: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (block, error, layer input on the target path)
+
+        def fill(l: int, err: torch.Tensor, t_input: torch.Tensor) -> None:
+            """Block l's gradients from its error (h_l - t_l) / (gamma B), or dCE/dz for the output block."""
+            block, output = blocks[l], l == len(blocks) - 1  # the output layer gets dCE/dz through its own post
+            if self.tangent and not output:
+                err = _tangential(err, outs[l].detach())
+            if derivatives is not None:
+                d = derivatives[l](err, outs[l]) if self.fprime or output else err
+                source = inputs[l] if self.update_input == "h" or output else t_input
+                block.layer.weight.grad = d.t() @ source
+                if block.layer.bias is not None:
+                    block.layer.bias.grad = d.sum(0)
+            elif output or self.update_input == "h":
+                pending.append((outs[l] if self.fprime or output else pre[l], err))
+            else:
+                d = torch.autograd.grad(outs[l], pre[l], err, retain_graph=True)[0] if self.fprime else err
+                with torch.enable_grad():
+                    pending.append((pre[0] if l == 0 else block.layer(t_input), d))  # t_0 = h_0 = x
+
+        def ready(l: int, err: torch.Tensor, t_input: torch.Tensor) -> None:
+            """Block l's error exists: pipelined, its gradients are filled and handed to `block_ready` at once (the
+            later targets do not use block l); otherwise all blocks are filled after the second pass."""
+            if not self.pipeline:
+                due.append((l, err, t_input))
+                return
+            fill(l, err, t_input)
+            if pending:
+                torch.autograd.backward(*zip(*pending))
+                pending.clear()
+            if self.block_ready is not None:
+                self.block_ready(l)
+
         with torch.no_grad():
             h1 = outs[0]
             if self.G is None:
@@ -178,43 +216,18 @@ class FTP(Rule):
                                  f"{(z.shape[1], h1[0].numel())} (outputs x first block's output)")
             correction = self._correction(p, e).view_as(h1)
             t = h1 + correction
-            errors = [correction.mul_(-scale)]  # (h_1 - t_1) / (gamma B)
+            ready(0, correction.mul_(-scale), inputs[0])  # (h_1 - t_1) / (gamma B)
             # Second pass: the target travels forward through the network's own weights.
-            t_inputs = [inputs[0]]  # the layer's input on the target path: pre_l(t_{l-1})
             for l, block in enumerate(blocks[1:-1], start=1):
-                u = block.pre(t)
-                t_inputs.append(u)
+                u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
                 t = block.post(block.layer(u))
-                errors.append((outs[l] - t).mul_(scale))
-            if self.tangent:
-                errors = [_tangential(err, outs[l].detach()) for l, err in enumerate(errors)]
-            e.div_(batch)  # dCE/dz of the mean loss
-
-        if derivatives is not None:
-            with torch.no_grad():
-                for l, (block, err) in enumerate(zip(blocks, [*errors, e])):
-                    output = l == len(errors)  # the output layer always gets dCE/dz through its own post
-                    d = derivatives[l](err, outs[l]) if self.fprime or output else err
-                    source = inputs[l] if self.update_input == "h" or output else t_inputs[l]
-                    block.layer.weight.grad = d.t() @ source
-                    if block.layer.bias is not None:
-                        block.layer.bias.grad = d.sum(0)
-            return StepOutput(loss, z)
-
-        roots: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
-        for l, (block, err) in enumerate(zip(blocks[:-1], errors)):
-            if self.update_input == "h":
-                roots.append(outs[l] if self.fprime else pre[l])
-                grads.append(err)
-            else:
-                d = torch.autograd.grad(outs[l], pre[l], err, retain_graph=True)[0] if self.fprime else err
-                roots.append(pre[0] if l == 0 else block.layer(t_inputs[l]))  # t_0 = h_0 = x
-                grads.append(d)
-        roots.append(z)
-        grads.append(e)
-        torch.autograd.backward(roots, grads)
-        return StepOutput(loss, z.detach())
+                ready(l, (outs[l] - t).mul_(scale), u)
+            ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
+            for l, err, t_input in due:
+                fill(l, err, t_input)
+        if pending:
+            torch.autograd.backward(*zip(*pending))
+        return StepOutput(loss, z.detach() if derivatives is None else z)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.G is None else {"G": self.G}
