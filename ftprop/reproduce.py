@@ -105,14 +105,14 @@ PEERS = ("fa", "dfa", "drtp", "pepita", "dtp", "ff")
 def _peers(budget: Budget, runs: Path, figures: Path, setups: list[tuple[str, str, list[str], str]]
            ) -> tuple[str, list[list[str]]]:
     """Every rule in one harness: ReLU throughout (Forward-Forward's goodness needs unbounded units), each rule with
-    its configs/RULE.toml settings and the same net, data, epochs, batch and seeds."""
+    its configs/RULE.toml settings (FTP's too) and the same net, data, epochs, batch and seeds."""
     parts, summary = [], []
     for dataset, hidden, rules, goal in setups:
         base = TrainConfig(dataset=dataset, activation="relu", hidden=hidden, epochs=budget.epochs, schedule="cosine",
                            progress=False)
         section, row = _compare_section(base, rules, budget, runs, figures,
                                         f"peers-{dataset}-{hidden.replace(',', '-')}", goal,
-                                        {r: CONFIGS / f"{r}.toml" for r in rules if r in PEERS})
+                                        {r: CONFIGS / f"{r}.toml" for r in rules if (CONFIGS / f"{r}.toml").exists()})
         parts.append(section)
         summary.append(row)
     return "\n".join(parts), summary

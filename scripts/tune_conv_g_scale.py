@@ -2,10 +2,11 @@
 
     python scripts/tune_conv_g_scale.py "rule='bp'" "freeze=True" "g_scale=0.03" "share=True,g_scale=0.002" --steps 4000
 
-Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (train the head only),
-`share` (one random G vector per channel, broadcast over positions), `lr`, and any FTP option. Paper CNN, ReLU,
-MNIST with 5000 training images held out for validation, SGD momentum 0.9, batch 64, seed 0, one thread; prints
-the mean training loss, the first conv map's mean norm and validation accuracy every 1000 steps (and at 600).
+Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (keep the first block at its
+initialisation), `share` (one random G vector per channel, broadcast over positions), `lr`, and any FTP option.
+`--model paper-cnn` (default) or `resnet` (depth 6), ReLU, `--dataset` (default MNIST) with 5000 training images
+held out for validation, SGD momentum 0.9, batch 64, seed 0, one thread; prints the mean training loss, the first
+conv map's mean norm and validation accuracy every 1000 steps (and at 600).
 """
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ from ftprop.models import build_model
 from ftprop.rules import make_rule
 
 
-def run(data, tag: str, steps: int, rule: str = "ftp", lr: float = 0.01, freeze: bool = False, share: bool = False,
-        **options: object) -> None:
+def run(data, tag: str, steps: int, model_name: str, norm: str = "none", rule: str = "ftp", lr: float = 0.01,
+        freeze: bool = False, share: bool = False, **options: object) -> None:
     torch.manual_seed(0)
-    model = build_model("paper-cnn", data.input_shape, data.num_classes, activation="relu")
+    model = build_model(model_name, data.input_shape, data.num_classes, activation="relu", norm=norm)
     learner = make_rule(rule, **options)
-    if share:  # G constant over the positions of each channel of the 32 x 24 x 24 map
+    if share:  # G constant over the positions of each channel of the first map (C x H x W)
+        c, h, w = model.blocks[0](model.prepare(data.x_val[:1])).shape[1:]
         gen = torch.Generator().manual_seed(0)
-        learner.G = (torch.randn(10, 32, 1, generator=gen) * learner.g_scale).expand(10, 32, 576).reshape(10, -1)
+        learner.G = (torch.randn(data.num_classes, c, 1, generator=gen) * learner.g_scale
+                     ).expand(-1, c, h * w).reshape(data.num_classes, -1)
     params = [p for n, p in model.named_parameters() if not (freeze and n.startswith("blocks.0"))]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))
@@ -41,9 +44,11 @@ def run(data, tag: str, steps: int, rule: str = "ftp", lr: float = 0.01, freeze:
         opt.step()
         losses.append(out.loss.item())
         if (s + 1) % 1000 == 0 or s + 1 == 600:
+            model.eval()
             with torch.no_grad():
                 h1 = model.blocks[0](model.prepare(data.x_val[:500]))
                 acc = (model(data.x_val).argmax(1) == data.y_val).float().mean().item()
+            model.train()
             recent = losses[-min(len(losses), 1000):]
             print(f"{tag:32s} step {s + 1:5d} loss {sum(recent) / len(recent):.3f} "
                   f"|h1| {h1.flatten(1).norm(dim=1).mean():7.1f} val {100 * acc:.2f} ({time.time() - t0:.0f}s)",
@@ -54,11 +59,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("settings", nargs="+")
     ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--model", default="paper-cnn", help="paper-cnn or resnet (depth 6)")
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--norm", default="none", help="none, batchnorm or layernorm after each conv")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data = load_dataset("mnist", val_size=5000)
+    data = load_dataset(args.dataset, val_size=5000)
     for setting in args.settings:
-        run(data, setting or "ftp defaults", args.steps, **eval(f"dict({setting})"))
+        run(data, setting or "ftp defaults", args.steps, args.model, args.norm, **eval(f"dict({setting})"))
 
 
 if __name__ == "__main__":
