@@ -36,13 +36,18 @@ def test_peers_study_runs_every_rule_with_its_config(tmp_path, tiny, monkeypatch
     seen = {}
 
     def spy(base, rules, *a, rule_configs=None, **k):
-        seen[base.hidden, base.dataset] = (rules, rule_configs)
+        seen[base.hidden, base.dataset, base.activation] = (rules, rule_configs)
         return real(base, rules, *a, rule_configs=rule_configs, **k)
 
     monkeypatch.setattr(rep, "run_compare", spy)
     text = rep.reproduce(["peers-pepita-setup", "peers"], "small", tmp_path / "runs", tmp_path / "docs").read_text()
-    rules, configs = seen["1024,128", "mnist"]
+    rules, configs = seen["1024,128", "mnist", "relu"]
     assert rules == ["bp", "fa", "dfa", "drtp", "pepita", "dtp", "ff", "ftp"]
-    assert configs["pepita"]["rule"]["f_scale"] == 0.15 and configs["ff"]["optimizer"] == "adam"
-    assert seen["1024", "mnist"][0] == ["bp", "fa", "dfa", "drtp", "pepita"]
-    assert text.count("| pepita |") == 3 and "FLOPs / BP" in text and "--rule-config ff=configs/ff.toml" in text
+    assert configs == {r: rep.load_rule_config(rep.CONFIGS / f"{r}.toml") for r in rules
+                       if (rep.CONFIGS / f"{r}.toml").exists()}
+    assert configs["ftp"]["rule"]["g_scale"] == 0.05 and configs["ff"]["optimizer"] == "adam"
+    assert seen["1024", "mnist", "relu"][0] == ["bp", "fa", "dfa", "drtp", "pepita"]
+    assert seen["1024", "mnist", "tanh"][0] == ["bp", "drtp"]  # DRTP with its paper's activation
+    assert text.count("| pepita |") == 3 + 1 and "FLOPs / BP" in text and "--rule-config ff=configs/ff.toml" in text
+    bench = text.split("### Step time of every rule")[1]
+    assert all(f"| {r} |" in bench for r in rules) and "FTP / BP = " in bench
