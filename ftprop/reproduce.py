@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,10 +46,45 @@ class Study:
     run: Callable[[Budget, Path, Path], tuple[str, list[list[str]]]]  # (budget, runs, figures) -> (section, summary)
 
 
+def _against_targets(comparison, targets: dict[str, float]) -> str:  # noqa: ANN001  (compare.Comparison)
+    """Per rule with a target accuracy (%): met or short by how much, and whether its test accuracy was still rising
+    over the last 5 epochs (a budget limit) or flat (a limit of the rule or its settings here), with its training
+    accuracy beside it (a rule that fits the training set but not the test set generalises worse)."""
+    lines = []
+    for rule, target in targets.items():
+        finished = [h for h, r in zip(comparison.histories[rule], comparison.results[rule]) if not r["diverged"] and h]
+        if not finished:
+            lines.append(f"- {rule}: every run diverged; target {target:.1f}%")
+            continue
+        final = statistics.fmean(100 * h[-1]["test_accuracy"] for h in finished)
+        drift = statistics.fmean(100 * (h[-1]["test_accuracy"] - h[max(0, len(h) - 6)]["test_accuracy"])
+                                 for h in finished)
+        train = statistics.fmean(100 * h[-1]["train_accuracy"] for h in finished)
+        verdict = "meets it" if final >= target else f"short by {target - final:.2f} points"
+        trend = "still rising" if drift > 0.1 else "flat"
+        lines.append(f"- {rule}: {final:.2f}% against a target of {target:.1f}%, {verdict}; over its last 5 epochs "
+                     f"the test accuracy moved {drift:+.2f} points ({trend}); final training accuracy {train:.2f}%")
+    return "\n".join(lines)
+
+
+def _ftp_ranks(comparison, against: tuple[str, ...]) -> str:  # noqa: ANN001
+    """Whether FTP's mean test accuracy is above each rule's in `against`, computed from the runs."""
+    def mean(rule: str) -> float | None:
+        acc = [r["test_accuracy"] for r in comparison.results.get(rule, []) if not r["diverged"]]
+        return 100 * statistics.fmean(acc) if acc else None
+    f = mean("ftp")
+    above = [r for r in against if (m := mean(r)) is None or (f is not None and f > m)]
+    below = [r for r in against if r not in above]
+    return (f"FTP ({'diverged' if f is None else f'{f:.2f}%'}) is above {', '.join(above) or 'none'}"
+            + (f" and not above {', '.join(below)}" if below else "") + " in mean test accuracy.")
+
+
 def _compare_section(base: TrainConfig, rules: list[str], budget: Budget, runs: Path, figures: Path, key: str,
-                     goal: str, rule_configs: dict[str, Path] | None = None) -> tuple[str, list[str]]:
+                     goal: str, rule_configs: dict[str, Path] | None = None, targets: dict[str, float] | None = None,
+                     ftp_against: tuple[str, ...] = ()) -> tuple[str, list[str]]:
     """A comparison's markdown and its one-line summary for the README (test accuracy per rule).
-    rule_configs: rule -> path of its TOML settings (configs/)."""
+    rule_configs: rule -> path of its TOML settings (configs/); targets: rule -> accuracy (%) it should reach;
+    ftp_against: rules whose accuracy FTP's is compared with."""
     loaded = {rule: load_rule_config(path) for rule, path in (rule_configs or {}).items()}
     comparison = run_compare(base, rules, budget.seeds, runs / key, resume=True, rule_configs=loaded)
     figure = f"{key}.{budget.name}.png"
@@ -62,7 +98,9 @@ def _compare_section(base: TrainConfig, rules: list[str], budget: Budget, runs: 
                          if any(not r["diverged"] for r in runs_) else f"{rule} diverged"
                          for rule, runs_ in comparison.results.items())
     summary = [setting, accuracy, goal]
-    return (f"### {setting}\n\nGoal: {goal}.\n\n{comparison.describe()}.\n\n{comparison.table()}\n\n"
+    checks = "".join(f"{text}\n\n" for text in (_against_targets(comparison, targets or {}),
+                                                  _ftp_ranks(comparison, ftp_against) if ftp_against else "") if text)
+    return (f"### {setting}\n\nGoal: {goal}.\n\n{comparison.describe()}.\n\n{comparison.table()}\n\n{checks}"
             f"Command: `{command}`\n\n![learning curves](results/{figure})\n"), summary
 
 
@@ -102,18 +140,19 @@ def study_mlp(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
 PEERS = ("fa", "dfa", "drtp", "pepita", "dtp", "ff")
 
 
-def _peers(budget: Budget, runs: Path, figures: Path, setups: list[tuple[str, str, str, list[str], str]]
-           ) -> tuple[str, list[list[str]]]:
+def _peers(budget: Budget, runs: Path, figures: Path,
+           setups: list[tuple[str, str, str, list[str], str, dict[str, float]]]) -> tuple[str, list[list[str]]]:
     """Every rule in one harness, each with its configs/RULE.toml settings (FTP's too) and the same net, data, epochs,
-    batch and seeds. setups: (dataset, hidden, activation, rules, goal); ReLU unless a setup says otherwise
-    (Forward-Forward's goodness needs unbounded units)."""
+    batch and seeds. setups: (dataset, hidden, activation, rules, goal, target accuracy per rule); ReLU unless a
+    setup says otherwise (Forward-Forward's goodness needs unbounded units)."""
     parts, summary = [], []
-    for dataset, hidden, activation, rules, goal in setups:
+    for dataset, hidden, activation, rules, goal, targets in setups:
         base = TrainConfig(dataset=dataset, activation=activation, hidden=hidden, epochs=budget.epochs,
                            schedule="cosine", progress=False)
         key = f"peers-{dataset}-{hidden.replace(',', '-')}" + ("" if activation == "relu" else f"-{activation}")
         section, row = _compare_section(base, rules, budget, runs, figures, key, goal,
-                                        {r: CONFIGS / f"{r}.toml" for r in rules if (CONFIGS / f"{r}.toml").exists()})
+                                        {r: CONFIGS / f"{r}.toml" for r in rules if (CONFIGS / f"{r}.toml").exists()},
+                                        targets, tuple(r for r in ("pepita", "drtp", "dtp", "ff") if "ftp" in rules))
         parts.append(section)
         summary.append(row)
     return "\n".join(parts), summary
@@ -125,8 +164,9 @@ def study_peers_pepita_setup(budget: Budget, runs: Path, figures: Path) -> tuple
     absorb)."""
     return _peers(budget, runs, figures, [
         ("mnist", "1024", "relu", ["bp", "fa", "dfa", "drtp", "pepita"],
-         "PEPITA >= 97.8%, FA >= 98.0%, DFA >= 98.0%, DRTP >= 94.5%"),
-        ("mnist", "1024", "tanh", ["bp", "drtp"], "DRTP >= 94.5% with the activation of its paper")])
+         "PEPITA >= 97.8%, FA >= 98.0%, DFA >= 98.0%, DRTP >= 94.5%",
+         {"pepita": 97.8, "fa": 98.0, "dfa": 98.0, "drtp": 94.5}),
+        ("mnist", "1024", "tanh", ["bp", "drtp"], "DRTP >= 94.5% with the activation of its paper", {"drtp": 94.5})])
 
 
 PEER_BENCH_BATCH = 64
@@ -137,8 +177,8 @@ def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
     relative to BP, interleaved in one process (the per-epoch seconds of the tables depend on what else ran)."""
     rules = ["bp", *PEERS, "ftp"]
     body, summary = _peers(budget, runs, figures, [
-        (dataset, "1024,128", "relu", rules, "DTP >= 97.5%, FF >= 97.0% on MNIST; FTP against PEPITA, DRTP, DTP and FF")
-        for dataset in ("mnist", "fashion-mnist")])
+        (dataset, "1024,128", "relu", rules, "DTP >= 97.5%, FF >= 97.0% on MNIST; FTP against PEPITA, DRTP, DTP and FF",
+         {"dtp": 97.5, "ff": 97.0} if dataset == "mnist" else {}) for dataset in ("mnist", "fashion-mnist")])
     data = load_dataset("mnist")
     options = {r: load_rule_config(CONFIGS / f"{r}.toml").get("rule", {}) if (CONFIGS / f"{r}.toml").exists() else {}
                for r in rules}

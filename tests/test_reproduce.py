@@ -49,5 +49,6 @@ def test_peers_study_runs_every_rule_with_its_config(tmp_path, tiny, monkeypatch
     assert seen["1024", "mnist", "relu"][0] == ["bp", "fa", "dfa", "drtp", "pepita"]
     assert seen["1024", "mnist", "tanh"][0] == ["bp", "drtp"]  # DRTP with its paper's activation
     assert text.count("| pepita |") == 3 + 1 and "FLOPs / BP" in text and "--rule-config ff=configs/ff.toml" in text
+    assert "- pepita: " in text and "against a target of 97.8%" in text and "FTP (" in text
     bench = text.split("### Step time of every rule")[1]
     assert all(f"| {r} |" in bench for r in rules) and "FTP / BP = " in bench
