@@ -195,7 +195,9 @@ def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
                f"cheaper than {', '.join(cheaper) or 'none'} of PEPITA, DTP, FF"
                + ("" if len(cheaper) == 3 else f" (not than {', '.join(r for r in ('pepita', 'dtp', 'ff') if r not in cheaper)})"))
     body += ("\n### Step time of every rule, MNIST 784-1024-128-10 relu, batch 64\n\nGoal: FTP / BP <= 1.10, and FTP "
-             "cheaper than PEPITA, DTP and FF in the same run (published MAC ratios about 1.40, 1.47, 1.87).\n\n"
+             "cheaper than PEPITA, DTP and FF in the same run (published MAC ratios about 1.40, 1.47, 1.87). This table, "
+             "not the seconds per epoch of the tables above, is the timing to read: those come from training runs that "
+             "may have shared the machine with other runs, this one times every rule in one process, alternating.\n\n"
              + report.markdown_table(["rule", "step ms (median)", "IQR ms", "time / BP", "MMAC / sample",
                                       "MACs / BP"], rows)
              + f"\n\nMedian over {budget.bench_rounds} interleaved rounds of 20 steps (the rules alternate), one SGD "
