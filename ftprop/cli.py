@@ -34,6 +34,17 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word: a string option such as g_dist=uniform
 
 
+def _rule_opts(items: Sequence[str]) -> dict[str, Any]:
+    """The rule options of repeated `--rule-opt KEY=VALUE` flags (dashes in KEY read as underscores)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--rule-opt expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        options[key.strip().replace("-", "_")] = _parse_value(text)
+    return options
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; defaults are None so we know which flags were given."""
     d = TrainConfig()
@@ -94,11 +105,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     for name in RULE_OPTION_FLAGS:
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
-    for item in args.rule_opt:
-        if "=" not in item:
-            raise ValueError(f"--rule-opt expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        options[key.strip().replace("-", "_")] = _parse_value(text)
+    options.update(_rule_opts(args.rule_opt))
     values["rule_options"] = options
     if args.no_progress:
         values["progress"] = False
@@ -163,12 +170,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from . import cost
 
     names = [r.strip() for r in args.rules.split(",") if r.strip()]
-    options: dict[str, Any] = {}
-    for item in args.rule_opt:
-        if "=" not in item:
-            raise ValueError(f"--rule-opt expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        options[key.strip().replace("-", "_")] = _parse_value(text)
+    options = _rule_opts(args.rule_opt)
     rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
     skipped: dict[str, str] = {}
     results = cost.cost_for(args.dataset, rules, model=args.model, hidden=args.hidden, activation=args.activation,
@@ -209,12 +211,7 @@ def cmd_sequences(args: argparse.Namespace) -> int:
 
     if args.cell not in CELLS:
         raise ValueError(f"unknown cell {args.cell!r}; choose one of {', '.join(CELLS)}")
-    options: dict[str, Any] = {}
-    for item in args.rule_opt:
-        if "=" not in item:
-            raise ValueError(f"--rule-opt expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        options[key.strip().replace("-", "_")] = _parse_value(text)
+    options = _rule_opts(args.rule_opt)
     cfg = SeqConfig(task=args.task, T=args.T, classes=args.classes, n_train=args.n_train, n_test=args.n_test,
                     csv=args.csv, lookback=args.lookback, horizon=args.horizon, cell=args.cell, hidden=args.hidden,
                     layers=args.layers, rule=args.rule, rule_options=options, epochs=args.epochs,

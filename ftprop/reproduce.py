@@ -20,7 +20,7 @@ from typing import Callable
 from . import report
 from . import study_understanding as _understanding
 from .bench import benchmark
-from .compare import CONFIGS, load_rule_config, run_compare
+from .compare import CONFIGS, load_rule_config, repo_rule_configs, run_compare
 from .data import load_dataset
 from .models import build_model
 from .rules import make_rule
@@ -180,9 +180,8 @@ def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
         (dataset, "1024,128", "relu", rules, "DTP >= 97.5%, FF >= 97.0% on MNIST; FTP against PEPITA, DRTP, DTP and FF",
          {"dtp": 97.5, "ff": 97.0} if dataset == "mnist" else {}) for dataset in ("mnist", "fashion-mnist")])
     data = load_dataset("mnist")
-    options = {r: load_rule_config(CONFIGS / f"{r}.toml").get("rule", {}) if (CONFIGS / f"{r}.toml").exists() else {}
-               for r in rules}
-    res = benchmark({r: make_rule(r, **options[r]) for r in rules},
+    options = {r: c.get("rule", {}) for r, c in repo_rule_configs(rules).items()}
+    res = benchmark({r: make_rule(r, **options.get(r, {})) for r in rules},
                     lambda: build_model("mlp", data.input_shape, data.num_classes, "1024,128", "relu"),
                     data.x_train, data.y_train, PEER_BENCH_BATCH, rounds=budget.bench_rounds)
     rows = [[r, f"{1e3 * v['step_time_median_s']:.3f}",
