@@ -190,6 +190,17 @@ def test_bad_rule_options_raise_clear_errors():
     for density in (0, 1.5):
         with pytest.raises(ValueError, match="g_density must be in"):
             make_rule("ftp", g_dist="sparse", g_density=density)
+
+
+def test_a_checkpoint_with_foreign_rule_state_is_refused():
+    with pytest.raises(ValueError, match=r"ftp: unknown state keys \['B'\]"):
+        make_rule("ftp").load_state_dict({"B": [torch.zeros(2, 2)]})
+    with pytest.raises(ValueError, match="bp: unknown state keys .* keeps no state"):
+        make_rule("bp").load_state_dict({"G": torch.zeros(2, 2)})
+    g = torch.ones(3, 4)
+    rule = make_rule("ftp")
+    rule.load_state_dict({"G": g})
+    assert rule.state_dict()["G"] is g
     with pytest.raises(ValueError, match="batch size mismatch"):
         make_rule("bp").step(tiny_net(), torch.zeros(3, 6, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
 

@@ -186,9 +186,7 @@ class FixedMatrices:
         return {} if self.B is None else {"B": list(self.B)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"B"}
-        if unknown:
-            raise ValueError(f"{self.name}: unknown state keys {sorted(unknown)}")
+        self.check_state_keys(state, ("B",))
         self.B = [b.clone() for b in state["B"]] if "B" in state else None
 
 
@@ -202,8 +200,7 @@ class DirectProjection(FixedMatrices, PeerRule):
     B: list[torch.Tensor] | None = field(default=None, init=False, repr=False)  # one per hidden block
 
     def __post_init__(self) -> None:
-        if not self.b_scale > 0:
-            raise ValueError(f"{self.name}: b_scale must be > 0, got {self.b_scale}")
+        self.check_options(positive=("b_scale",))
 
     def _hidden_signal(self, e: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The (batch x n_out) signal that B_l projects onto every hidden block, before the 1/B of the mean."""

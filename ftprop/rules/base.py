@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -46,11 +46,28 @@ class Rule:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"rule {self.name!r} keeps no state, got keys {sorted(state)}")
+        self.check_state_keys(state, ())
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def check_options(self, positive: Sequence[str] = (), choices: dict[str, Sequence[Any]] | None = None) -> None:
+        """Raise ValueError naming the rule and the option when a numeric option is not > 0 or a categorical one is
+        not among its choices: every rule validates its options here, so a bad flag reads the same for all."""
+        for opt in positive:
+            if not getattr(self, opt) > 0:
+                raise ValueError(f"{self.name}: {opt} must be > 0, got {getattr(self, opt)}")
+        for opt, allowed in (choices or {}).items():
+            if getattr(self, opt) not in allowed:
+                raise ValueError(f"{self.name}: {opt} must be one of {', '.join(map(str, allowed))}, "
+                                 f"got {getattr(self, opt)!r}")
+
+    def check_state_keys(self, state: dict[str, Any], known: Sequence[str]) -> None:
+        """A checkpoint from another rule or version fails loudly instead of loading half its state."""
+        unknown = set(state) - set(known)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown state keys {sorted(unknown)}"
+                             + ("" if known else " (this rule keeps no state)"))
 
 
 def rule_options(cls: type[Rule]) -> list[str]:

@@ -34,8 +34,7 @@ class DFAThroughTime(FixedMatrices, RecurrentRule):
     B: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.b_scale > 0:
-            raise ValueError(f"dfa: b_scale must be > 0, got {self.b_scale}")
+        self.check_options(positive=("b_scale",))
 
     def _matrices(self, model: RecurrentNet, like: torch.Tensor) -> list[torch.Tensor]:
         shapes = [(model.readout.out_features, cell.hidden_size) for cell in model.cells]

@@ -58,14 +58,9 @@ class DTP(PeerRule):
     rng: RuleRNG = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for opt in ("eta", "inverse_lr"):
-            if not getattr(self, opt) > 0:
-                raise ValueError(f"dtp: {opt} must be > 0, got {getattr(self, opt)}")
+        self.check_options(positive=("eta", "inverse_lr"), choices={"inverse_activation": INVERSE_ACTIVATIONS})
         if not self.noise_std >= 0:
             raise ValueError(f"dtp: noise_std must be >= 0, got {self.noise_std}")
-        if self.inverse_activation not in INVERSE_ACTIVATIONS:
-            raise ValueError(f"dtp: inverse_activation must be one of {', '.join(INVERSE_ACTIVATIONS)}, "
-                             f"got {self.inverse_activation!r}")
         self.rng = RuleRNG(self.seed, offset=1)
 
     def _inverses(self, hidden: list[torch.Tensor], like: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -157,8 +152,6 @@ class DTP(PeerRule):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"inverses", "rng"}
-        if unknown:
-            raise ValueError(f"dtp: unknown state keys {sorted(unknown)}")
+        self.check_state_keys(state, ("inverses", "rng"))
         self.inverses = [[v.clone(), c.clone()] for v, c in state["inverses"]] if "inverses" in state else None
         self.rng.load_state_dict(state.get("rng"))

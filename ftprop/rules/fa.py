@@ -119,8 +119,7 @@ class FA(FixedMatrices, PeerRule):
     B: list[torch.Tensor] | None = field(default=None, init=False, repr=False)  # one per feedback_layers(model)
 
     def __post_init__(self) -> None:
-        if not self.b_scale > 0:
-            raise ValueError(f"fa: b_scale must be > 0, got {self.b_scale}")
+        self.check_options(positive=("b_scale",))
 
     def _feedback(self, mods: list[nn.Module], like: torch.Tensor) -> list[torch.Tensor]:
         shapes = [tuple(m.weight.shape) for m in mods]

@@ -61,10 +61,7 @@ class FF(PeerRule):
     rng: RuleRNG = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for opt, value, allowed in (("goodness", self.goodness, GOODNESS), ("logits", self.logits, LOGITS),
-                                    ("input_norm", self.input_norm, NORMS)):
-            if value not in allowed:
-                raise ValueError(f"ff: {opt} must be one of {', '.join(allowed)}, got {value!r}")
+        self.check_options(choices={"goodness": GOODNESS, "logits": LOGITS, "input_norm": NORMS})
         self.rng = RuleRNG(self.seed, offset=2)
 
     def embed(self, model: Net, x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -142,7 +139,5 @@ class FF(PeerRule):
         return {"rng": rng} if rng else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"rng"}
-        if unknown:
-            raise ValueError(f"ff: unknown state keys {sorted(unknown)}")
+        self.check_state_keys(state, ("rng",))
         self.rng.load_state_dict(state.get("rng"))

@@ -103,18 +103,10 @@ class FTP(Rule):
     G: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.gamma > 0:
-            raise ValueError(f"ftp: gamma must be > 0, got {self.gamma}")
-        if not self.g_scale > 0:
-            raise ValueError(f"ftp: g_scale must be > 0, got {self.g_scale}")
+        self.check_options(positive=("gamma", "g_scale"), choices={
+            "gamma_mode": ("step", "multiplier"), "g_dist": G_DISTS, "target_nonlin": NONLINS, "update_input": ("h", "t")})
         if not 0 < self.g_density <= 1:
             raise ValueError(f"ftp: g_density must be in (0, 1], got {self.g_density}")
-        for opt, value, allowed in (("gamma_mode", self.gamma_mode, ("step", "multiplier")),
-                                    ("g_dist", self.g_dist, G_DISTS),
-                                    ("target_nonlin", self.target_nonlin, NONLINS),
-                                    ("update_input", self.update_input, ("h", "t"))):
-            if value not in allowed:
-                raise ValueError(f"ftp: {opt} must be one of {', '.join(allowed)}, got {value!r}")
         # Set by the training loop when pipeline=True (ftprop.pipeline.wire): called with a block's index as soon as
         # its gradients are final, to update it while the next targets are computed. Not an option, not state.
         self.block_ready: Callable[[int], None] | None = None
@@ -233,4 +225,5 @@ class FTP(Rule):
         return {} if self.G is None else {"G": self.G}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_keys(state, ("G",))
         self.G = state.get("G")

@@ -56,12 +56,7 @@ class FTPThroughTime(RecurrentRule):
     G: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.gamma > 0:
-            raise ValueError(f"ftp: gamma must be > 0, got {self.gamma}")
-        if not self.g_scale > 0:
-            raise ValueError(f"ftp: g_scale must be > 0, got {self.g_scale}")
-        if self.inject not in INJECT:
-            raise ValueError(f"ftp: inject must be one of {', '.join(INJECT)}, got {self.inject!r}")
+        self.check_options(positive=("gamma", "g_scale"), choices={"inject": INJECT})
 
     def _projection(self, model: RecurrentNet, like: torch.Tensor) -> torch.Tensor:
         shape = (model.readout.out_features, model.cells[0].hidden_size)
@@ -110,7 +105,5 @@ class FTPThroughTime(RecurrentRule):
         return {} if self.G is None else {"G": self.G}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"G"}
-        if unknown:
-            raise ValueError(f"ftp: unknown state keys {sorted(unknown)}")
+        self.check_state_keys(state, ("G",))
         self.G = state.get("G")

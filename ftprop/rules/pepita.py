@@ -58,11 +58,7 @@ class PEPITA(PeerRule):
     F: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.f_scale > 0:
-            raise ValueError(f"pepita: f_scale must be > 0, got {self.f_scale}")
-        if self.output_error not in OUTPUT_ERRORS:
-            raise ValueError(f"pepita: output_error must be one of {', '.join(OUTPUT_ERRORS)}, "
-                             f"got {self.output_error!r}")
+        self.check_options(positive=("f_scale",), choices={"output_error": OUTPUT_ERRORS})
 
     def _projection(self, n_out: int, n_in: int, like: torch.Tensor) -> torch.Tensor:
         if self.F is None:
@@ -113,7 +109,5 @@ class PEPITA(PeerRule):
         return {} if self.F is None else {"F": self.F}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"F"}
-        if unknown:
-            raise ValueError(f"pepita: unknown state keys {sorted(unknown)}")
+        self.check_state_keys(state, ("F",))
         self.F = state["F"].clone() if "F" in state else None
