@@ -11,6 +11,7 @@ optimizer steps included, like the others.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Any, Callable
@@ -22,8 +23,10 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import pipeline
+from .data import Dataset
 from .models import Net
 from .rules import Rule
+from .train import TrainConfig, train
 
 
 class PeakMemory(TorchDispatchMode):
@@ -115,3 +118,29 @@ def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Te
         r["batch_size"] = batch_size
         r["rounds"] = rounds
     return results
+
+
+def alignment_overhead(cfg: TrainConfig, data: Dataset, every: int, rounds: int = 7,
+                       records: int = 4) -> dict[str, Any]:
+    """Training time with alignment logged every `every` steps against none, measured in the real training loop.
+
+    Both settings train one epoch over the same `records * every` batches (so the logged one computes exactly
+    `records` BP gradients), alternating off/on `rounds` times from the same seed; each figure is the median epoch
+    time (evaluation excluded), and the overhead is their ratio minus one, from the same run.
+    """
+    n = records * every * cfg.batch_size
+    if n > len(data.y_train):
+        raise ValueError(f"alignment overhead: {records} records every {every} steps at batch {cfg.batch_size} need "
+                         f"{n} training samples; the dataset has {len(data.y_train)}")
+    few = slice(0, cfg.batch_size)  # evaluation is not timed; keep it short
+    subset = dataclasses.replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n],
+                                 x_val=data.x_val[few], y_val=data.y_val[few], x_test=data.x_test[few],
+                                 y_test=data.y_test[few])
+    times: dict[int, list[float]] = {0: [], every: []}
+    for _ in range(rounds):
+        for interval in times:
+            run = dataclasses.replace(cfg, epochs=1, log_alignment=interval, out=None, progress=False)
+            times[interval].append(train(run, subset)["seconds_per_epoch"])
+    off, on = statistics.median(times[0]), statistics.median(times[every])
+    return {"every": every, "steps_per_epoch": records * every, "rounds": rounds, "epoch_s_off": off,
+            "epoch_s_on": on, "overhead": on / off - 1}

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 
 
 from . import distributed, report
-from .bench import benchmark
+from .bench import alignment_overhead, benchmark
 from .compare import load_rule_config, run_compare
-from .data import DATASETS, DatasetError, cache_dir, fetch, load_dataset
+from .data import DATASETS, Dataset, DatasetError, cache_dir, fetch, load_dataset
 from .models import ACTIVATIONS, build_model
 from .rules import RULES, make_rule
 from .train import TrainConfig, TrainingDiverged, resolve_device, train
@@ -151,6 +151,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rules["ftp-pipelined"] = make_rule("ftp", **{**ftp_options, "pipeline": True})
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_dir, device=device)
+    if cfg.log_alignment:
+        return _bench_alignment(args, cfg, data)
     make = lambda: build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation,  # noqa: E731
                                cfg.norm, cfg.init, depth=cfg.depth, spec=cfg.spec)
     results = benchmark(rules, make, data.x_train, data.y_train, cfg.batch_size, rounds=args.rounds,
@@ -163,6 +165,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{cfg.dataset}, {cfg.model_label()}, batch {cfg.batch_size}, {args.rounds} interleaved "
           f"rounds of {args.steps} steps; machine: {report.machine()}\n")
     print(report.markdown_table(["rule", "step ms (median)", "time / BP", "MFLOP / sample", "peak MiB / step"], rows))
+    return 0
+
+
+def _bench_alignment(args: argparse.Namespace, cfg: TrainConfig, data: Dataset) -> int:
+    """`ftprop bench --log-alignment N`: what logging alignment every N steps adds to each rule's training time."""
+    if args.pipeline:
+        raise ValueError("--pipeline does not combine with --log-alignment")
+    results = {}
+    for name in (r.strip() for r in args.rules.split(",") if r.strip()):
+        run = dataclasses.replace(cfg, rule=name, rule_options=cfg.rule_options if name == cfg.rule else {})
+        results[name] = alignment_overhead(run, data, cfg.log_alignment, rounds=args.rounds)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    rows = [[name, f"{r['epoch_s_off']:.3f}", f"{r['epoch_s_on']:.3f}", f"{100 * r['overhead']:+.1f}%"]
+            for name, r in results.items()]
+    first = next(iter(results.values()))
+    print(f"{cfg.dataset}, {cfg.model_label()}, batch {cfg.batch_size}: training epochs of {first['steps_per_epoch']} "
+          f"steps with alignment logged every {cfg.log_alignment} steps against none, median of {args.rounds} "
+          f"alternating rounds; machine: {report.machine()}\n")
+    print(report.markdown_table(["rule", "epoch s (off)", "epoch s (logging)", "overhead"], rows))
     return 0
 
 
@@ -265,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="per-step time, FLOPs and memory of rules, side by side")
     b.add_argument("--rules", default="bp,ftp", help="comma-separated rules; include bp for ratios")
     b.add_argument("--rule", help="the rule that the rule options apply to (default ftp)")
-    b.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
+    b.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15; with --log-alignment, alternating epochs)")
     b.add_argument("--steps", type=int, default=20, help="training steps per round (default 20)")
     b.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
     b.add_argument("--pipeline", action="store_true", help="also time FTP with pipeline=True (per-block updates)")

@@ -267,8 +267,8 @@ def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
         started = datetime.datetime.now(datetime.timezone.utc)
         body, summary = STUDIES[name].run(b, runs / b.name, figures)
         (figures / f"{name}.{b.name}.summary.json").write_text(json.dumps(summary) + "\n")
-        header = (f"## {STUDIES[name].title}\n\nStudy `{name}`, budget `{b.name}` ({b.epochs} epochs, seeds "
-                  f"0..{b.seeds - 1}); machine: {report.machine()}; section generated "
+        header = (f"## {STUDIES[name].title}\n\nStudy `{name}`, budget `{b.name}` (each setting line below gives its "
+                  f"epochs and seeds); machine: {report.machine()}; section generated "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC from the runs in "
                   f"results/runs/{b.name} (study started {started:%H:%M}; finished runs are reused). "
                   f"Rerun: `ftprop reproduce {name} --budget {b.name}`.\n\n")

@@ -15,18 +15,30 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import report
-from .compare import repo_rule_configs, run_compare
+from .bench import alignment_overhead
+from .compare import repo_rule_configs, rule_config, run_compare
+from .data import load_dataset
 from .train import TrainConfig
 
 ALIGN_EVERY = {"small": 25, "full": 100}  # steps between alignment records (the issue's overhead figure is at 100)
+
+
+# These studies compare settings of one rule (or rules under one perturbation) against each other, so they need a
+# complete training schedule, not the longest: the full budget runs 10 epochs (the cosine schedule anneals to zero in
+# them) instead of the MLP studies' 30, which fits their ~160 runs into a few hours of the 2-core machine.
+EPOCHS = {"full": 10}
 
 
 def _full(budget) -> bool:  # noqa: ANN001
     return budget.name == "full"
 
 
+def _epochs(budget) -> int:  # noqa: ANN001
+    return EPOCHS.get(budget.name, budget.epochs)
+
+
 def _base(budget, dataset: str = "mnist", activation: str = "tanh", **kw: Any) -> TrainConfig:  # noqa: ANN001
-    return TrainConfig(dataset=dataset, activation=activation, hidden="1024,128", epochs=budget.epochs,
+    return TrainConfig(dataset=dataset, activation=activation, hidden="1024,128", epochs=_epochs(budget),
                        schedule="cosine", progress=False, **kw)
 
 
@@ -122,6 +134,12 @@ def study_alignment(budget, runs: Path, figures: Path) -> tuple[str, list[list[s
             if hidden:
                 summary_bits.append(f"{rule} {statistics.fmean(hidden):.0f}°")
     header = ["rule", "layer", *(f"step {curves[rules[0]][0][i]}" for i in points)]
+    data = load_dataset(base.dataset, base.data_dir, val_size=base.val_size)
+    cost = {r: alignment_overhead(rule_config(base, r, configs.get(r)), data, every,
+                                  rounds=budget.bench_rounds) for r in rules}
+    worst = max(cost, key=lambda r: cost[r]["overhead"])
+    cost_rows = [[r, f"{c['epoch_s_off']:.3f}", f"{c['epoch_s_on']:.3f}", f"{100 * c['overhead']:+.1f}%"]
+                 for r, c in cost.items()]
     command = (f"ftprop compare --rules {','.join(rules)} --dataset mnist --hidden 1024,128 --activation relu "
                f"--epochs {base.epochs} --schedule cosine --seeds {budget.seeds} --log-alignment {every} "
                f"--out runs/{key}" + "".join(f" --rule-config {r}=configs/{r}.toml" for r in configs))
@@ -132,9 +150,17 @@ def study_alignment(budget, runs: Path, figures: Path) -> tuple[str, list[list[s
             "the output layer.\n\n"
             + report.markdown_table(header, rows)
             + "\n\nTest accuracy: " + "; ".join(f"{r} {_cell(v)}" for r, v in comparison.results.items())
-            + f".\n\nCommand: `{command}`\n\n![alignment over training](results/{figure})\n")
+            + f".\n\nCommand: `{command}`\n\n![alignment over training](results/{figure})\n\n"
+            f"#### What logging costs\n\nTraining epochs of {cost[worst]['steps_per_epoch']} steps with alignment "
+            f"logged every {every} steps against none, same seed and batches, median of {budget.bench_rounds} "
+            f"alternating rounds per rule, in this run ({report.machine()}):\n\n"
+            + report.markdown_table(["rule", "epoch s (off)", "epoch s (logging)", "overhead"], cost_rows)
+            + f"\n\nCommand: `ftprop bench --rules {','.join(rules)} --hidden 1024,128 --activation relu "
+            f"--log-alignment {every} --rounds {budget.bench_rounds}` (rule options from configs/ as above).\n")
     summary = [["alignment, MNIST 1024-128 relu: mean hidden-layer angle to BP at the end",
-                "; ".join(summary_bits) or "-", "angles < 90° (the rule descends)"]]
+                "; ".join(summary_bits) or "-", "angles < 90° (the rule descends)"],
+               [f"alignment logging every {every} steps: largest training-time overhead",
+                f"{100 * cost[worst]['overhead']:+.1f}% ({worst})", "<= 10% at 100 steps"]]
     return text, summary
 
 
@@ -211,7 +237,7 @@ def study_gamma(budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]
             rows.append([dataset, f"{g:g}", _cell(r), f"{min(acc):.2f} .. {max(acc):.2f}" if acc else "-",
                          f"{sum(1 for x in r if x['diverged'])}/{len(r)}"])
     figure = f"gamma.{budget.name}.png"
-    plot_gamma(plot, figures / figure, f"FTP test accuracy against gamma, mlp 1024-128 tanh, {budget.epochs} epochs")
+    plot_gamma(plot, figures / figure, f"FTP test accuracy against gamma, mlp 1024-128 tanh, {_epochs(budget)} epochs")
     span = flat_range(gammas, means["mnist"])
     if span:
         i, j = span
@@ -232,7 +258,7 @@ def study_gamma(budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]
         delta = f"{statistics.fmean(acc) - statistics.fmean(default):+.2f}" if acc and default else "-"
         choice_rows.append([f"{option} = {value}", _cell(r), delta, f"`{_opts({'gamma': 0.1, option: value})}`"])
     command = (f"ftprop compare --rules ftp --dataset DATASET --hidden 1024,128 --activation tanh --epochs "
-               f"{budget.epochs} --schedule cosine --seeds {budget.seeds} --gamma GAMMA --out runs/gamma-DATASET-GAMMA")
+               f"{_epochs(budget)} --schedule cosine --seeds {budget.seeds} --gamma GAMMA --out runs/gamma-DATASET-GAMMA")
     setting = _describe(base, budget.seeds).replace("mnist, ", "MNIST and Fashion-MNIST, ", 1)
     text = (f"### FTP's gamma\n\n{setting}; gamma on a log-spaced grid {', '.join(f'{g:g}' for g in gammas)}.\n\n"
             + report.markdown_table(["dataset", "gamma", "test acc % (mean ± std)", "min .. max %", "diverged"], rows)
@@ -315,7 +341,7 @@ def study_feedback(budget, runs: Path, figures: Path) -> tuple[str, list[list[st
             + report.markdown_table(["G", "test acc % (mean ± std)", "layer 1 angle °", "layer 2 angle °",
                                      "diverged", "flags"], rows)
             + f"\n\nCommand: `ftprop compare --rules ftp --dataset mnist --hidden 1024,128 --activation tanh "
-              f"--epochs {budget.epochs} --schedule cosine --seeds {budget.seeds} --log-alignment {every} "
+              f"--epochs {_epochs(budget)} --schedule cosine --seeds {budget.seeds} --log-alignment {every} "
               f"--rule-opt g_dist=DIST --g-scale SCALE`\n\n![accuracy and alignment per G](results/{figure})\n")
     summary = [["FTP feedback G, MNIST 1024-128 tanh: best variant",
                 f"{best[0]} {report.pct([a / 100 for a in best[1]]) if best[1] else '-'}", "compare G choices"]]
@@ -380,13 +406,13 @@ def study_label_noise(budget, runs: Path, figures: Path) -> tuple[str, list[list
                         "measured (no target in the issue)"])
     figure = f"label-noise.{budget.name}.png"
     base = _base(budget)
-    plot_noise(plot, figures / figure, f"symmetric training-label noise, {base.model_label()}, {budget.epochs} epochs")
+    plot_noise(plot, figures / figure, f"symmetric training-label noise, {base.model_label()}, {_epochs(budget)} epochs")
     text = (f"### Symmetric label noise\n\n{_describe(base, budget.seeds)}; rules with their configs/RULE.toml "
             "settings. A fraction p of the training labels (exactly round(p N), the same for every rule at a given "
             "seed) is replaced by a uniformly random other class; validation and test labels are clean. Test "
             "accuracy % (mean ± std over seeds) after the last epoch.\n\n" + "\n".join(parts)
             + f"\nCommand: `ftprop compare --rules {','.join(rules)} --dataset DATASET --hidden 1024,128 "
-              f"--activation tanh --epochs {budget.epochs} --schedule cosine --seeds {budget.seeds} --label-noise P"
+              f"--activation tanh --epochs {_epochs(budget)} --schedule cosine --seeds {budget.seeds} --label-noise P"
               + "".join(f" --rule-config {r}=configs/{r}.toml" for r in configs)
             + f"`\n\n![accuracy against label noise](results/{figure})\n")
     return text, summary

@@ -1,11 +1,15 @@
 """The benchmark's counters: FLOPs against the MACs counted by hand, and the peak-memory tracker on known tensors."""
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 
-from ftprop.bench import PeakMemory, benchmark
+from ftprop.bench import PeakMemory, alignment_overhead, benchmark
 from ftprop.models import mlp
 from ftprop.rules import make_rule
+from ftprop.train import TrainConfig
 
 
 def test_flops_match_hand_counted_macs():
@@ -39,3 +43,21 @@ def test_peak_memory_tracks_live_storage():
         e = torch.empty(0) + 1            # noqa: F841
     assert mem.peak == 12000
     assert mem.current == 2000 + 0 and d.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()
+
+
+def test_alignment_overhead_times_the_training_loop_with_exactly_the_records_asked(small_mnist, monkeypatch):
+    loop = importlib.import_module("ftprop.train")  # the module (the package exports the function `train`)
+    calls = []
+    real = loop.alignment
+    monkeypatch.setattr(loop, "alignment", lambda *a: calls.append(1) or real(*a))
+    cfg = TrainConfig(hidden="16", batch_size=8, rule="ftp")
+    r = alignment_overhead(cfg, small_mnist, every=5, rounds=2, records=3)
+    assert r["steps_per_epoch"] == 15 and r["rounds"] == 2
+    assert len(calls) == 2 * 3  # 3 records per logged epoch, none in the unlogged ones
+    assert r["epoch_s_off"] > 0 and r["epoch_s_on"] > 0
+    assert abs(r["overhead"] - (r["epoch_s_on"] / r["epoch_s_off"] - 1)) < 1e-12
+
+
+def test_alignment_overhead_refuses_a_window_larger_than_the_data(small_mnist):
+    with pytest.raises(ValueError, match="need .* training samples"):
+        alignment_overhead(TrainConfig(hidden="16", batch_size=64), small_mnist, every=100, rounds=1)
