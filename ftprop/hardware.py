@@ -31,8 +31,15 @@ Number format: signed fixed point with b bits and a per-tensor scale s, values q
 takes the smallest power of two with m <= (2^(b-1) - 1) s (a true fixed-point format whose binary point moves per
 tensor, i.e. block floating point; grids of different scales are nested, so requantizing is exact); scale="max"
 takes s = m / (2^(b-1) - 1) (the usual float scale of fake quantization). Round to nearest (ties to even) uses
-`torch.fake_quantize_per_tensor_affine`; stochastic rounding q = floor(x/s + U[0,1)) is unbiased, drawn from a
-generator owned by this object (seeded, in state_dict), so the global RNG and reproducibility are untouched.
+`torch.fake_quantize_per_tensor_affine`; stochastic rounding q = floor(x/s + u), u ~ U[0,1) (the dither), is
+unbiased, drawn from a generator owned by this object (seeded, in state_dict), so the global RNG and reproducibility
+are untouched. rounding="stochastic" draws one dither per activation position per training step and reuses it for
+every pass through that position in the step (a hardware dither generator reseeded each step); two-pass rules (FTP,
+PEPITA, DTP) learn from the difference of two passes' activations, and with a shared dither that difference keeps
+its sign and expectation and has variance at most |difference| * s, where independent draws add about s^2 / 6 per
+pass and bury a small target offset under rounding noise (FTP at 8 bits on MNIST: docs/HARDWARE.md).
+rounding="stochastic-fresh" draws a new dither for every quantization. Errors, weights and updates are quantized
+once per step, so they always draw fresh.
 b = 32 (the default of every field) means float32: nothing is registered, and a run is bit-identical to the float
 run.
 """
@@ -47,7 +54,7 @@ from torch import nn
 
 from .rules._common import RuleRNG
 
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = ("nearest", "stochastic", "stochastic-fresh")
 SCALES = ("pow2", "max")
 FLOAT_BITS = 32
 _FIELDS = {"w": "weights", "a": "activations", "e": "errors", "u": "updates"}
@@ -109,7 +116,8 @@ def parse_quant(text: str | None, rounding: str = "nearest", scale: str = "pow2"
 def quant_scale(x: torch.Tensor, bits: int, scale: str = "pow2") -> torch.Tensor:
     """The per-tensor step s (a float32 scalar tensor, no host sync) for `bits`-bit signed fixed point."""
     qmax = 2 ** (bits - 1) - 1
-    amax = x.detach().abs().amax().float()
+    x = x.detach()
+    amax = torch.maximum(x.amax(), -x.amin()).float()  # max |x| without an |x| temporary (the fastest on CPU)
     s = amax / qmax
     if scale == "pow2":
         s = torch.exp2(torch.ceil(torch.log2(s)))
@@ -119,8 +127,11 @@ def quant_scale(x: torch.Tensor, bits: int, scale: str = "pow2") -> torch.Tensor
 
 
 def quantize(x: torch.Tensor, bits: int, rounding: str = "nearest", scale: str = "pow2",
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """x rounded onto the grid {q * s : q integer in [-2^(b-1), 2^(b-1) - 1]}; no autograd (use `fake_quant`)."""
+             generator: torch.Generator | None = None, dither: torch.Tensor | None = None) -> torch.Tensor:
+    """x rounded onto the grid {q * s : q integer in [-2^(b-1), 2^(b-1) - 1]}; no autograd (use `fake_quant`).
+
+    Stochastic rounding adds `dither` (U[0,1) of x's shape) before the floor, or draws it from `generator`.
+    """
     if bits >= FLOAT_BITS:
         return x
     x = x.detach()
@@ -130,8 +141,13 @@ def quantize(x: torch.Tensor, bits: int, rounding: str = "nearest", scale: str =
         return torch.fake_quantize_per_tensor_affine(x, s, torch.zeros((), dtype=torch.int32, device=x.device),
                                                      qmin, qmax)
     s = s.to(x.dtype)
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.floor(x / s + u).clamp_(qmin, qmax).mul_(s)
+    # x * (1/s) is x / s exactly for the pow2 scale; the dither is never written (it may be shared), the draw is
+    # reused as the output buffer (these tensors are the size of the largest weights, every step).
+    if dither is None:
+        out = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).addcmul_(x, s.reciprocal())
+    else:
+        out = torch.addcmul(dither, x, s.reciprocal())
+    return out.floor_().clamp_(qmin, qmax).mul_(s)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -171,25 +187,37 @@ class LowPrecision:
         self.trace: list[tuple[str, str, torch.Tensor]] | None = None
         self.handles: list[Any] = []
         self._before: list[torch.Tensor] | None = None
+        self._dithers: dict[int, torch.Tensor] = {}  # position -> this training step's dither (rounding="stochastic")
         if spec.is_float:
             return
         for i, block in enumerate(blocks_of(model)):
+            # Position i is the activation between block i-1 and block i (0: the network input), so block i's output
+            # and block i+1's input share position i+1: a target entering block i+1 by hand meets the same dither
+            # as the activation it stands in for.
             if spec.activations < FLOAT_BITS:
-                self.handles.append(block.layer.register_forward_pre_hook(self._layer_input_hook(f"blocks.{i}.layer")))
-            self.handles.append(block.post.register_forward_hook(self._output_hook(f"blocks.{i}.post",
-                                                                                 activation=True)))
-            self.handles.append(block.layer.register_forward_hook(self._output_hook(f"blocks.{i}.layer",
-                                                                                  activation=False)))
+                self.handles.append(block.layer.register_forward_pre_hook(self._layer_input_hook(f"blocks.{i}.layer",
+                                                                                                 position=i)))
+            self.handles.append(block.post.register_forward_hook(self._output_hook(f"blocks.{i}.post", position=i + 1)))
+            self.handles.append(block.layer.register_forward_hook(self._output_hook(f"blocks.{i}.layer")))
         if spec.updates < FLOAT_BITS:
             self.handles.append(optimizer.register_step_pre_hook(self._before_step))
-        if spec.updates < FLOAT_BITS or spec.weights < FLOAT_BITS:
-            self.handles.append(optimizer.register_step_post_hook(self._after_step))
+        self.handles.append(optimizer.register_step_post_hook(self._after_step))
         self.quantize_weights()
 
     # ---------------------------------------------------------------- quantizers
-    def q(self, x: torch.Tensor, bits: int, kind: str, where: str) -> torch.Tensor:
-        gen = self.rng.get(x.device) if self.spec.rounding == "stochastic" else None
-        out = quantize(x, bits, self.spec.rounding, self.spec.scale, gen)
+    def q(self, x: torch.Tensor, bits: int, kind: str, where: str, position: int | None = None) -> torch.Tensor:
+        """Quantize x; in training, an activation at `position` under rounding="stochastic" reuses that position's
+        dither of the current training step (drawn at its first use), so two passes through the same place in one step (a rule's
+        first pass and its target pass) round alike and their difference stays unbiased with variance at most
+        |difference| * step instead of about step^2 / 3 for independent draws."""
+        gen = self.rng.get(x.device) if self.spec.rounding != "nearest" else None
+        dither = None
+        if position is not None and self.spec.rounding == "stochastic" and self.model.training:
+            dither = self._dithers.get(position)
+            if dither is None or dither.shape != x.shape or dither.device != x.device or dither.dtype != x.dtype:
+                dither = self._dithers[position] = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        out = quantize(x, bits, "stochastic" if self.spec.rounding != "nearest" else "nearest", self.spec.scale, gen,
+                       dither)
         if self.trace is not None:
             self.trace.append((kind, where, out.detach().clone()))
         return out
@@ -204,20 +232,22 @@ class LowPrecision:
                 p.copy_(self.q(p, self.spec.weights, "weight", "param"))
 
     # ---------------------------------------------------------------- hooks
-    def _layer_input_hook(self, where: str):
+    def _layer_input_hook(self, where: str, position: int):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             x = args[0]
             if not isinstance(x, torch.Tensor) or getattr(x, "_ftprop_quantized", False):
                 return None  # already a quantized block output
-            return (fake_quant(x, lambda t: self.q(t, self.spec.activations, "activation", where)), *args[1:])
+            return (fake_quant(x, lambda t: self.q(t, self.spec.activations, "activation", where, position)),
+                    *args[1:])
         return hook
 
-    def _output_hook(self, where: str, activation: bool):
+    def _output_hook(self, where: str, position: int | None = None):
+        """A block's `post` (position given: its output is an activation) or `layer` (errors only)."""
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
             if not isinstance(out, torch.Tensor):
                 return None
-            if activation and self.spec.activations < FLOAT_BITS:
-                out = fake_quant(out, lambda t: self.q(t, self.spec.activations, "activation", where))
+            if position is not None and self.spec.activations < FLOAT_BITS:
+                out = fake_quant(out, lambda t: self.q(t, self.spec.activations, "activation", where, position))
                 out._ftprop_quantized = True
             if self.spec.errors < FLOAT_BITS and out.requires_grad:
                 out.register_hook(lambda g: self.q(g, self.spec.errors, "error", where))
@@ -229,9 +259,10 @@ class LowPrecision:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        self._dithers.clear()  # the next training step draws new dither
         if self._before is not None:
             for p, old in zip(self._params(), self._before):
-                p.copy_(old + self.q(p - old, self.spec.updates, "update", "param"))
+                p.copy_(old.add_(self.q(p - old, self.spec.updates, "update", "param")))
             self._before = None
         self.quantize_weights()
 

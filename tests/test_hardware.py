@@ -70,6 +70,38 @@ def test_stochastic_rounding_is_unbiased():
     assert torch.equal(quantize(torch.zeros(3), 8, "stochastic"), torch.zeros(3))
 
 
+def test_passes_of_one_training_step_share_the_dither_at_each_activation():
+    """rounding="stochastic": a second pass through the same blocks in one step (a rule's target pass) rounds with
+    the first pass's dither, so equal inputs give equal activations and a small input change moves them by an
+    unbiased amount whose spread is far below independent rounding's; the next step (after the optimizer) and
+    evaluation draw anew. "stochastic-fresh" draws anew every time."""
+    torch.manual_seed(0)
+    model = mlp(20, (256,), 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    hw = LowPrecision(model, opt, parse_quant("a4", rounding="stochastic"), seed=0)
+    x = torch.randn(512, 20)
+    shift = 0.03 * torch.randn(20)
+    first, again = model(x), model(x)
+    h = lambda v: model.blocks[0].post(model.blocks[0].layer(v))  # noqa: E731  (block 0's quantized output)
+    assert torch.equal(first, again) and torch.equal(h(x), h(x))
+    with torch.no_grad():
+        ref = torch.tanh(model.blocks[0].layer(x))
+        exact = torch.tanh(model.blocks[0].layer(x + shift)) - ref
+    diff = h(x + shift) - h(x)
+    s = float(quant_scale(ref, 4))
+    assert (diff - exact).mean().abs() < 0.05 * s                    # unbiased
+    assert (diff - exact).pow(2).mean() < 0.5 * s ** 2 / 6            # independent draws: about s^2 / 6 (two draws)
+    opt.step()
+    assert not torch.equal(model(x), first)                          # a new step, a new dither
+    model.eval()
+    assert not torch.equal(model(x), model(x))                       # evaluation never shares
+    model.train()
+    hw.remove()
+    fresh = LowPrecision(model, opt, parse_quant("a4", rounding="stochastic-fresh"), seed=0)
+    assert not torch.equal(model(x), model(x))
+    fresh.remove()
+
+
 def tiny_problem(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(32, 20, generator=gen), torch.randint(0, 4, (32,), generator=gen)
