@@ -16,6 +16,7 @@ def test_hardware_study(tmp_path, tiny, monkeypatch):
     monkeypatch.setitem(sc.BITS, "small", (32, 8))
     monkeypatch.setitem(sc.DEVICES, "small", ("ideal", "poor"))
     monkeypatch.setitem(sc.READ_NOISE, "small", (0.05,))
+    monkeypatch.setitem(sc.HARDWARE_DATASETS, "small", sc.DATASETS)
     seen = []
     real = ftprop.compare.run_compare
 
@@ -29,6 +30,8 @@ def test_hardware_study(tmp_path, tiny, monkeypatch):
     assert ("mnist", "w8a8e8u8", "stochastic", "", ("bp", "ftp", "dfa", "pepita")) in seen
     assert ("fashion-mnist", "", "stochastic", "ideal:read_noise=0.05", ("bp", "ftp", "dfa", "pepita")) in seen
     assert len(seen) == 2 * (2 + 2 + 1)
+    assert not [call for call in seen if call[3] == "ideal"]  # the ideal device reads the float runs
+    assert len(list((tmp_path / "runs" / "small").glob("hardware-mnist-*"))) == 4  # float, b8, poor, readnoise0.05
     for fig in ("hardware-bits", "hardware-analog"):
         assert (docs / "results" / f"{fig}.small.png").stat().st_size > 10_000 and f"results/{fig}.small.png" in text
     assert "### mnist: accuracy against bits" in text and "### fashion-mnist: accuracy against analog" in text
@@ -42,7 +45,7 @@ def test_hardware_study(tmp_path, tiny, monkeypatch):
 
 
 def test_hardware_verdict_without_8_bits(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(sc, "DATASETS", ("mnist",))
+    monkeypatch.setitem(sc.HARDWARE_DATASETS, "small", ("mnist",))
     monkeypatch.setattr(sc, "RULES", ["bp", "ftp"])
     monkeypatch.setitem(sc.BITS, "small", (4,))
     monkeypatch.setitem(sc.DEVICES, "small", ("ideal",))
