@@ -36,7 +36,7 @@ unbiased, drawn from a generator owned by this object (seeded, in state_dict), s
 are untouched. rounding="stochastic" draws one dither per activation position per training step and reuses it for
 every pass through that position in the step (a hardware dither generator reseeded each step); two-pass rules (FTP,
 PEPITA, DTP) learn from the difference of two passes' activations, and with a shared dither that difference keeps
-its sign and expectation and has variance at most |difference| * s, where independent draws add about s^2 / 6 per
+its sign and expectation and has variance at most |difference| * s, where independent draws add s^2 / 6 on average per
 pass and bury a small target offset under rounding noise (FTP at 8 bits on MNIST: docs/HARDWARE.md).
 rounding="stochastic-fresh" draws a new dither for every quantization. Errors, weights and updates are quantized
 once per step, so they always draw fresh.

@@ -32,6 +32,8 @@ ACTIVATION = "relu"  # the activation the peers' configs (configs/*.toml) were t
 BITS = {"full": (32, 16, 8, 6, 4), "small": (32, 8)}
 DEVICES = {"full": ("ideal", "reram", "poor"), "small": ("ideal", "reram")}  # ideal: the float runs (bit-identical)
 HARDWARE_DATASETS = {"full": DATASETS, "small": ("mnist",)}  # small: the pipeline check, one dataset
+# FTP's gamma for low precision (the file says why); the other rules use configs/RULE.toml.
+HARDWARE_CONFIGS = {"ftp": compare.load_rule_config(compare.CONFIGS / "ftp-hardware.toml")}
 READ_NOISE = {"full": (0.01, 0.02, 0.05, 0.1), "small": (0.05,)}  # on an otherwise ideal device, units of w_max
 # depth study grids
 MLP_DEPTHS = {"full": (1, 2, 4, 6, 8, 10), "small": (1, 4)}
@@ -80,9 +82,11 @@ def _mean(entry: dict[str, Any]) -> float | None:
     return statistics.fmean(entry["acc"]) if entry["acc"] else None
 
 
-def _run(base: TrainConfig, budget: Budget, runs: Path, key: str, rules: Sequence[str] = RULES):
+def _run(base: TrainConfig, budget: Budget, runs: Path, key: str, rules: Sequence[str] = RULES,
+         configs: dict[str, dict[str, Any]] | None = None):
+    """Train (or reuse) `rules` on `base`, each with configs/RULE.toml unless `configs` overrides it."""
     comparison = compare.run_compare(base, list(rules), _seeds(budget), runs / key, resume=True,
-                                     rule_configs=_rule_configs(rules))
+                                     rule_configs=_rule_configs(rules) | (configs or {}))
     return _accuracies(comparison.results)
 
 
@@ -151,12 +155,13 @@ def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list
         base = TrainConfig(dataset=dataset, activation=ACTIVATION, hidden="1024,128", epochs=budget.epochs,
                            schedule="cosine", rounding="stochastic", progress=False)
         key = lambda setting: f"hardware-{dataset}-{setting}"  # noqa: E731
-        by_bits[dataset] = {b: _run(dataclasses.replace(base, quant=quant_for(b)), budget, runs,
-                                    key("float" if b >= 32 else f"b{b}")) for b in bits}
+        run = lambda cfg, setting: _run(cfg, budget, runs, key(setting), configs=HARDWARE_CONFIGS)  # noqa: E731
+        by_bits[dataset] = {b: run(dataclasses.replace(base, quant=quant_for(b)), "float" if b >= 32 else f"b{b}")
+                            for b in bits}
         # The ideal device attaches nothing (a run bit-identical to float, tested), so it reads the float runs.
-        by_device[dataset] = {label: _run(base, budget, runs, key("float")) if parse_device(analog).is_ideal else
-                              _run(dataclasses.replace(base, analog=analog), budget, runs,
-                                   key(label.replace(" ", ""))) for analog, label in analog_settings}
+        by_device[dataset] = {label: run(base, "float") if parse_device(analog).is_ideal else
+                              run(dataclasses.replace(base, analog=analog), label.replace(" ", ""))
+                              for analog, label in analog_settings}
 
     key_bits, key_dev = f"hardware-bits.{budget.name}.png", f"hardware-analog.{budget.name}.png"
     tick = lambda b: "float (32)" if b >= 32 else str(b)  # noqa: E731
@@ -168,7 +173,9 @@ def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list
 
     cells_all: dict[str, dict[str, dict[str, Any]]] = {}
     parts = [f"MLP 784-1024-128-10 {ACTIVATION}, {budget.epochs} epochs, cosine schedule, seeds 0..{_seeds(budget) - 1}, "
-             f"each rule with its configs/RULE.toml settings (BP and FTP: the defaults, SGD lr 0.01 momentum 0.9). "
+             f"each rule with its configs/RULE.toml settings (BP: the defaults, SGD lr 0.01 momentum 0.9; FTP: "
+             f"configs/ftp-hardware.toml, gamma 0.3 so that its target offsets exceed an 8-bit activation step, in "
+             f"every setting including float). "
              f"Test accuracy %, mean ± std over seeds; diverged runs are counted, not averaged.\n"]
     for d in datasets:
         bit_cells = {"float (32 bits)" if b >= 32 else f"{b} bits": by_bits[d][b] for b in bits}
@@ -208,7 +215,8 @@ def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list
                  f"float FTP on the MNIST MLP\": {goal}.\n\nCommand for one cell: `ftprop compare --rules "
                  f"{','.join(RULES)} --dataset mnist --hidden 1024,128 --activation {ACTIVATION} --epochs "
                  f"{budget.epochs} --schedule cosine --seeds {_seeds(budget)} --quant w8a8e8u8 --rounding stochastic "
-                 f"--rule-config dfa=configs/dfa.toml --rule-config pepita=configs/pepita.toml`.\n")
+                 f"--rule-config ftp=configs/ftp-hardware.toml --rule-config dfa=configs/dfa.toml --rule-config "
+                 f"pepita=configs/pepita.toml`.\n")
     for d in datasets:
         summary.append([f"{d} MLP, FTP − BP over bits and devices",
                         "; ".join(f"{k.split(' ', 1)[1]} {_diff(v)}" for k, v in cells_all.items() if k.startswith(d + " ")),
