@@ -73,8 +73,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--quant", help="low-precision training: bits of weights, activations, errors, updates, e.g. "
                    "w8a8e8u8 (a letter left out stays float; default: float32)")
-    p.add_argument("--rounding", choices=ROUNDINGS, help="rounding of --quant: nearest, stochastic (dither shared by the "
-                   "passes of one training step at each activation) or stochastic-fresh (default nearest)")
+    p.add_argument("--rounding", choices=ROUNDINGS, help="rounding of --quant: nearest, stochastic (dither shared "
+                   "by the passes of one training step at each activation) or stochastic-fresh (default nearest)")
     p.add_argument("--analog", help="analog crossbar device: ideal, reram or poor, optionally with overrides, e.g. "
                    "reram:read_noise=0.05 (default: none)")
     p.add_argument("--gamma", type=float, help="FTP's gamma (rule option)")
