@@ -143,19 +143,23 @@ def parse_device(text: str | None) -> DeviceSpec:
 
 def pulse_update(g: torch.Tensor, dg: torch.Tensor, spec: DeviceSpec,
                  gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Conductances g (on the level grid) after asking for a change dg; returns (new g, whether a pulse was sent)."""
+    """Conductances g (on the level grid) after asking for a change dg; returns (new g, whether a pulse was sent).
+
+    One pulse's step, with sign sgn = sign(dg): sgn dg_0 (1 + sgn asymmetry) (1 - sgn nonlinearity (2g - 1)), which is
+    the up and down formulas of the module docstring in one expression (no branch: these tensors are the size of the
+    largest weights and are updated every step, so the whole update is written in place).
+    """
     step0 = 1.0 / (spec.n_states - 1)
     rand = lambda: torch.rand(g.shape, generator=gen, device=g.device, dtype=g.dtype)  # noqa: E731
-    n = torch.floor(dg.abs() / step0 + rand())  # stochastic pulse count, E[n] = |dg| / step0
-    up = dg > 0
-    nl, a = spec.nonlinearity, spec.asymmetry
-    step = torch.where(up, step0 * (1 + a) * (1 - nl * (2 * g - 1)), -step0 * (1 - a) * (1 - nl * (1 - 2 * g)))
-    change = n * step
+    n = rand().add_(dg.abs(), alpha=1.0 / step0).floor_()  # stochastic pulse count, E[n] = |dg| / step0
+    sgn = torch.sign(dg)
+    change = (2 * g - 1).mul_(sgn).mul_(-spec.nonlinearity).add_(1)          # 1 - sgn nl (2g - 1)
+    change.mul_(sgn * spec.asymmetry + 1).mul_(sgn).mul_(n).mul_(step0)      # x sgn dg_0 (1 + sgn a), n pulses
     if spec.c2c_noise > 0:
         noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
-        change = change + spec.c2c_noise * step0 * n.sqrt() * noise
-    new = (g + change).clamp_(0, 1)
-    new = torch.floor(new / step0 + rand()).clamp_(0, spec.n_states - 1) * step0  # snap to a level, unbiased
+        change.add_(noise.mul_(n.sqrt()), alpha=spec.c2c_noise * step0)
+    new = change.add_(g).clamp_(0, 1)
+    new = rand().add_(new, alpha=1.0 / step0).floor_().clamp_(0, spec.n_states - 1).mul_(step0)  # snap, unbiased
     touched = n > 0
     return torch.where(touched, new, g), touched
 
