@@ -35,7 +35,8 @@ class Budget:
     bench_rounds: int
 
 
-BUDGETS = {"small": Budget("small", epochs=2, seeds=2, bench_rounds=5),
+# small checks the whole pipeline in minutes (one seed: `reproduce all --budget small` must fit 30 minutes on 2 cores)
+BUDGETS = {"small": Budget("small", epochs=2, seeds=1, bench_rounds=5),
            "full": Budget("full", epochs=30, seeds=3, bench_rounds=21)}
 
 

@@ -55,11 +55,6 @@ def _grid(budget: Budget, values: dict[str, Sequence[Any]]) -> Sequence[Any]:
     return values["full" if budget.name == "full" else "small"]
 
 
-def _seeds(budget: Budget) -> int:
-    """The full budget's seeds; any smaller budget checks the pipeline with one seed."""
-    return budget.seeds if budget.name == "full" else 1
-
-
 def _rule_configs(rules: Sequence[str]) -> dict[str, dict[str, Any]]:
     return compare.repo_rule_configs(rules)
 
@@ -85,7 +80,7 @@ def _mean(entry: dict[str, Any]) -> float | None:
 def _run(base: TrainConfig, budget: Budget, runs: Path, key: str, rules: Sequence[str] = RULES,
          configs: dict[str, dict[str, Any]] | None = None):
     """Train (or reuse) `rules` on `base`, each with configs/RULE.toml unless `configs` overrides it."""
-    comparison = compare.run_compare(base, list(rules), _seeds(budget), runs / key, resume=True,
+    comparison = compare.run_compare(base, list(rules), budget.seeds, runs / key, resume=True,
                                      rule_configs=_rule_configs(rules) | (configs or {}))
     return _accuracies(comparison.results)
 
@@ -172,7 +167,7 @@ def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list
             {r: [by_device[d][lab][r] for lab in labels] for r in RULES}) for d in datasets], figures / key_dev)
 
     cells_all: dict[str, dict[str, dict[str, Any]]] = {}
-    parts = [f"MLP 784-1024-128-10 {ACTIVATION}, {budget.epochs} epochs, cosine schedule, seeds 0..{_seeds(budget) - 1}, "
+    parts = [f"MLP 784-1024-128-10 {ACTIVATION}, {budget.epochs} epochs, cosine schedule, seeds 0..{budget.seeds - 1}, "
              f"each rule with its configs/RULE.toml settings (BP: the defaults, SGD lr 0.01 momentum 0.9; FTP: "
              f"configs/ftp-hardware.toml, gamma 0.3 so that its target offsets exceed an 8-bit activation step, in "
              f"every setting including float). "
@@ -214,7 +209,7 @@ def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list
     parts.append(f"### Verdict\n\n{verdict}\n\nGoal \"8-bit FTP (w8a8e8u8, stochastic rounding) within 0.5 points of "
                  f"float FTP on the MNIST MLP\": {goal}.\n\nCommand for one cell: `ftprop compare --rules "
                  f"{','.join(RULES)} --dataset mnist --hidden 1024,128 --activation {ACTIVATION} --epochs "
-                 f"{budget.epochs} --schedule cosine --seeds {_seeds(budget)} --quant w8a8e8u8 --rounding stochastic "
+                 f"{budget.epochs} --schedule cosine --seeds {budget.seeds} --quant w8a8e8u8 --rounding stochastic "
                  f"--rule-config ftp=configs/ftp-hardware.toml --rule-config dfa=configs/dfa.toml --rule-config "
                  f"pepita=configs/pepita.toml`.\n")
     for d in datasets:
@@ -260,18 +255,18 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     cells = {}
     for label, fields, key in settings:
         base = TrainConfig(activation=ACTIVATION, schedule="cosine", progress=False, **fields)
-        comparison = compare.run_compare(base, CNN_RULES, _seeds(budget), runs / key, resume=True, rule_configs=conv)
+        comparison = compare.run_compare(base, CNN_RULES, budget.seeds, runs / key, resume=True, rule_configs=conv)
         cells[label] = _accuracies(comparison.results)
         shutil.copyfile(runs / key / "curves.png", figures / f"{key}.{budget.name}.png")
 
-    parts = [f"{ACTIVATION}, cosine schedule, SGD lr 0.01 momentum 0.9, batch 64, seeds 0..{_seeds(budget) - 1}; "
+    parts = [f"{ACTIVATION}, cosine schedule, SGD lr 0.01 momentum 0.9, batch 64, seeds 0..{budget.seeds - 1}; "
              f"paper CNN (conv 5x5x32, max-pool 2, dense; `--model paper-cnn`) {epochs} epochs, residual CNN "
              f"(`--model resnet --depth {RESNET_DEPTH}`) {res_epochs} epochs. FTP projects onto the whole first conv "
              f"map (before pooling) with G's scale from configs/ftp-conv.toml. Test accuracy %, mean ± std over seeds.\n",
              _table("setting", cells, CNN_RULES) + "\n"]
     parts += [f"![{label}](results/{key}.{budget.name}.png)\n" for label, _, key in settings]
     parts.append(f"{_ftp_vs_bp(cells)}\n\nCommand for one row: `ftprop compare --rules bp,ftp --dataset mnist --model "
-                 f"paper-cnn --activation {ACTIVATION} --epochs {epochs} --schedule cosine --seeds {_seeds(budget)} "
+                 f"paper-cnn --activation {ACTIVATION} --epochs {epochs} --schedule cosine --seeds {budget.seeds} "
                  f"--rule-config ftp=configs/ftp-conv.toml`.\n")
     goals = {settings[0][0]: 1.0, settings[1][0]: 1.0, settings[2][0]: 2.0}
     summary = [[f"{label}, FTP − BP", _diff(cells[label]), f"within {goal} point(s)"] for label, goal in goals.items()]
@@ -300,7 +295,7 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
                        {r: [cnn[d][n][r] for n in cnn_depths] for r in RULES}))
     _plot(panels, figures / figure)
 
-    parts = [f"{ACTIVATION}, {budget.epochs} epochs, cosine schedule, batch 64, seeds 0..{_seeds(budget) - 1}; DFA and "
+    parts = [f"{ACTIVATION}, {budget.epochs} epochs, cosine schedule, batch 64, seeds 0..{budget.seeds - 1}; DFA and "
              f"PEPITA with their configs/RULE.toml settings. MLPs: N hidden layers of {MLP_WIDTH} "
              f"(`--hidden {MLP_WIDTH},...`); CNNs: `--model resnet --depth N` (depth 2 a plain CNN, residual blocks "
              f"beyond). Test accuracy %, mean ± std over seeds; a cell notes how many runs diverged.\n"]
