@@ -290,7 +290,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="per-step time, FLOPs and memory of rules, side by side")
     b.add_argument("--rules", default="bp,ftp", help="comma-separated rules; include bp for ratios")
     b.add_argument("--rule", help="the rule that the rule options apply to (default ftp)")
-    b.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15; with --log-alignment, alternating epochs)")
+    b.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15; with "
+                   "--log-alignment, alternating epochs)")
     b.add_argument("--steps", type=int, default=20, help="training steps per round (default 20)")
     b.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
     b.add_argument("--pipeline", action="store_true", help="also time FTP with pipeline=True (per-block updates)")

@@ -130,7 +130,8 @@ def quantize(x: torch.Tensor, bits: int, rounding: str = "nearest", scale: str =
              generator: torch.Generator | None = None, dither: torch.Tensor | None = None) -> torch.Tensor:
     """x rounded onto the grid {q * s : q integer in [-2^(b-1), 2^(b-1) - 1]}; no autograd (use `fake_quant`).
 
-    Stochastic rounding adds `dither` (U[0,1) of x's shape) before the floor, or draws it from `generator`.
+    Any rounding but "nearest" is stochastic: it adds `dither` (U[0,1) of x's shape) before the floor, or draws it
+    from `generator` (which draws are shared is the caller's choice, see LowPrecision.q).
     """
     if bits >= FLOAT_BITS:
         return x
@@ -207,17 +208,16 @@ class LowPrecision:
     # ---------------------------------------------------------------- quantizers
     def q(self, x: torch.Tensor, bits: int, kind: str, where: str, position: int | None = None) -> torch.Tensor:
         """Quantize x; in training, an activation at `position` under rounding="stochastic" reuses that position's
-        dither of the current training step (drawn at its first use), so two passes through the same place in one step (a rule's
-        first pass and its target pass) round alike and their difference stays unbiased with variance at most
-        |difference| * step instead of about step^2 / 3 for independent draws."""
+        dither of the current training step (drawn at its first use), so two passes through the same place in one
+        step (a rule's first pass and its target pass) round alike and their difference stays unbiased with variance
+        at most |difference| * step instead of about step^2 / 3 for independent draws."""
         gen = self.rng.get(x.device) if self.spec.rounding != "nearest" else None
         dither = None
         if position is not None and self.spec.rounding == "stochastic" and self.model.training:
             dither = self._dithers.get(position)
             if dither is None or dither.shape != x.shape or dither.device != x.device or dither.dtype != x.dtype:
                 dither = self._dithers[position] = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        out = quantize(x, bits, "stochastic" if self.spec.rounding != "nearest" else "nearest", self.spec.scale, gen,
-                       dither)
+        out = quantize(x, bits, self.spec.rounding, self.spec.scale, gen, dither)
         if self.trace is not None:
             self.trace.append((kind, where, out.detach().clone()))
         return out
