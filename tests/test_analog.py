@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ftprop.analog import PRESETS, AnalogCrossbar, DeviceSpec, parse_device, pulse_update
+from ftprop.analog import PRESETS, AnalogCrossbar, DeviceSpec, on_touched, parse_device, pulse_update
 from ftprop.hardware import attach, check_hardware, quant_scale
 from ftprop.models import Block, Net, mlp
 from ftprop.rules import RULES, make_rule
@@ -145,7 +145,19 @@ def test_write_noise_matches_its_parameter_and_is_resampled_only_when_written():
     assert same > 0.99
 
 
-def test_pulse_statistics_match_the_parameters():
+def test_on_touched_sparse_and_dense_forms_agree():
+    torch.manual_seed(0)
+    keep, a, b = torch.randn(3, 40, 50).unbind(0)
+    touched = torch.rand(40, 50) < 0.1
+    dense = on_touched(touched, torch.add, keep, a, b, sparse=False)
+    sparse = on_touched(touched, torch.add, keep, a, b, sparse=True)
+    assert torch.equal(dense, sparse)
+    assert torch.equal(dense[touched], (a + b)[touched]) and torch.equal(dense[~touched], keep[~touched])
+    assert not torch.equal(keep, dense)  # a new tensor: the caller's stays as it was
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pulse_statistics_match_the_parameters(sparse):
     gen = torch.Generator().manual_seed(0)
     n_states, pulses = 1001, 20
     step0 = 1 / (n_states - 1)
@@ -153,26 +165,26 @@ def test_pulse_statistics_match_the_parameters():
     dg = torch.full_like(g, pulses * step0)
     # cycle-to-cycle: variance of the change = c2c^2 * step0^2 * n (+ at most 1/4 step0^2 of level snapping)
     spec = DeviceSpec(n_states=n_states, c2c_noise=1.0)
-    new, touched = pulse_update(g, dg, spec, gen)
+    new, touched = pulse_update(g, dg, spec, gen, sparse)
     change = (new - g) / step0
     assert touched.all() and change.mean() == pytest.approx(pulses, abs=0.05)
     assert change.var() == pytest.approx(pulses * 1.0, rel=0.03)
     # asymmetry: up steps (1 + a), down steps (1 - a), at the symmetry point
     spec = DeviceSpec(n_states=n_states, asymmetry=0.25)
-    up = (pulse_update(g, dg, spec, gen)[0] - g).mean() / step0
-    down = (g - pulse_update(g, -dg, spec, gen)[0]).mean() / step0
+    up = (pulse_update(g, dg, spec, gen, sparse)[0] - g).mean() / step0
+    down = (g - pulse_update(g, -dg, spec, gen, sparse)[0]).mean() / step0
     assert up == pytest.approx(pulses * 1.25, rel=0.01) and down == pytest.approx(pulses * 0.75, rel=0.01)
     # nonlinearity (soft bounds): potentiation steps shrink toward g = 1, depression steps toward g = 0
     spec = DeviceSpec(n_states=n_states, nonlinearity=1.0)
     for g0, factor_up, factor_down in [(0.25, 1.5, 0.5), (0.75, 0.5, 1.5)]:
         gg = torch.full_like(g, g0)
-        up = (pulse_update(gg, dg, spec, gen)[0] - gg).mean() / step0
-        down = (gg - pulse_update(gg, -dg, spec, gen)[0]).mean() / step0
+        up = (pulse_update(gg, dg, spec, gen, sparse)[0] - gg).mean() / step0
+        down = (gg - pulse_update(gg, -dg, spec, gen, sparse)[0]).mean() / step0
         assert up == pytest.approx(pulses * factor_up, rel=0.01)
         assert down == pytest.approx(pulses * factor_down, rel=0.01)
     # fractional requests: the pulse count is stochastic and unbiased
     spec = DeviceSpec(n_states=n_states)
-    small = pulse_update(g, torch.full_like(g, 0.3 * step0), spec, gen)[0]
+    small = pulse_update(g, torch.full_like(g, 0.3 * step0), spec, gen, sparse)[0]
     assert ((small - g) / step0).mean() == pytest.approx(0.3, abs=0.01)
 
 

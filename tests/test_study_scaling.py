@@ -54,6 +54,31 @@ def test_hardware_verdict_without_8_bits(tmp_path, tiny, monkeypatch):
     assert "not measured in this budget" in body and "of 2 settings" in body and len(summary) == 1
 
 
+def test_hardware_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_path, tiny, monkeypatch):
+    monkeypatch.setitem(sc.HARDWARE_DATASETS, "small", ("mnist",))
+    monkeypatch.setattr(sc, "RULES", ["bp", "ftp"])
+    monkeypatch.setitem(sc.BITS, "small", (32, 8))
+    monkeypatch.setitem(sc.DEVICES, "small", ("ideal",))
+    monkeypatch.setitem(sc.READ_NOISE, "small", ())
+    monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=2, seeds=1, bench_rounds=1))
+    monkeypatch.setitem(sc.HARDWARE_EPOCHS, "small", 1)
+    seen = []
+    real = ftprop.compare.run_compare
+
+    def spy(base, rules, seeds, out, *a, **k):
+        seen.append((base.epochs, base.quant, tuple(rules), out.name))
+        return real(base, rules, seeds, out, *a, **k)
+
+    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    budget = rep.BUDGETS["small"]
+    body, summary = sc.study_hardware(budget, tmp_path / "runs", tmp_path)
+    assert (1, "", ("bp", "ftp"), "hardware-mnist-float") in seen and (1, "w8a8e8u8", ("bp", "ftp"), "hardware-mnist-b8") in seen
+    assert (budget.epochs, "", ("ftp",), "hardware-headline-mnist-float") in seen
+    assert (budget.epochs, "w8a8e8u8", ("ftp",), "hardware-headline-mnist-b8") in seen
+    assert "MLP 784-1024-128-10 relu, 1 epochs" in body and f"points; {budget.epochs} epochs, seeds 0..0)" in body
+    assert summary[0][0].startswith("MNIST MLP, FTP w8a8e8u8")
+
+
 def test_ftp_vs_bp_is_computed():
     e = lambda *acc, div=0: {"acc": list(acc), "diverged": div, "runs": len(acc) + div}  # noqa: E731
     text = sc._ftp_vs_bp({"a": {"bp": e(90.0), "ftp": e(91.0)}, "b": {"bp": e(92.0), "ftp": e(91.5)},
