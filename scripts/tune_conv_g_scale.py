@@ -5,7 +5,7 @@
 Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (keep the first block at its
 initialisation), `share` (one random G vector per channel, broadcast over positions), `lr`, and any FTP option.
 `--model paper-cnn` (default) or `resnet` (depth 6), ReLU, `--dataset` (default MNIST) with 5000 training images
-held out for validation, SGD momentum 0.9, batch 64, seed 0, one thread; prints the mean training loss, the first
+held out for validation, SGD momentum 0.9 (or `optimizer='adam'`), batch 64, seed 0, one thread; prints the mean training loss, the first
 conv map's mean norm and validation accuracy every 1000 steps (and at 600).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ftprop.rules import make_rule
 
 
 def run(data, tag: str, steps: int, model_name: str, norm: str = "none", rule: str = "ftp", lr: float = 0.01,
-        freeze: bool = False, share: bool = False, **options: object) -> None:
+        freeze: bool = False, share: bool = False, optimizer: str = "sgd", **options: object) -> None:
     torch.manual_seed(0)
     model = build_model(model_name, data.input_shape, data.num_classes, activation="relu", norm=norm)
     learner = make_rule(rule, **options)
@@ -31,7 +31,7 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", rule: s
         learner.G = (torch.randn(data.num_classes, c, 1, generator=gen) * learner.g_scale
                      ).expand(-1, c, h * w).reshape(data.num_classes, -1)
     params = [p for n, p in model.named_parameters() if not (freeze and n.startswith("blocks.0"))]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr))
     perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))
     span = 50_000 // 64 * 64  # batches cycle through the first 50,000 images (as measured)
     t0, losses = time.time(), []

@@ -3,6 +3,7 @@ on them; FTP's equations on conv and residual nets; batch norm and dropout in th
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -324,44 +325,68 @@ def test_ftp_on_a_conv_net_equals_its_equations():
     W2, b2 = net.blocks[1].layer.weight, net.blocks[1].layer.bias
     W3, b3 = net.blocks[2].layer.weight, net.blocks[2].layer.bias
     n, gamma = 7, 0.3
-    for tangent in (False, True):
-        for update_input in ("h", "t"):
-            rule = make_rule("ftp", gamma=gamma, g_scale=0.5, tangent=tangent, update_input=update_input)
-            rule.step(net, x, y)
-            G = rule.G
-            assert G.shape == (3, 2 * 6 * 6)  # onto the whole first conv map, before pooling
+    for tangent, update_input, compare_at in itertools.product((False, True), ("h", "t"), ("output", "next-input")):
+        rule = make_rule("ftp", gamma=gamma, g_scale=0.5, tangent=tangent, update_input=update_input,
+                         compare_at=compare_at)
+        rule.step(net, x, y)
+        G = rule.G
+        assert G.shape == (3, 2 * 6 * 6)  # onto the whole first conv map, before pooling
 
-            def block1(W, b):
-                return torch.tanh(F.conv2d(x, W, b))
+        def block1(W, b):
+            return torch.tanh(F.conv2d(x, W, b))
 
-            def block2(u, W, b):
-                return torch.tanh(F.conv2d(F.max_pool2d(u, 2), W, b))
+        def block2(u, W, b):
+            return torch.tanh(F.conv2d(F.max_pool2d(u, 2), W, b))
 
-            with torch.no_grad():
-                h1 = block1(W1, b1)
-                h2 = block2(h1, W2, b2)
-                z = h2.flatten(1) @ W3.T + b3
-                e = torch.softmax(z, 1) - F.one_hot(y, 3).double()
-                t1 = h1 - gamma * (e @ G).view_as(h1)
-                t2 = torch.tanh(F.conv2d(F.max_pool2d(t1, 2), W2, b2))
+        with torch.no_grad():
+            h1 = block1(W1, b1)
+            h2 = block2(h1, W2, b2)
+            z = h2.flatten(1) @ W3.T + b3
+            e = torch.softmax(z, 1) - F.one_hot(y, 3).double()
+            t1 = h1 - gamma * (e @ G).view_as(h1)
+            t2 = torch.tanh(F.conv2d(F.max_pool2d(t1, 2), W2, b2))
 
-            def err(h, t):
-                d = (h - t).flatten(1)
-                if tangent:
-                    hf = h.flatten(1)
-                    d = d - (d * hf).sum(1, keepdim=True) / (hf * hf).sum(1, keepdim=True) * hf
-                return (d / (gamma * n)).view_as(h)
+        def err(h, t):
+            d = (h - t).flatten(1)
+            if tangent:
+                hf = h.flatten(1)
+                d = d - (d * hf).sum(1, keepdim=True) / (hf * hf).sum(1, keepdim=True) * hf
+            return (d / (gamma * n)).view_as(h)
 
-            w1, c1, w2, c2 = (p.detach().clone().requires_grad_() for p in (W1, b1, W2, b2))
-            g1 = torch.autograd.grad(block1(w1, c1), [w1, c1], err(h1, t1))
-            src = h1 if update_input == "h" else t1
-            if update_input == "h":
-                g2 = torch.autograd.grad(block2(src, w2, c2), [w2, c2], err(h2, t2))
-            else:  # d_2 = err * f'(a_2), applied to the layer run on the target path
-                a2 = F.conv2d(F.max_pool2d(src, 2), w2, c2)
-                g2 = torch.autograd.grad(a2, [w2, c2], err(h2, t2) * (1 - h2 ** 2))
-            g3 = (e.T @ h2.flatten(1) / n, e.sum(0) / n)
-            assert_grads([W1, b1, W2, b2, W3, b3], [*g1, *g2, *g3])
+        def err_after_pool(h, t):
+            """compare_at="next-input" on block 1: h1 - t1 at the positions the max-pool passes on, projected
+            against the pooled map, sent back to those positions (every other position gets no error)."""
+            u, idx = F.max_pool2d(h, 2, return_indices=True)
+            du = (h - t).flatten(2).gather(2, idx.flatten(2)).view_as(u)
+            return F.max_unpool2d(err(u, u - du), idx, 2, output_size=h.shape[-2:])
+
+        w1, c1, w2, c2 = (p.detach().clone().requires_grad_() for p in (W1, b1, W2, b2))
+        e1 = err(h1, t1) if compare_at == "output" else err_after_pool(h1, t1)
+        if compare_at == "next-input":
+            assert (e1 == 0).float().mean() >= 0.75  # 3 of every 4 positions are not passed on
+        g1 = torch.autograd.grad(block1(w1, c1), [w1, c1], e1)
+        src = h1 if update_input == "h" else t1
+        if update_input == "h":
+            g2 = torch.autograd.grad(block2(src, w2, c2), [w2, c2], err(h2, t2))
+        else:  # d_2 = err * f'(a_2), applied to the layer run on the target path
+            a2 = F.conv2d(F.max_pool2d(src, 2), w2, c2)
+            g2 = torch.autograd.grad(a2, [w2, c2], err(h2, t2) * (1 - h2 ** 2))
+        g3 = (e.T @ h2.flatten(1) / n, e.sum(0) / n)
+        assert_grads([W1, b1, W2, b2, W3, b3], [*g1, *g2, *g3])
+
+
+def test_ftp_compare_at_next_input_changes_nothing_without_pooling():
+    """Where the next block reads h_l as it is (flatten, identity), both places of the local loss give the same
+    gradients, bit for bit."""
+    grads = []
+    for compare_at in ("output", "next-input"):
+        torch.manual_seed(0)
+        net = randomize(spec_model("c2k3-tanh-f-l4-tanh-l3", (1, 8, 8), 3).double())
+        make_rule("ftp", gamma=0.3, g_scale=0.5, compare_at=compare_at).step(net, *batch(7, shape=(1, 8, 8)))
+        grads.append([p.grad for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="compare_at"):
+        make_rule("ftp", compare_at="input")
 
 
 def bn(u, mean, var, w, b, eps=1e-5):

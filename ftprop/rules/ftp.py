@@ -100,11 +100,13 @@ class FTP(Rule):
     tangent: bool = True              # drop the radial part of h_l - t_l (keeps ReLU nets bounded; see docs)
     seed: int = 0                     # seeds G, independently of the model's initialisation
     pipeline: bool = False            # fill each block's gradients as soon as its target exists, then block_ready(l)
+    compare_at: str = "output"        # "output": local loss on h_l; "next-input": on pre_{l+1}(h_l) (after pooling)
     G: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.check_options(positive=("gamma", "g_scale"), choices={
-            "gamma_mode": ("step", "multiplier"), "g_dist": G_DISTS, "target_nonlin": NONLINS, "update_input": ("h", "t")})
+            "gamma_mode": ("step", "multiplier"), "g_dist": G_DISTS, "target_nonlin": NONLINS, "update_input": ("h", "t"),
+            "compare_at": ("output", "next-input")})
         if not 0 < self.g_density <= 1:
             raise ValueError(f"ftp: g_density must be in (0, 1], got {self.g_density}")
         # Set by the training loop when pipeline=True (ftprop.pipeline.wire): called with a block's index as soon as
@@ -146,6 +148,32 @@ class FTP(Rule):
         scale = 1.0 if self.gamma_mode == "step" else self.gamma
         return (s_first - s_p).mul_(scale)
 
+    def _error(self, blocks: nn.ModuleList, l: int, h: torch.Tensor, diff: torch.Tensor, scale: float) -> torch.Tensor:
+        """Hidden block l's error from diff = h_l - t_l (overwritten): the gradient of its local loss with respect to
+        h_l, P(diff) / (gamma B) with P the tangent projection when `tangent` is on.
+
+        compare_at="next-input" measures that loss where the next layer reads h_l, after the next block's
+        parameter-free input ops (pooling, flatten), linearised at h_l: |P(J diff)|^2 / (2 gamma B) with J the
+        Jacobian of pre at h_l and P projecting against pre(h_l). Through a max-pool the error then reaches only the
+        positions the pool passes on; the others cannot change the output, yet on a conv map their errors would still
+        move the shared filters. (Not pre(h_l) - pre(t_l): a max over a window of h + noise exceeds the max of h on
+        average, so that difference pushes every passed position up.) No parameter lies on the path, so no gradient
+        crosses a layer. With an identity `pre` (MLPs) both settings are the same.
+        """
+        nxt = blocks[l + 1].pre
+        if self.compare_at == "output" or isinstance(nxt, nn.Identity):
+            return _tangential(diff.mul_(scale), h.detach()) if self.tangent else diff.mul_(scale)
+        with torch.enable_grad():
+            leaf = h.detach().requires_grad_()
+            u = nxt(leaf)
+            probe = torch.zeros_like(u, requires_grad=True)  # J diff as the gradient of (J^T probe) . diff
+            (back,) = torch.autograd.grad(u, leaf, probe, create_graph=True)
+            (err,) = torch.autograd.grad(back, probe, diff)
+        err = err.mul_(scale)
+        if self.tangent:
+            err = _tangential(err, u.detach())
+        return torch.autograd.grad(u, leaf, err)[0]
+
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "ftp")
         with two_pass(model, "ftp") as passes:
@@ -169,10 +197,8 @@ class FTP(Rule):
         due: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (block, error, layer input on the target path)
 
         def fill(l: int, err: torch.Tensor, t_input: torch.Tensor) -> None:
-            """Block l's gradients from its error (h_l - t_l) / (gamma B), or dCE/dz for the output block."""
+            """Block l's gradients from its error (`_error`), or dCE/dz for the output block."""
             block, output = blocks[l], l == len(blocks) - 1  # the output layer gets dCE/dz through its own post
-            if self.tangent and not output:
-                err = _tangential(err, outs[l].detach())
             if derivatives is not None:
                 d = derivatives[l](err, outs[l]) if self.fprime or output else err
                 source = inputs[l] if self.update_input == "h" or output else t_input
@@ -208,12 +234,12 @@ class FTP(Rule):
                                  f"{(z.shape[1], h1[0].numel())} (outputs x first block's output)")
             correction = self._correction(p, e).view_as(h1)
             t = h1 + correction
-            ready(0, correction.mul_(-scale), inputs[0])  # (h_1 - t_1) / (gamma B)
+            ready(0, self._error(blocks, 0, h1, correction.neg_(), scale), inputs[0])  # diff = h_1 - t_1
             # Second pass: the target travels forward through the network's own weights.
             for l, block in enumerate(blocks[1:-1], start=1):
                 u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
                 t = block.post(block.layer(u))
-                ready(l, (outs[l] - t).mul_(scale), u)
+                ready(l, self._error(blocks, l, outs[l], outs[l] - t, scale), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
                 fill(l, err, t_input)
