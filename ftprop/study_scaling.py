@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # reproduce imports this module; only the type is needed here
 
 RULES = ["bp", "ftp", "dfa", "pepita"]
 DATASETS = ("mnist", "fashion-mnist")
+AT_CHANCE = 15.0  # % test accuracy at or below which a run has collapsed (every dataset here has 10 classes)
 ACTIVATION = "relu"  # the activation the peers' configs (configs/*.toml) were tuned with
 
 # hardware study grids: (full, small)
@@ -71,10 +72,16 @@ def _accuracies(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
 
 
 def _cell(entry: dict[str, Any]) -> str:
+    """mean ± std, with the runs that diverged and those that finished at chance level counted beside it."""
     if not entry["acc"]:
         return f"diverged ({entry['diverged']}/{entry['runs']})"
     m, s = report.mean_std(entry["acc"])
-    return f"{m:.2f} ± {s:.2f}" + (f" ({entry['diverged']}/{entry['runs']} diverged)" if entry["diverged"] else "")
+    # Finite weights at chance accuracy: a run that blew up and died (e.g. its loss reached 1e12 and its units went
+    # silent) without a non-finite value to flag it as diverged; counted so the reader is not left to guess.
+    at_chance = sum(a <= AT_CHANCE for a in entry["acc"])
+    notes = [f"{entry['diverged']}/{entry['runs']} diverged"] * bool(entry["diverged"])
+    notes += [f"{at_chance}/{entry['runs']} at chance"] * bool(at_chance)
+    return f"{m:.2f} ± {s:.2f}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _mean(entry: dict[str, Any]) -> float | None:

@@ -79,6 +79,13 @@ def test_hardware_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tm
     assert summary[0][0].startswith("MNIST MLP, FTP w8a8e8u8")
 
 
+def test_cells_count_diverged_and_collapsed_runs():
+    e = lambda *acc, div=0: {"acc": list(acc), "diverged": div, "runs": len(acc) + div}  # noqa: E731
+    assert sc._cell(e(90.0, 92.0)) == "91.00 ± 1.41"
+    assert sc._cell(e(div=3)) == "diverged (3/3)"
+    assert sc._cell(e(11.35, 11.35, 90.0, div=1)) == "37.57 ± 45.41 (1/4 diverged, 2/4 at chance)"
+
+
 def test_ftp_vs_bp_is_computed():
     e = lambda *acc, div=0: {"acc": list(acc), "diverged": div, "runs": len(acc) + div}  # noqa: E731
     text = sc._ftp_vs_bp({"a": {"bp": e(90.0), "ftp": e(91.0)}, "b": {"bp": e(92.0), "ftp": e(91.5)},
