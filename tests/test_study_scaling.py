@@ -113,11 +113,30 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     assert (docs / "results" / "depth.small.png").stat().st_size > 10_000 and "results/depth.small.png" in text
     assert "| MLP 3 hidden |" in text and "| CNN 4 conv |" in text and "| depth | bp | ftp | dfa | pepita |" in text
     assert "Divergence per depth" in text and "| mnist | MLP 1 hidden | 0/1 | 0/1 |" in text
-    assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
     summary = json.loads((docs / "results" / "depth.small.summary.json").read_text())
-    names = [row[0] for row in summary]
-    assert "MNIST MLP 3 x 256, FTP vs BP" in names and any("paper CNN" in n for n in names)
-    assert any(r[2] == "<= 1.15" for r in summary)
+    assert "MNIST MLP 3 x 256, FTP vs BP" in [row[0] for row in summary]
+
+
+def test_cnn_study(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(sc, "BENCH_BATCHES", (16,))
+    monkeypatch.setattr(sc, "BENCH_STEPS", 2)
+    seen = []
+    real = ftprop.compare.run_compare
+
+    def spy(base, rules, *a, rule_configs=None, **k):
+        seen.append((base.dataset, base.model, base.depth, tuple(rules), rule_configs["ftp"]["rule"]["g_scale"]))
+        return real(base, rules, *a, rule_configs=rule_configs, **k)
+
+    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    docs = tmp_path / "docs"
+    text = rep.reproduce(["cnn"], "small", tmp_path / "runs", docs).read_text()
+    conv_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"]["g_scale"]
+    assert seen == [("mnist", "paper-cnn", None, ("bp", "ftp"), conv_g), ("fashion-mnist", "paper-cnn", None, ("bp", "ftp"), conv_g),
+                    ("fashion-mnist", "resnet", sc.RESNET_DEPTH, ("bp", "ftp"), conv_g)]
+    assert "| paper CNN, mnist |" in text and f"| resnet depth {sc.RESNET_DEPTH}, fashion-mnist |" in text
+    assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
+    summary = json.loads((docs / "results" / "cnn.small.summary.json").read_text())
+    assert [r[2] for r in summary] == ["within 1.0 point(s)", "within 1.0 point(s)", "within 2.0 point(s)", "<= 1.34", "<= 1.15"]
 
 
 def test_robustness_is_computed():
