@@ -110,8 +110,9 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
             run_dir = out / f"{rule}-seed{seed}"
             cfg = dataclasses.replace(configs[rule], seed=seed, out=str(run_dir))
             done = run_dir / "metrics.json"
-            if resume and _same_run(run_dir, cfg) and done.exists() and json.loads(done.read_text())["epochs"] == cfg.epochs:
-                summary = json.loads(done.read_text())
+            saved = json.loads(done.read_text()) if resume and done.exists() and _same_run(run_dir, cfg) else None
+            if saved and (saved["epochs"] == cfg.epochs or saved["diverged"]):
+                summary = saved  # finished, or ended by divergence (retraining it would only diverge again)
             else:
                 try:
                     can_resume = resume and (run_dir / "checkpoint.pt").exists() and _same_run(run_dir, cfg, ("epochs",))
