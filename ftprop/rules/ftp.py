@@ -138,22 +138,27 @@ class FTP(Rule):
             g = (q.t() if n_out <= n_hidden else q).float() * (self.g_scale * max(n_out, n_hidden) ** 0.5)
         return g.to(device=like.device, dtype=like.dtype)
 
-    def _correction(self, p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """t_1 - h_1. With s linear both gamma modes reduce to -gamma G e: one projection instead of two."""
+    def _first_error(self, p: torch.Tensor, e: torch.Tensor, batch: int) -> torch.Tensor:
+        """(h_1 - t_1) / (gamma B), the first block's error before the tangent projection.
+
+        With s linear both gamma modes reduce to t_1 - h_1 = -gamma G e, so the error is (e / B) G: one projection,
+        and the scaling is done on the B x n_out output error, not on the first map (a conv map is 18,432 values per
+        sample on the paper CNN, where each extra pass over it costs more than the projection itself).
+        """
         if self.target_nonlin == "linear":
-            return (e @ self.G).mul_(-self.gamma)
+            return (e / batch) @ self.G
         first = p - self.gamma * e if self.gamma_mode == "step" else p - e  # t_L, or the one-hot label
         both = torch.tanh(torch.cat([first, p]) @ self.G)  # the two projections in one matmul
         s_first, s_p = both.chunk(2)
         scale = 1.0 if self.gamma_mode == "step" else self.gamma
-        return (s_first - s_p).mul_(scale)
+        return (s_p - s_first).mul_(scale / (self.gamma * batch))
 
-    def _error(self, blocks: nn.ModuleList, l: int, h: torch.Tensor, diff: torch.Tensor, scale: float) -> torch.Tensor:
-        """Hidden block l's error from diff = h_l - t_l (overwritten): the gradient of its local loss with respect to
-        h_l, P(diff) / (gamma B) with P the tangent projection when `tangent` is on.
+    def _error(self, blocks: nn.ModuleList, l: int, h: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+        """Hidden block l's error from err = (h_l - t_l) / (gamma B): the gradient of its local loss with respect to
+        h_l, P(err) with P the tangent projection when `tangent` is on.
 
         compare_at="next-input" measures that loss where the next layer reads h_l, after the next block's
-        parameter-free input ops (pooling, flatten), linearised at h_l: |P(J diff)|^2 / (2 gamma B) with J the
+        parameter-free input ops (pooling, flatten), linearised at h_l: |P(J (h_l - t_l))|^2 / (2 gamma B) with J the
         Jacobian of pre at h_l and P projecting against pre(h_l). Through a max-pool the error then reaches only the
         positions the pool passes on; the others cannot change the output, yet on a conv map their errors would still
         move the shared filters. (Not pre(h_l) - pre(t_l): a max over a window of h + noise exceeds the max of h on
@@ -162,14 +167,13 @@ class FTP(Rule):
         """
         nxt = blocks[l + 1].pre
         if self.compare_at == "output" or isinstance(nxt, nn.Identity):
-            return _tangential(diff.mul_(scale), h.detach()) if self.tangent else diff.mul_(scale)
+            return _tangential(err, h.detach()) if self.tangent else err
         with torch.enable_grad():
             leaf = h.detach().requires_grad_()
             u = nxt(leaf)
-            probe = torch.zeros_like(u, requires_grad=True)  # J diff as the gradient of (J^T probe) . diff
+            probe = torch.zeros_like(u, requires_grad=True)  # J err as the gradient of (J^T probe) . err
             (back,) = torch.autograd.grad(u, leaf, probe, create_graph=True)
-            (err,) = torch.autograd.grad(back, probe, diff)
-        err = err.mul_(scale)
+            (err,) = torch.autograd.grad(back, probe, err)
         if self.tangent:
             err = _tangential(err, u.detach())
         return torch.autograd.grad(u, leaf, err)[0]
@@ -232,14 +236,15 @@ class FTP(Rule):
             elif tuple(self.G.shape) != (z.shape[1], h1[0].numel()):
                 raise ValueError(f"ftp: stored G has shape {tuple(self.G.shape)} but the model needs "
                                  f"{(z.shape[1], h1[0].numel())} (outputs x first block's output)")
-            correction = self._correction(p, e).view_as(h1)
-            t = h1 + correction
-            ready(0, self._error(blocks, 0, h1, correction.neg_(), scale), inputs[0])  # diff = h_1 - t_1
+            err = self._first_error(p, e, batch).view_as(h1)
+            # t_1 = h_1 - gamma B err, built only when a second pass needs it (before the error is projected)
+            t = torch.add(h1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
+            ready(0, self._error(blocks, 0, h1, err), inputs[0])
             # Second pass: the target travels forward through the network's own weights.
             for l, block in enumerate(blocks[1:-1], start=1):
                 u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
                 t = block.post(block.layer(u))
-                ready(l, self._error(blocks, l, outs[l], outs[l] - t, scale), u)
+                ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(scale)), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
                 fill(l, err, t_input)
