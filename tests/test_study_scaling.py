@@ -145,3 +145,6 @@ def test_robustness_is_computed():
                            "m poor": ({"ftp": e(90.0), "bp": e(95.0)}, {"ftp": e(80.0), "bp": e(90.0)})})
     assert "less accuracy than BP in 1 of 2 settings: m 8 bits (FTP loses 0.50, BP 2.00)" in text
     assert "as much or more in m poor (FTP loses 10.00, BP 5.00)" in text
+    collapsed = sc._robustness({"m 4 bits": ({"ftp": e(90.0), "bp": e(95.0)}, {"ftp": e(10.0), "bp": e(11.35)}),
+                                "m 8 bits": ({"ftp": e(90.0), "bp": e(95.0)}, {"ftp": e(89.5), "bp": e(93.0)})})
+    assert "in 1 of 1 settings: m 8 bits" in collapsed and "Both end at chance level or diverge in m 4 bits." in collapsed
