@@ -162,7 +162,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    rows = [[name, f"{1e3 * r['step_time_median_s']:.3f}", f"{r['ratio_to_bp']:.3f}" if r["ratio_to_bp"] else "-",
+    timed = lambda v, scale=1.0: "-" if v is None else f"{scale * v:.3f}"  # noqa: E731  (--rounds 0: no timings)
+    rows = [[name, timed(r["step_time_median_s"], 1e3), timed(r["ratio_to_bp"]),
              f"{r['flops_per_sample'] / 1e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"] for name, r in results.items()]
     print(f"{cfg.dataset}, {cfg.model_label()}, batch {cfg.batch_size}, {args.rounds} interleaved "
           f"rounds of {args.steps} steps; machine: {report.machine()}\n")

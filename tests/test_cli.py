@@ -63,6 +63,13 @@ def test_bench_json(capsys):
     assert res["bp"]["ratio_to_bp"] == 1.0
 
 
+def test_bench_without_timing_rounds_prints_flops_and_memory(capsys):
+    code, out, _ = run(capsys, "bench", "--rules", "bp,ftp", "--hidden", "64,32", "--batch-size", "16", "--rounds", "0")
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith(("| bp |", "| ftp |"))]
+    assert len(rows) == 2 and all(row.split(" | ")[1:3] == ["-", "-"] for row in rows)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--rule", "sgd"], "unknown rule 'sgd'"),
     (["train", "--activation", "swish"], "unknown activation 'swish'"),

@@ -198,9 +198,9 @@ class FTP(Rule):
         scale = 1.0 / (self.gamma * batch)
         loss, p, e = output_error(z, y)
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # autograd roots and their gradients, not yet run
-        due: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (block, error, layer input on the target path)
+        due: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (block, error, layer input on the target path)
 
-        def fill(l: int, err: torch.Tensor, t_input: torch.Tensor) -> None:
+        def fill(l: int, err: torch.Tensor, t_input: torch.Tensor | None) -> None:
             """Block l's gradients from its error (`_error`), or dCE/dz for the output block."""
             block, output = blocks[l], l == len(blocks) - 1  # the output layer gets dCE/dz through its own post
             if derivatives is not None:
@@ -219,8 +219,8 @@ class FTP(Rule):
         def ready(l: int, err: torch.Tensor, t_input: torch.Tensor) -> None:
             """Block l's error exists: pipelined, its gradients are filled and handed to `block_ready` at once (the
             later targets do not use block l); otherwise all blocks are filled after the second pass."""
-            if not self.pipeline:
-                due.append((l, err, t_input))
+            if not self.pipeline:  # the target-path input is kept only if the update uses it
+                due.append((l, err, t_input if self.update_input == "t" else None))
                 return
             fill(l, err, t_input)
             if pending:
