@@ -152,6 +152,12 @@ def quant_for(bits: int) -> str:
     return "" if bits >= 32 else f"w{bits}a{bits}e{bits}u{bits}"
 
 
+def hardware_config(dataset: str, epochs: int) -> TrainConfig:
+    """The hardware study's float run (MLP 784-1024-128-10); settings replace `quant` or `analog`."""
+    return TrainConfig(dataset=dataset, activation=ACTIVATION, hidden="1024,128", epochs=epochs, schedule="cosine",
+                       rounding="stochastic", progress=False)
+
+
 def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
     """Issue 6 item 4: accuracy against bits and against analog devices and read noise, BP/FTP/DFA/PEPITA."""
     bits, devices, noises = _grid(budget, BITS), _grid(budget, DEVICES), _grid(budget, READ_NOISE)
@@ -161,8 +167,7 @@ def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list
     by_bits: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
     by_device: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for dataset in datasets:
-        base = TrainConfig(dataset=dataset, activation=ACTIVATION, hidden="1024,128", epochs=epochs,
-                           schedule="cosine", rounding="stochastic", progress=False)
+        base = hardware_config(dataset, epochs)
         key = lambda setting: f"hardware-{dataset}-{setting}"  # noqa: E731
         run = lambda cfg, setting: _run(cfg, budget, runs, key(setting), configs=HARDWARE_CONFIGS)  # noqa: E731
         by_bits[dataset] = {b: run(dataclasses.replace(base, quant=quant_for(b)), "float" if b >= 32 else f"b{b}")
@@ -176,8 +181,7 @@ def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list
         if epochs == budget.epochs:
             headline = by_bits["mnist"][32]["ftp"], by_bits["mnist"][8]["ftp"]
         else:
-            base = TrainConfig(dataset="mnist", activation=ACTIVATION, hidden="1024,128", epochs=budget.epochs,
-                               schedule="cosine", rounding="stochastic", progress=False)
+            base = hardware_config("mnist", budget.epochs)
             headline = tuple(_run(dataclasses.replace(base, quant=quant_for(b)), budget, runs,
                                   f"hardware-headline-mnist-{setting}", ["ftp"], HARDWARE_CONFIGS)["ftp"]
                              for b, setting in ((32, "float"), (8, "b8")))

@@ -315,6 +315,15 @@ def test_direct_feedback_projects_onto_each_flattened_block_output(name):
 
 # ------------------------------------------------------------------------------------- FTP's equations on CNNs
 
+def local_error(h, t, gamma, n, tangent):
+    """FTP's local error (h - t) / (gamma n), per sample without its component along h when `tangent` is on."""
+    d = (h - t).flatten(1)
+    if tangent:
+        hf = h.flatten(1)
+        d = d - (d * hf).sum(1, keepdim=True) / (hf * hf).sum(1, keepdim=True) * hf
+    return (d / (gamma * n)).view_as(h)
+
+
 def test_ftp_on_a_conv_net_equals_its_equations():
     """conv-tanh | maxpool, conv-tanh | flatten, linear. Targets written out with explicit functional ops; each local
     gradient by autograd inside that block alone."""
@@ -347,11 +356,7 @@ def test_ftp_on_a_conv_net_equals_its_equations():
             t2 = torch.tanh(F.conv2d(F.max_pool2d(t1, 2), W2, b2))
 
         def err(h, t):
-            d = (h - t).flatten(1)
-            if tangent:
-                hf = h.flatten(1)
-                d = d - (d * hf).sum(1, keepdim=True) / (hf * hf).sum(1, keepdim=True) * hf
-            return (d / (gamma * n)).view_as(h)
+            return local_error(h, t, gamma, n, tangent)
 
         def err_after_pool(h, t):
             """compare_at="next-input" on block 1: h1 - t1 at the positions the max-pool passes on, projected
@@ -439,11 +444,7 @@ def test_ftp_on_a_residual_batchnorm_net_equals_its_equations(tangent):
         t2 = block1(t1, *P[3:9], stats=stats1)  # through conv, frozen BN, tanh, conv, frozen BN, + t1, tanh
 
     def err(h, t):
-        d = (h - t).flatten(1)
-        if tangent:
-            hf = h.flatten(1)
-            d = d - (d * hf).sum(1, keepdim=True) / (hf * hf).sum(1, keepdim=True) * hf
-        return (d / (gamma * n)).view_as(h)
+        return local_error(h, t, gamma, n, tangent)
 
     leaves = [p.clone().requires_grad_() for p in P[:9]]
     g0 = torch.autograd.grad(block0(*leaves[:3]), leaves[:3], err(h1, t1))
