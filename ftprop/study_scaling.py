@@ -1,10 +1,11 @@
-"""Studies of constrained hardware (issue 6) and depth scaling (issue 4), for `ftprop reproduce`.
+"""Studies of constrained hardware (issue 6), convolutional nets and depth scaling (issue 4), for `ftprop reproduce`.
 
 `hardware`: accuracy against bit width (weights, activations, errors and updates all at b bits, stochastic rounding)
-and against analog device presets and read-noise levels. `depth`: accuracy against the number of hidden layers of
-width-256 MLPs and the number of conv layers of (residual) CNNs, plus the FTP / BP step time of the paper CNN and
-the residual CNN. Both train through `run_compare` (resume=True), so reruns reuse finished runs. Every statement in
-their sections (where FTP beats BP, whether a goal holds) is computed from the numbers, never typed.
+and against analog device presets and read-noise levels. `cnn`: the paper CNN and a residual CNN, BP against FTP,
+and their FTP / BP step times. `depth`: accuracy against the number of hidden layers of width-256 MLPs and the
+number of conv layers of (residual) CNNs. All train through `run_compare` (resume=True), so reruns reuse finished
+runs. Every statement in their sections (where FTP beats BP, whether a goal holds) is computed from the numbers,
+never typed.
 """
 from __future__ import annotations
 
@@ -44,6 +45,21 @@ HARDWARE_EPOCHS = {"full": 5}
 MLP_DEPTHS = {"full": (1, 2, 4, 6, 8, 10), "small": (1, 4)}
 CNN_DEPTHS = {"full": (2, 4, 6), "small": (2, 4)}
 MLP_WIDTH = 256
+# The MLP grid uses tanh (the paper's activation and ftprop's default) with Xavier init (`--init auto`) for every
+# rule. With ReLU, DFA, PEPITA and FTP all collapsed or diverged from 4 hidden layers on in probes (docs/ALGORITHM.md,
+# "Depth"), so a ReLU grid would only say that; the study keeps one ReLU cell at the deepest MNIST MLP, plain and with
+# LayerNorm (the scale-invariant fix), to show it. PyTorch's default init shrinks the signal ~2.4x per ReLU layer (BP
+# at chance after 2 epochs at depth 10), hence Kaiming there. The CNN grid is the `cnn` study's setting: ReLU.
+MLP_ACTIVATION, MLP_INIT = "tanh", "auto"
+# The grid is 216 runs and a depth-6 residual CNN epoch costs ~7 MLP epochs here, so the full grid trains MLPs 5
+# epochs and CNNs 3 (all rules alike: the tables compare how accuracy holds up with depth). The headline goal (MNIST,
+# the deepest MLP, FTP within 1.0 point of BP) is judged at the budget's own epochs, BP and FTP.
+DEPTH_EPOCHS = {"full": {"mlp": 5, "cnn": 3}}
+# FTP's G scale on the ReLU + LayerNorm MLP: configs/ftp.toml's 0.05 collapsed there (MNIST, 10 x 256, seed 0,
+# validation 71% at 400 steps, 20% at 1600), 0.01 learned (85.9%, 91.8%; BP 93.4%, 95.7%):
+# `python scripts/ftp_relu_growth.py "g_scale=0.05" "g_scale=0.01" "rule='bp'" --depth 10 --init kaiming --norm
+# layernorm --dataset mnist`.
+RELU_LN_G_SCALE = 0.01
 # cnn-bench: (label, model, depth) at these batch sizes, `BENCH_STEPS` steps per timing round
 BENCH_MODELS = (("paper CNN", "paper-cnn", None, 1.34), ("residual CNN depth 6", "resnet", 6, 1.15))
 BENCH_BATCHES = (64, 256)
@@ -142,8 +158,8 @@ def _plot(panels: list[tuple[str, str, list[str], dict[str, list[dict[str, Any]]
 
 def _table(first: str, cells: dict[str, dict[str, dict[str, Any]]], rules: Sequence[str] | None = None) -> str:
     rules = RULES if rules is None else rules
-    return report.markdown_table([first, *rules], [[setting, *(_cell(by_rule[r]) for r in rules)]
-                                                   for setting, by_rule in cells.items()])
+    return report.markdown_table([first, *rules], [[setting, *(_cell(by_rule[r]) if r in by_rule else "not run"
+                                                              for r in rules)] for setting, by_rule in cells.items()])
 
 
 # --------------------------------------------------------------------------------------------------- hardware
@@ -312,17 +328,64 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
 
 
 # --------------------------------------------------------------------------------------------------- depth
+def depth_configs(dataset: str, budget: Budget) -> tuple[TrainConfig, TrainConfig]:
+    """The depth study's base runs (MLP, CNN) on `dataset`; a depth fills `hidden` or `depth`."""
+    epochs = DEPTH_EPOCHS.get(budget.name, {"mlp": budget.epochs, "cnn": budget.epochs})
+    common = dict(dataset=dataset, schedule="cosine", progress=False)
+    return (TrainConfig(activation=MLP_ACTIVATION, init=MLP_INIT, epochs=epochs["mlp"], **common),
+            TrainConfig(model="resnet", activation=ACTIVATION, epochs=epochs["cnn"], **common))
+
+
+def _hidden(n: int) -> str:
+    return ",".join([str(MLP_WIDTH)] * n)
+
+
+def depth_grid(kind: str, dataset: str, budget: Budget, runs: Path) -> dict[int, dict[str, dict[str, Any]]]:
+    """Train (or reuse) the `kind` ('mlp' or 'cnn') grid on `dataset`: depth -> rule -> entry."""
+    mlp_base, cnn_base = depth_configs(dataset, budget)
+    if kind == "mlp":
+        return {n: _run(dataclasses.replace(mlp_base, hidden=_hidden(n)), budget, runs, f"depth-{dataset}-mlp{n}")
+                for n in _grid(budget, MLP_DEPTHS)}
+    conv = {"ftp": compare.load_rule_config(compare.CONFIGS / "ftp-conv.toml")}
+    return {n: _run(dataclasses.replace(cnn_base, depth=n), budget, runs, f"depth-{dataset}-cnn{n}", configs=conv)
+            for n in _grid(budget, CNN_DEPTHS)}
+
+
+def depth_relu(budget: Budget, runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """The deepest MNIST MLP with ReLU (Kaiming init): plain, every rule; with LayerNorm, BP and FTP (G's scale
+    RELU_LN_G_SCALE)."""
+    deepest = max(_grid(budget, MLP_DEPTHS))
+    relu = dataclasses.replace(depth_configs("mnist", budget)[0], hidden=_hidden(deepest), activation="relu")
+    ftp = compare.load_rule_config(compare.CONFIGS / "ftp.toml")
+    ln_ftp = {"ftp": ftp | {"rule": ftp.get("rule", {}) | {"g_scale": RELU_LN_G_SCALE}}}
+    return {f"ReLU, {deepest} hidden": _run(relu, budget, runs, f"depth-relu-mnist-mlp{deepest}"),
+            f"ReLU + LayerNorm, {deepest} hidden": _run(dataclasses.replace(relu, norm="layernorm"), budget, runs,
+                                                         f"depth-reluln-mnist-mlp{deepest}", ["bp", "ftp"], ln_ftp)}
+
+
+def depth_headline(budget: Budget, runs: Path, grid: dict[int, dict[str, dict[str, Any]]] | None = None
+                   ) -> tuple[dict[str, dict[str, Any]], bool]:
+    """BP and FTP on the deepest MNIST MLP at the budget's epochs, and whether that is a run apart from the MNIST MLP
+    grid (`grid`, trained here if not given)."""
+    deepest = max(_grid(budget, MLP_DEPTHS))
+    base = depth_configs("mnist", budget)[0]
+    if base.epochs == budget.epochs:
+        return (grid or depth_grid("mlp", "mnist", budget, runs))[deepest], False
+    return _run(dataclasses.replace(base, hidden=_hidden(deepest), epochs=budget.epochs), budget, runs,
+                f"depth-headline-mnist-mlp{deepest}", ["bp", "ftp"]), True
+
+
 def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
-    """Issue 4 item 6: accuracy and divergence against depth, MLPs (width 256) and CNNs, and the CNN step times."""
+    """Issue 4 item 6: accuracy and divergence against depth, MLPs (width 256, tanh) and CNNs (ReLU; FTP with
+    configs/ftp-conv.toml there); the deepest MNIST MLP with ReLU, plain and with LayerNorm; and the goal on the
+    deepest MNIST MLP at the budget's epochs."""
     mlp_depths, cnn_depths = _grid(budget, MLP_DEPTHS), _grid(budget, CNN_DEPTHS)
-    mlp: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
-    cnn: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
-    for dataset in DATASETS:
-        common = dict(dataset=dataset, activation=ACTIVATION, epochs=budget.epochs, schedule="cosine", progress=False)
-        mlp[dataset] = {n: _run(TrainConfig(hidden=",".join([str(MLP_WIDTH)] * n), **common), budget, runs,
-                                f"depth-{dataset}-mlp{n}") for n in mlp_depths}
-        cnn[dataset] = {n: _run(TrainConfig(model="resnet", depth=n, **common), budget, runs,
-                                f"depth-{dataset}-cnn{n}") for n in cnn_depths}
+    mlp = {d: depth_grid("mlp", d, budget, runs) for d in DATASETS}
+    cnn = {d: depth_grid("cnn", d, budget, runs) for d in DATASETS}
+    relu_cells = depth_relu(budget, runs)
+    headline, separate = depth_headline(budget, runs, mlp["mnist"])
+    deepest = max(mlp_depths)
+    mlp_base, cnn_base = depth_configs("mnist", budget)
 
     figure = f"depth.{budget.name}.png"
     panels = []
@@ -333,10 +396,12 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
                        {r: [cnn[d][n][r] for n in cnn_depths] for r in RULES}))
     _plot(panels, figures / figure)
 
-    parts = [f"{ACTIVATION}, {budget.epochs} epochs, cosine schedule, batch 64, seeds 0..{budget.seeds - 1}; DFA and "
-             f"PEPITA with their configs/RULE.toml settings. MLPs: N hidden layers of {MLP_WIDTH} "
-             f"(`--hidden {MLP_WIDTH},...`); CNNs: `--model resnet --depth N` (depth 2 a plain CNN, residual blocks "
-             f"beyond). Test accuracy %, mean ± std over seeds; a cell notes how many runs diverged.\n"]
+    parts = [f"Cosine schedule, SGD lr 0.01 momentum 0.9, batch 64, seeds 0..{budget.seeds - 1}, each rule with its "
+             f"configs/RULE.toml settings. MLPs: N hidden layers of {MLP_WIDTH} (`--hidden {MLP_WIDTH},...`), "
+             f"{MLP_ACTIVATION}, Xavier init (`--init {MLP_INIT}`), {mlp_base.epochs} epochs. CNNs: `--model resnet "
+             f"--depth N` (depth 2 a plain CNN, residual blocks beyond), {ACTIVATION}, PyTorch's init, "
+             f"{cnn_base.epochs} epochs, FTP with configs/ftp-conv.toml. Test accuracy %, mean ± std over seeds; a "
+             f"cell notes how many runs diverged or ended at chance.\n"]
     cells_all: dict[str, dict[str, dict[str, Any]]] = {}
     divergence_rows = []
     for d in DATASETS:
@@ -349,20 +414,24 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
                  + report.markdown_table(["dataset", "depth", *RULES], divergence_rows) + "\n")
     parts.append(f"![accuracy against depth](results/{figure})\n")
     parts.append(f"### FTP against BP\n\n{_ftp_vs_bp(cells_all)}\n")
+    parts.append(f"### The deepest MNIST MLP with ReLU\n\nAs the MLP grid, with ReLU and Kaiming init (`--activation "
+                 f"relu --init {MLP_INIT}`); the second row adds a LayerNorm without affine parameters before each "
+                 f"hidden ReLU (`--norm layernorm`), BP and FTP only, FTP with G's scale {RELU_LN_G_SCALE} "
+                 f"(`--g-scale {RELU_LN_G_SCALE}`).\n\n{_table('MLP', relu_cells)}\n")
 
-    summary = []
-    deepest = max(mlp_depths)
-    m = mlp.get("mnist", {}).get(deepest)
-    if m:
-        f, b = _mean(m["ftp"]), _mean(m["bp"])
-        ftp_div = sum(mlp[d][n]["ftp"]["diverged"] for d in DATASETS for n in mlp_depths)
-        figure_text = ("FTP diverged" if f is None or b is None else f"FTP {f:.2f}, BP {b:.2f} ({f - b:+.2f})")
-        summary.append([f"MNIST MLP {deepest} x {MLP_WIDTH}, FTP vs BP", f"{figure_text}; FTP diverged runs at any MLP "
-                        f"depth: {ftp_div}", "depth 10: within 1.0 point, no divergence"])
+    f, b = _mean(headline["ftp"]), _mean(headline["bp"])
+    ftp_div = sum(mlp[d][n]["ftp"]["diverged"] for d in DATASETS for n in mlp_depths)
+    ftp_div += headline["ftp"]["diverged"] if separate else 0
+    figure_text = ("FTP diverged" if f is None or b is None else
+                   f"FTP {_cell(headline['ftp'])}, BP {_cell(headline['bp'])} ({f - b:+.2f})")
+    parts.append(f"### Goal\n\nMNIST, {deepest} hidden layers of {MLP_WIDTH}, {budget.epochs} epochs, seeds "
+                 f"0..{budget.seeds - 1}: {figure_text}. FTP runs diverged at any MLP depth: {ftp_div}.\n")
+    summary = [[f"MNIST MLP {deepest} x {MLP_WIDTH}, FTP vs BP ({budget.epochs} epochs)",
+                f"{figure_text}; FTP diverged runs at any MLP depth: {ftp_div}",
+                "depth 10: within 1.0 point, no divergence"]]
     deepest_cnn = max(cnn_depths)
-    c = cnn.get("fashion-mnist", {}).get(deepest_cnn)
-    if c:
-        summary.append([f"Fashion-MNIST CNN {deepest_cnn} conv, FTP − BP", _diff(c), "resnet >= 6 conv: within 2.0 points"])
+    summary.append([f"Fashion-MNIST CNN {deepest_cnn} conv, FTP − BP", _diff(cnn["fashion-mnist"][deepest_cnn]),
+                    "resnet >= 6 conv: within 2.0 points"])
     return "\n".join(parts), summary
 
 

@@ -96,25 +96,56 @@ def test_ftp_vs_bp_is_computed():
 def test_depth_study(tmp_path, tiny, monkeypatch):
     monkeypatch.setitem(sc.MLP_DEPTHS, "small", (1, 3))
     monkeypatch.setitem(sc.CNN_DEPTHS, "small", (4,))
-    monkeypatch.setattr(sc, "BENCH_BATCHES", (16,))
-    monkeypatch.setattr(sc, "BENCH_STEPS", 2)
     seen = []
     real = ftprop.compare.run_compare
 
-    def spy(base, rules, *a, **k):
-        seen.append((base.dataset, base.model, base.hidden, base.depth))
-        return real(base, rules, *a, **k)
+    def spy(base, rules, seeds, out, *a, rule_configs=None, **k):
+        seen.append((base.dataset, base.model, base.hidden, base.depth, base.activation, base.init, base.norm,
+                     tuple(rules), rule_configs["ftp"]["rule"]["g_scale"], out.name))
+        return real(base, rules, seeds, out, *a, rule_configs=rule_configs, **k)
 
     monkeypatch.setattr(ftprop.compare, "run_compare", spy)
     docs = tmp_path / "docs"
     text = rep.reproduce(["depth"], "small", tmp_path / "runs", docs).read_text()
-    assert ("mnist", "mlp", "256,256,256", None) in seen and ("fashion-mnist", "resnet", "1024,128", 4) in seen
-    assert len(seen) == 2 * 3
+    four = ("bp", "ftp", "dfa", "pepita")
+    mlp_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp.toml")["rule"]["g_scale"]
+    conv_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"]["g_scale"]
+    assert ("mnist", "mlp", "256,256,256", None, "tanh", "auto", "none", four, mlp_g, "depth-mnist-mlp3") in seen
+    assert ("fashion-mnist", "resnet", "1024,128", 4, "relu", "torch", "none", four, conv_g, "depth-fashion-mnist-cnn4") in seen
+    assert ("mnist", "mlp", "256,256,256", None, "relu", "auto", "none", four, mlp_g, "depth-relu-mnist-mlp3") in seen
+    assert ("mnist", "mlp", "256,256,256", None, "relu", "auto", "layernorm", ("bp", "ftp"), sc.RELU_LN_G_SCALE,
+            "depth-reluln-mnist-mlp3") in seen
+    assert len(seen) == 2 * 2 + 2 + 2  # no separate headline run: the grid trains the budget's epochs
     assert (docs / "results" / "depth.small.png").stat().st_size > 10_000 and "results/depth.small.png" in text
     assert "| MLP 3 hidden |" in text and "| CNN 4 conv |" in text and "| depth | bp | ftp | dfa | pepita |" in text
     assert "Divergence per depth" in text and "| mnist | MLP 1 hidden | 0/1 | 0/1 |" in text
+    assert "| ReLU + LayerNorm, 3 hidden |" in text and "| not run | not run |" in text
+    assert "### Goal\n\nMNIST, 3 hidden layers of 256, 1 epochs, seeds 0..0: FTP " in text
     summary = json.loads((docs / "results" / "depth.small.summary.json").read_text())
-    assert "MNIST MLP 3 x 256, FTP vs BP" in [row[0] for row in summary]
+    assert summary[0][0] == "MNIST MLP 3 x 256, FTP vs BP (1 epochs)" and summary[1][0] == "Fashion-MNIST CNN 4 conv, FTP − BP"
+
+
+def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_path, tiny, monkeypatch):
+    monkeypatch.setitem(sc.MLP_DEPTHS, "small", (2,))
+    monkeypatch.setitem(sc.CNN_DEPTHS, "small", (2,))
+    monkeypatch.setattr(sc, "RULES", ["bp", "ftp"])
+    monkeypatch.setattr(sc, "DATASETS", ("mnist", "fashion-mnist"))
+    monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=2, seeds=1, bench_rounds=1))
+    monkeypatch.setitem(sc.DEPTH_EPOCHS, "small", {"mlp": 1, "cnn": 1})
+    seen = []
+    real = ftprop.compare.run_compare
+
+    def spy(base, rules, seeds, out, *a, **k):
+        seen.append((base.epochs, base.activation, tuple(rules), out.name))
+        return real(base, rules, seeds, out, *a, **k)
+
+    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    body, summary = sc.study_depth(rep.BUDGETS["small"], tmp_path / "runs", tmp_path)
+    assert (1, "tanh", ("bp", "ftp"), "depth-mnist-mlp2") in seen and (1, "relu", ("bp", "ftp"), "depth-mnist-cnn2") in seen
+    assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2") in seen and len(seen) == 4 + 2 + 1
+    assert "MLPs: N hidden layers of 256 (`--hidden 256,...`), tanh, Xavier init (`--init auto`), 1 epochs" in body
+    assert "### Goal\n\nMNIST, 2 hidden layers of 256, 2 epochs, seeds 0..0: FTP " in body
+    assert summary[0][0] == "MNIST MLP 2 x 256, FTP vs BP (2 epochs)"
 
 
 def test_cnn_study(tmp_path, tiny, monkeypatch):
