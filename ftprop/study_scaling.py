@@ -438,7 +438,7 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
 def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
     """FTP / BP step time of the paper CNN and the residual CNN (depth 6) on MNIST at BENCH_BATCHES."""
     data = compare.load_dataset("mnist")
-    rows, summary = [], []
+    rows, summary, macs = [], [], []
     for label, model, depth, goal in BENCH_MODELS:
         ratios = []
         for batch in BENCH_BATCHES:
@@ -452,6 +452,11 @@ def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
                 rows.append([label, batch, rule, f"{1e3 * r['step_time_median_s']:.3f}", iqr, f"{r['ratio_to_bp']:.3f}",
                              f"{r['flops_per_sample'] / 2e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"])
             ratios.append(res["ftp"]["ratio_to_bp"])
+        mac = res["ftp"]["flops_per_sample"] / res["bp"]["flops_per_sample"]
+        macs.append(f"{label}: FTP's MACs per sample are {mac:.3f}x BP's, so the goal ({goal}) lies "
+                    + ("above that floor." if goal >= mac else "below that floor: it can be met only if FTP's extra "
+                       "work (the second pass, the projection, the local errors) runs faster per MAC than BP's "
+                       "backward pass."))
         verdict = "meets" if all(r <= goal for r in ratios) else "misses"
         summary.append([f"step time FTP / BP, {label}, batch {' and '.join(map(str, BENCH_BATCHES))}",
                         f"{' and '.join(f'{r:.3f}' for r in ratios)} ({verdict} the goal)", f"<= {goal}"])
@@ -462,5 +467,5 @@ def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
             + f"\n\nMedian over {budget.bench_rounds} interleaved rounds of {BENCH_STEPS} steps (BP and FTP alternate), "
             "one SGD step included. Command: `ftprop bench --rules bp,ftp --dataset mnist --model paper-cnn "
             f"--activation relu --batch-size 64 --rounds {budget.bench_rounds}` (and `--model resnet --depth 6`, "
-            "batch 256).\n")
+            "batch 256).\n\n" + " ".join(macs) + "\n")
     return text, summary

@@ -166,6 +166,8 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
                     ("fashion-mnist", "resnet", sc.RESNET_DEPTH, ("bp", "ftp"), conv_g)]
     assert "| paper CNN, mnist |" in text and f"| resnet depth {sc.RESNET_DEPTH}, fashion-mnist |" in text
     assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
+    assert "paper CNN: FTP's MACs per sample are " in text and "residual CNN depth 6: FTP's MACs per sample are " in text
+    assert text.count("so the goal (") == 2 and "lies above that floor." in text  # the paper CNN's 1.34
     summary = json.loads((docs / "results" / "cnn.small.summary.json").read_text())
     assert [r[2] for r in summary] == ["within 1.0 point(s)", "within 1.0 point(s)", "within 2.0 point(s)", "<= 1.34", "<= 1.15"]
 
