@@ -424,10 +424,12 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
     ftp_div += headline["ftp"]["diverged"] if separate else 0
     figure_text = ("FTP diverged" if f is None or b is None else
                    f"FTP {_cell(headline['ftp'])}, BP {_cell(headline['bp'])} ({f - b:+.2f})")
-    parts.append(f"### Goal\n\nMNIST, {deepest} hidden layers of {MLP_WIDTH}, {budget.epochs} epochs, seeds "
-                 f"0..{budget.seeds - 1}: {figure_text}. FTP runs diverged at any MLP depth: {ftp_div}.\n")
-    summary = [[f"MNIST MLP {deepest} x {MLP_WIDTH}, FTP vs BP ({budget.epochs} epochs)",
-                f"{figure_text}; FTP diverged runs at any MLP depth: {ftp_div}",
+    holds = f is not None and b is not None and b - f <= 1.0 and ftp_div == 0
+    verdict = f"FTP diverged runs at any MLP depth: {ftp_div}; {'goal met' if holds else 'goal not met'}"
+    parts.append(f"### Goal\n\nFTP within 1.0 point of BP on the deepest MNIST MLP, and no FTP run diverging at any "
+                 f"MLP depth. MNIST, {deepest} hidden layers of {MLP_WIDTH}, {budget.epochs} epochs, seeds "
+                 f"0..{budget.seeds - 1}: {figure_text}. {verdict}.\n")
+    summary = [[f"MNIST MLP {deepest} x {MLP_WIDTH}, FTP vs BP ({budget.epochs} epochs)", f"{figure_text}; {verdict}",
                 "depth 10: within 1.0 point, no divergence"]]
     deepest_cnn = max(cnn_depths)
     summary.append([f"Fashion-MNIST CNN {deepest_cnn} conv, FTP − BP", _diff(cnn["fashion-mnist"][deepest_cnn]),

@@ -120,7 +120,8 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     assert "| MLP 3 hidden |" in text and "| CNN 4 conv |" in text and "| depth | bp | ftp | dfa | pepita |" in text
     assert "Divergence per depth" in text and "| mnist | MLP 1 hidden | 0/1 | 0/1 |" in text
     assert "| ReLU + LayerNorm, 3 hidden |" in text and "| not run | not run |" in text
-    assert "### Goal\n\nMNIST, 3 hidden layers of 256, 1 epochs, seeds 0..0: FTP " in text
+    assert "MNIST, 3 hidden layers of 256, 1 epochs, seeds 0..0: FTP " in text
+    assert "FTP diverged runs at any MLP depth: 0; goal met" in text or "; goal not met" in text
     summary = json.loads((docs / "results" / "depth.small.summary.json").read_text())
     assert summary[0][0] == "MNIST MLP 3 x 256, FTP vs BP (1 epochs)" and summary[1][0] == "Fashion-MNIST CNN 4 conv, FTP − BP"
 
@@ -144,7 +145,7 @@ def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_p
     assert (1, "tanh", ("bp", "ftp"), "depth-mnist-mlp2") in seen and (1, "relu", ("bp", "ftp"), "depth-mnist-cnn2") in seen
     assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2") in seen and len(seen) == 4 + 2 + 1
     assert "MLPs: N hidden layers of 256 (`--hidden 256,...`), tanh, Xavier init (`--init auto`), 1 epochs" in body
-    assert "### Goal\n\nMNIST, 2 hidden layers of 256, 2 epochs, seeds 0..0: FTP " in body
+    assert "MNIST, 2 hidden layers of 256, 2 epochs, seeds 0..0: FTP " in body
     assert summary[0][0] == "MNIST MLP 2 x 256, FTP vs BP (2 epochs)"
 
 
