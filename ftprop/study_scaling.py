@@ -340,12 +340,18 @@ def _hidden(n: int) -> str:
     return ",".join([str(MLP_WIDTH)] * n)
 
 
+def _deep_ftp(g_scale: float | None = None) -> dict[str, dict[str, Any]]:
+    """FTP's config on the depth study's MLPs: configs/ftp-deep.toml, optionally with another G scale."""
+    ftp = compare.load_rule_config(compare.CONFIGS / "ftp-deep.toml")
+    return {"ftp": ftp if g_scale is None else ftp | {"rule": ftp.get("rule", {}) | {"g_scale": g_scale}}}
+
+
 def depth_grid(kind: str, dataset: str, budget: Budget, runs: Path) -> dict[int, dict[str, dict[str, Any]]]:
     """Train (or reuse) the `kind` ('mlp' or 'cnn') grid on `dataset`: depth -> rule -> entry."""
     mlp_base, cnn_base = depth_configs(dataset, budget)
     if kind == "mlp":
-        return {n: _run(dataclasses.replace(mlp_base, hidden=_hidden(n)), budget, runs, f"depth-{dataset}-mlp{n}")
-                for n in _grid(budget, MLP_DEPTHS)}
+        return {n: _run(dataclasses.replace(mlp_base, hidden=_hidden(n)), budget, runs, f"depth-{dataset}-mlp{n}",
+                        configs=_deep_ftp()) for n in _grid(budget, MLP_DEPTHS)}
     conv = {"ftp": compare.load_rule_config(compare.CONFIGS / "ftp-conv.toml")}
     return {n: _run(dataclasses.replace(cnn_base, depth=n), budget, runs, f"depth-{dataset}-cnn{n}", configs=conv)
             for n in _grid(budget, CNN_DEPTHS)}
@@ -353,14 +359,13 @@ def depth_grid(kind: str, dataset: str, budget: Budget, runs: Path) -> dict[int,
 
 def depth_relu(budget: Budget, runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """The deepest MNIST MLP with ReLU (Kaiming init): plain, every rule; with LayerNorm, BP and FTP (G's scale
-    RELU_LN_G_SCALE)."""
+    RELU_LN_G_SCALE instead of configs/ftp-deep.toml's)."""
     deepest = max(_grid(budget, MLP_DEPTHS))
     relu = dataclasses.replace(depth_configs("mnist", budget)[0], hidden=_hidden(deepest), activation="relu")
-    ftp = compare.load_rule_config(compare.CONFIGS / "ftp.toml")
-    ln_ftp = {"ftp": ftp | {"rule": ftp.get("rule", {}) | {"g_scale": RELU_LN_G_SCALE}}}
-    return {f"ReLU, {deepest} hidden": _run(relu, budget, runs, f"depth-relu-mnist-mlp{deepest}"),
+    return {f"ReLU, {deepest} hidden": _run(relu, budget, runs, f"depth-relu-mnist-mlp{deepest}", configs=_deep_ftp()),
             f"ReLU + LayerNorm, {deepest} hidden": _run(dataclasses.replace(relu, norm="layernorm"), budget, runs,
-                                                         f"depth-reluln-mnist-mlp{deepest}", ["bp", "ftp"], ln_ftp)}
+                                                         f"depth-reluln-mnist-mlp{deepest}", ["bp", "ftp"],
+                                                         _deep_ftp(RELU_LN_G_SCALE))}
 
 
 def depth_headline(budget: Budget, runs: Path, grid: dict[int, dict[str, dict[str, Any]]] | None = None
@@ -372,7 +377,7 @@ def depth_headline(budget: Budget, runs: Path, grid: dict[int, dict[str, dict[st
     if base.epochs == budget.epochs:
         return (grid or depth_grid("mlp", "mnist", budget, runs))[deepest], False
     return _run(dataclasses.replace(base, hidden=_hidden(deepest), epochs=budget.epochs), budget, runs,
-                f"depth-headline-mnist-mlp{deepest}", ["bp", "ftp"]), True
+                f"depth-headline-mnist-mlp{deepest}", ["bp", "ftp"], _deep_ftp()), True
 
 
 def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
@@ -398,10 +403,12 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
 
     parts = [f"Cosine schedule, SGD lr 0.01 momentum 0.9, batch 64, seeds 0..{budget.seeds - 1}, each rule with its "
              f"configs/RULE.toml settings. MLPs: N hidden layers of {MLP_WIDTH} (`--hidden {MLP_WIDTH},...`), "
-             f"{MLP_ACTIVATION}, Xavier init (`--init {MLP_INIT}`), {mlp_base.epochs} epochs. CNNs: `--model resnet "
-             f"--depth N` (depth 2 a plain CNN, residual blocks beyond), {ACTIVATION}, PyTorch's init, "
-             f"{cnn_base.epochs} epochs, FTP with configs/ftp-conv.toml. Test accuracy %, mean ± std over seeds; a "
-             f"cell notes how many runs diverged or ended at chance.\n"]
+             f"{MLP_ACTIVATION}, Xavier init (`--init {MLP_INIT}`), {mlp_base.epochs} epochs, FTP with "
+             f"configs/ftp-deep.toml (G's scale {_deep_ftp()['ftp']['rule']['g_scale']}: at 0.05 the tanh units of "
+             f"the 10-layer net saturate within 5000 steps and accuracy collapses; the file has the measurements). "
+             f"CNNs: `--model resnet --depth N` (depth 2 a plain CNN, residual blocks beyond), {ACTIVATION}, "
+             f"PyTorch's init, {cnn_base.epochs} epochs, FTP with configs/ftp-conv.toml. Test accuracy %, mean ± std "
+             f"over seeds; a cell notes how many runs diverged or ended at chance.\n"]
     cells_all: dict[str, dict[str, dict[str, Any]]] = {}
     divergence_rows = []
     for d in DATASETS:

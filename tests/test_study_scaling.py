@@ -108,7 +108,7 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     docs = tmp_path / "docs"
     text = rep.reproduce(["depth"], "small", tmp_path / "runs", docs).read_text()
     four = ("bp", "ftp", "dfa", "pepita")
-    mlp_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp.toml")["rule"]["g_scale"]
+    mlp_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-deep.toml")["rule"]["g_scale"]
     conv_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"]["g_scale"]
     assert ("mnist", "mlp", "256,256,256", None, "tanh", "auto", "none", four, mlp_g, "depth-mnist-mlp3") in seen
     assert ("fashion-mnist", "resnet", "1024,128", 4, "relu", "torch", "none", four, conv_g, "depth-fashion-mnist-cnn4") in seen
