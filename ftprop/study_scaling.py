@@ -439,7 +439,8 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
     summary = [[f"MNIST MLP {deepest} x {MLP_WIDTH}, FTP vs BP ({budget.epochs} epochs)", f"{figure_text}; {verdict}",
                 "depth 10: within 1.0 point, no divergence"]]
     deepest_cnn = max(cnn_depths)
-    summary.append([f"Fashion-MNIST CNN {deepest_cnn} conv, FTP − BP", _diff(cnn["fashion-mnist"][deepest_cnn]),
+    summary.append([f"Fashion-MNIST CNN {deepest_cnn} conv ({cnn_base.epochs} epochs), FTP − BP",
+                    _diff(cnn["fashion-mnist"][deepest_cnn]),
                     "resnet >= 6 conv: within 2.0 points"])
     return "\n".join(parts), summary
 

@@ -123,7 +123,7 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     assert "MNIST, 3 hidden layers of 256, 1 epochs, seeds 0..0: FTP " in text
     assert "FTP diverged runs at any MLP depth: 0; goal met" in text or "; goal not met" in text
     summary = json.loads((docs / "results" / "depth.small.summary.json").read_text())
-    assert summary[0][0] == "MNIST MLP 3 x 256, FTP vs BP (1 epochs)" and summary[1][0] == "Fashion-MNIST CNN 4 conv, FTP − BP"
+    assert summary[0][0] == "MNIST MLP 3 x 256, FTP vs BP (1 epochs)" and summary[1][0] == "Fashion-MNIST CNN 4 conv (1 epochs), FTP − BP"
 
 
 def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_path, tiny, monkeypatch):
