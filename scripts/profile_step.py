@@ -1,0 +1,56 @@
+"""Where a training step's time goes, rule against rule: per-op CPU self time from torch.profiler.
+
+    python scripts/profile_step.py --model resnet --depth 6 --batch-size 256
+
+Builds the model (ReLU, seed 0) on random MNIST-shaped data, one thread; for each of `--repeats` rounds it runs
+every rule once (warm-up), then profiles 3 of its steps, the rules alternating. Prints each op's per-step self
+time (the minimum over rounds: the least disturbed by other jobs) and calls per step, for the `--top` costliest
+ops, and the per-step totals. FTP uses G scale 0.03 (configs/ftp-conv.toml); the scale does not change the cost.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ftprop.models import build_model
+from ftprop.rules import make_rule
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet")
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--rules", default="bp,ftp")
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--top", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(args.model, (1, 28, 28), 10, activation="relu", depth=args.depth)
+    rules = {r: make_rule(r, **({"g_scale": 0.03} if r == "ftp" else {})) for r in args.rules.split(",")}
+    x, y = torch.randn(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,))
+    best = {r: collections.defaultdict(lambda: float("inf")) for r in rules}
+    calls: dict[str, dict[str, int]] = {r: {} for r in rules}
+    steps = 3
+    for _ in range(args.repeats):
+        for name, rule in rules.items():
+            rule.step(model, x, y)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    rule.step(model, x, y)
+            for ev in prof.key_averages():
+                best[name][ev.key] = min(best[name][ev.key], ev.self_cpu_time_total / steps / 1e3)
+                calls[name][ev.key] = ev.count // steps
+    keys = sorted({k for r in rules for k in best[r]}, key=lambda k: -max(best[r].get(k, 0.0) for r in rules))
+    print(f"{'op':45s}" + "".join(f" {r + ' ms':>9s} {'calls':>5s}" for r in rules))
+    for k in keys[:args.top]:
+        print(f"{k[:45]:45s}" + "".join(f" {best[r].get(k, 0.0):9.2f} {calls[r].get(k, 0):5d}" for r in rules))
+    print(f"{'total':45s}" + "".join(f" {sum(best[r].values()):9.2f} {'':5s}" for r in rules))
+
+
+if __name__ == "__main__":
+    main()
