@@ -6,7 +6,8 @@ layers" and "Depth").
 
 Each argument is one setting (Python keyword syntax): `lr`, `steps`, `every`, `rule` (default ftp), `only` (indices
 of the hidden blocks that learn; the others keep their initial weights, the readout always learns), `layer_scale`
-(multiply every hidden block's gradient by this, e.g. 0.1 for 1/depth) and any option of the rule. The MLP is
+(multiply every hidden block's gradient by this, e.g. 0.1 for 1/depth), `weight_tangent` (remove from each hidden
+unit's weight gradient its component along that unit's weight vector) and any option of the rule. The MLP is
 784-1024-128-10 (or --hidden, or --depth N layers of 256) with --activation (relu), SGD momentum 0.9, batch 64, seed
 0, one thread, 5000 training images held out for validation. Every `every` (400) steps, and at the step the loss
 stops being finite, it prints the batch loss, each block's mean activation norm |h| (1000 validation images), each
@@ -24,7 +25,8 @@ from ftprop.rules import make_rule
 
 
 def run(data, tag: str, args: argparse.Namespace, lr: float = 0.01, steps: int = 1600, every: int = 400,
-        rule: str = "ftp", only: tuple[int, ...] | None = None, layer_scale: float = 1.0, **options: object) -> None:
+        rule: str = "ftp", only: tuple[int, ...] | None = None, layer_scale: float = 1.0, weight_tangent: bool = False,
+        **options: object) -> None:
     torch.manual_seed(0)
     model = build_model("mlp", data.input_shape, data.num_classes, hidden=args.hidden, activation=args.activation,
                         init=args.init, norm=args.norm)
@@ -42,6 +44,10 @@ def run(data, tag: str, args: argparse.Namespace, lr: float = 0.01, steps: int =
                     p.grad = None
                 elif p.grad is not None:
                     p.grad.mul_(layer_scale)
+                    if weight_tangent and p.dim() > 1:  # drop the part along each unit's weight vector
+                        w = p.detach().flatten(1)
+                        g = p.grad.flatten(1)
+                        g.sub_(w * ((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True)))
         opt.step()
         if (s + 1) % every == 0 or not torch.isfinite(out.loss):
             with torch.no_grad():
