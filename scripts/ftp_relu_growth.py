@@ -5,9 +5,10 @@ layers" and "Depth").
     python scripts/ftp_relu_growth.py "g_scale=0.05" "g_scale=0.05,only=(0,1)" "rule='bp'" --depth 10 --init kaiming
 
 Each argument is one setting (Python keyword syntax): `lr`, `steps`, `every`, `rule` (default ftp), `only` (indices
-of the hidden blocks that learn; the others keep their initial weights, the readout always learns), `layer_scale`
+of the hidden blocks that learn; the others keep their initial weights), `layer_scale`
 (multiply every hidden block's gradient by this, e.g. 0.1 for 1/depth), `weight_tangent` (remove from each hidden
-unit's weight gradient its component along that unit's weight vector) and any option of the rule. The MLP is
+unit's weight gradient its component along that unit's weight vector), `freeze_readout` (the output layer keeps its
+initial weights) and any option of the rule. The MLP is
 784-1024-128-10 (or --hidden, or --depth N layers of 256) with --activation (relu), SGD momentum 0.9, batch 64, seed
 0, one thread, 5000 training images held out for validation. Every `every` (400) steps, and at the step the loss
 stops being finite, it prints the batch loss, each block's mean activation norm |h| (1000 validation images), each
@@ -26,7 +27,7 @@ from ftprop.rules import make_rule
 
 def run(data, tag: str, args: argparse.Namespace, lr: float = 0.01, steps: int = 1600, every: int = 400,
         rule: str = "ftp", only: tuple[int, ...] | None = None, layer_scale: float = 1.0, weight_tangent: bool = False,
-        **options: object) -> None:
+        freeze_readout: bool = False, **options: object) -> None:
     torch.manual_seed(0)
     model = build_model("mlp", data.input_shape, data.num_classes, hidden=args.hidden, activation=args.activation,
                         init=args.init, norm=args.norm)
@@ -38,6 +39,9 @@ def run(data, tag: str, args: argparse.Namespace, lr: float = 0.01, steps: int =
     for s in range(steps):
         idx = perm[(s % per_epoch) * 64:(s % per_epoch + 1) * 64]
         out = learner.step(model, data.x_train[idx], data.y_train[idx])
+        if freeze_readout:
+            for p in model.blocks[-1].parameters():
+                p.grad = None
         for l, block in enumerate(hidden_blocks):
             for p in block.parameters():
                 if only is not None and l not in only:
