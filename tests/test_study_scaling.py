@@ -8,6 +8,20 @@ import ftprop.reproduce as rep
 import ftprop.study_scaling as sc
 
 
+def spy_runs(monkeypatch, record):
+    """Wrap run_compare so that each call appends record(base, rules as a tuple, out, rule_configs) to the list
+    returned, then trains as usual."""
+    seen = []
+    real = ftprop.compare.run_compare
+
+    def spy(base, rules, seeds, out, *a, rule_configs=None, **k):
+        seen.append(record(base, tuple(rules), out, rule_configs))
+        return real(base, rules, seeds, out, *a, rule_configs=rule_configs, **k)
+
+    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    return seen
+
+
 def test_quant_for():
     assert sc.quant_for(32) == "" and sc.quant_for(8) == "w8a8e8u8" and sc.quant_for(4) == "w4a4e4u4"
 
@@ -17,14 +31,8 @@ def test_hardware_study(tmp_path, tiny, monkeypatch):
     monkeypatch.setitem(sc.DEVICES, "small", ("ideal", "poor"))
     monkeypatch.setitem(sc.READ_NOISE, "small", (0.05,))
     monkeypatch.setitem(sc.HARDWARE_DATASETS, "small", sc.DATASETS)
-    seen = []
-    real = ftprop.compare.run_compare
-
-    def spy(base, rules, *a, **k):
-        seen.append((base.dataset, base.quant, base.rounding, base.analog, tuple(rules)))
-        return real(base, rules, *a, **k)
-
-    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (base.dataset, base.quant, base.rounding,
+                                                                     base.analog, rules))
     docs = tmp_path / "docs"
     text = rep.reproduce(["hardware"], "small", tmp_path / "runs", docs).read_text()
     assert ("mnist", "w8a8e8u8", "stochastic", "", ("bp", "ftp", "dfa", "pepita")) in seen
@@ -62,14 +70,7 @@ def test_hardware_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tm
     monkeypatch.setitem(sc.READ_NOISE, "small", ())
     monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=2, seeds=1, bench_rounds=1))
     monkeypatch.setitem(sc.HARDWARE_EPOCHS, "small", 1)
-    seen = []
-    real = ftprop.compare.run_compare
-
-    def spy(base, rules, seeds, out, *a, **k):
-        seen.append((base.epochs, base.quant, tuple(rules), out.name))
-        return real(base, rules, seeds, out, *a, **k)
-
-    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (base.epochs, base.quant, rules, out.name))
     budget = rep.BUDGETS["small"]
     body, summary = sc.study_hardware(budget, tmp_path / "runs", tmp_path)
     assert (1, "", ("bp", "ftp"), "hardware-mnist-float") in seen and (1, "w8a8e8u8", ("bp", "ftp"), "hardware-mnist-b8") in seen
@@ -96,15 +97,9 @@ def test_ftp_vs_bp_is_computed():
 def test_depth_study(tmp_path, tiny, monkeypatch):
     monkeypatch.setitem(sc.MLP_DEPTHS, "small", (1, 3))
     monkeypatch.setitem(sc.CNN_DEPTHS, "small", (4,))
-    seen = []
-    real = ftprop.compare.run_compare
-
-    def spy(base, rules, seeds, out, *a, rule_configs=None, **k):
-        seen.append((base.dataset, base.model, base.hidden, base.depth, base.activation, base.init, base.norm,
-                     tuple(rules), rule_configs["ftp"]["rule"]["g_scale"], out.name))
-        return real(base, rules, seeds, out, *a, rule_configs=rule_configs, **k)
-
-    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (
+        base.dataset, base.model, base.hidden, base.depth, base.activation, base.init, base.norm, rules,
+        configs["ftp"]["rule"]["g_scale"], out.name))
     docs = tmp_path / "docs"
     text = rep.reproduce(["depth"], "small", tmp_path / "runs", docs).read_text()
     four = ("bp", "ftp", "dfa", "pepita")
@@ -133,14 +128,7 @@ def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_p
     monkeypatch.setattr(sc, "DATASETS", ("mnist", "fashion-mnist"))
     monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=2, seeds=1, bench_rounds=1))
     monkeypatch.setitem(sc.DEPTH_EPOCHS, "small", {"mlp": 1, "cnn": 1})
-    seen = []
-    real = ftprop.compare.run_compare
-
-    def spy(base, rules, seeds, out, *a, **k):
-        seen.append((base.epochs, base.activation, tuple(rules), out.name))
-        return real(base, rules, seeds, out, *a, **k)
-
-    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (base.epochs, base.activation, rules, out.name))
     body, summary = sc.study_depth(rep.BUDGETS["small"], tmp_path / "runs", tmp_path)
     assert (1, "tanh", ("bp", "ftp"), "depth-mnist-mlp2") in seen and (1, "relu", ("bp", "ftp"), "depth-mnist-cnn2") in seen
     assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2") in seen and len(seen) == 4 + 2 + 1
@@ -152,14 +140,8 @@ def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_p
 def test_cnn_study(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(sc, "BENCH_BATCHES", (16,))
     monkeypatch.setattr(sc, "BENCH_STEPS", 2)
-    seen = []
-    real = ftprop.compare.run_compare
-
-    def spy(base, rules, *a, rule_configs=None, **k):
-        seen.append((base.dataset, base.model, base.depth, tuple(rules), rule_configs["ftp"]["rule"]["g_scale"]))
-        return real(base, rules, *a, rule_configs=rule_configs, **k)
-
-    monkeypatch.setattr(ftprop.compare, "run_compare", spy)
+    seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (base.dataset, base.model, base.depth, rules,
+                                                                     configs["ftp"]["rule"]["g_scale"]))
     docs = tmp_path / "docs"
     text = rep.reproduce(["cnn"], "small", tmp_path / "runs", docs).read_text()
     conv_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"]["g_scale"]
