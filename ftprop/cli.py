@@ -6,7 +6,6 @@ file.toml` sets fields from a file and flags given explicitly win over it.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import sys
@@ -21,29 +20,11 @@ from .compare import load_rule_config, run_compare
 from .data import DATASETS, Dataset, DatasetError, cache_dir, fetch, load_dataset
 from .hardware import ROUNDINGS
 from .models import ACTIVATIONS, build_model
-from .rules import RULES, make_rule
+from .rules import RULES, make_rule, parse_options
 from .train import TrainConfig, TrainingDiverged, resolve_device, train
 
 # Flags that set a rule option directly (the commonest FTP knobs); any other option via --rule-opt KEY=VALUE.
 RULE_OPTION_FLAGS = {"gamma": float, "g_scale": float}
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word: a string option such as g_dist=uniform
-
-
-def _rule_opts(items: Sequence[str]) -> dict[str, Any]:
-    """The rule options of repeated `--rule-opt KEY=VALUE` flags (dashes in KEY read as underscores)."""
-    options: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--rule-opt expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        options[key.strip().replace("-", "_")] = _parse_value(text)
-    return options
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -107,7 +88,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     for name in RULE_OPTION_FLAGS:
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
-    options.update(_rule_opts(args.rule_opt))
+    options.update(parse_options(args.rule_opt))
     values["rule_options"] = options
     if args.no_progress:
         values["progress"] = False
@@ -196,7 +177,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from . import cost
 
     names = [r.strip() for r in args.rules.split(",") if r.strip()]
-    options = _rule_opts(args.rule_opt)
+    options = parse_options(args.rule_opt)
     rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
     skipped: dict[str, str] = {}
     results = cost.cost_for(args.dataset, rules, model=args.model, hidden=args.hidden, activation=args.activation,
@@ -237,7 +218,7 @@ def cmd_sequences(args: argparse.Namespace) -> int:
 
     if args.cell not in CELLS:
         raise ValueError(f"unknown cell {args.cell!r}; choose one of {', '.join(CELLS)}")
-    options = _rule_opts(args.rule_opt)
+    options = parse_options(args.rule_opt)
     cfg = SeqConfig(task=args.task, T=args.T, classes=args.classes, n_train=args.n_train, n_test=args.n_test,
                     csv=args.csv, lookback=args.lookback, horizon=args.horizon, cell=args.cell, hidden=args.hidden,
                     layers=args.layers, rule=args.rule, rule_options=options, epochs=args.epochs,

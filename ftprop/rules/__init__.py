@@ -9,6 +9,9 @@ another); the registry below is the one place that knows them all.
 """
 from __future__ import annotations
 
+import ast
+from typing import Any
+
 from .base import Rule, StepOutput, rule_options
 from .bp import BP
 from .bptt import BPTT
@@ -39,6 +42,33 @@ def make_sequence_rule(name: str, **options: object) -> Rule:
     return _make(SEQUENCE_RULES, name, options)
 
 
+def parse_option_value(text: str) -> Any:
+    """A rule option's value from text: a Python literal (0.1, True, "x"), else the bare word (g_dist=uniform)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_options(items: list[str], what: str = "--rule-opt") -> dict[str, Any]:
+    """Rule options from KEY=VALUE items (dashes in KEY read as underscores)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{what} expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        options[key.strip().replace("-", "_")] = parse_option_value(text)
+    return options
+
+
+def rule_variant(entry: str) -> tuple[str, dict[str, Any]]:
+    """A rule with options of its own, written `NAME:KEY=VALUE:...` ("ftp:inject=final" -> ("ftp", {"inject":
+    "final"})), so that one comparison can hold the same rule twice under different settings, each labelled by its
+    entry. A bare name has no options of its own."""
+    name, *items = entry.split(":")
+    return name.strip(), parse_options(items, f"rule {entry!r}")
+
+
 def _make(registry: dict[str, type[Rule]], name: str, options: dict[str, object]) -> Rule:
     if name not in registry:
         raise ValueError(f"unknown rule {name!r}; choose one of: {', '.join(registry)}")
@@ -51,5 +81,6 @@ def _make(registry: dict[str, type[Rule]], name: str, options: dict[str, object]
     return cls(**options)
 
 
-__all__ = ["RULES", "SEQUENCE_RULES", "Rule", "StepOutput", "make_rule", "make_sequence_rule", "rule_options", "BP", "FTP", "FA", "DFA",
+__all__ = ["RULES", "SEQUENCE_RULES", "Rule", "StepOutput", "make_rule", "make_sequence_rule", "rule_options",
+           "parse_option_value", "parse_options", "rule_variant", "BP", "FTP", "FA", "DFA",
            "DRTP", "PEPITA", "DTP", "FF", "BPTT", "FTPThroughTime", "DFAThroughTime"]
