@@ -19,7 +19,7 @@ from . import report
 from .bench import benchmark
 from .data import batches
 from .recurrent import RecurrentNet, build_recurrent
-from .rules import Rule, make_sequence_rule
+from .rules import Rule, make_sequence_rule, rule_variant
 from .rules._recurrent import sequence_loss
 from .sequences import SeqData, load_sequence_task
 
@@ -143,7 +143,10 @@ def sequence_cost(cfg: SeqConfig, data: SeqData, rules: list[str], rounds: int =
     """Per rule: MACs per training sequence (torch.utils.flop_counter, 2 FLOPs per MAC) and the median step time
     per sequence over interleaved rounds (rules alternate, so they share the machine's state), measured together.
     The timing optimizer is bench.benchmark's SGD; the rule's work dominates a recurrent step either way."""
-    made = {r: make_sequence_rule(r, **(cfg.rule_options if r == cfg.rule else {})) for r in rules}
+    made = {}
+    for r in rules:
+        name, options = _variant(cfg, r)
+        made[r] = make_sequence_rule(name, **options)
     res = benchmark(made, lambda: cfg.build(data), data.x_train, data.y_train, cfg.batch_size, rounds=rounds,
                     steps_per_round=steps, warmup=1)
     base = res.get("bptt", {}).get("step_time_median_s")
@@ -153,22 +156,36 @@ def sequence_cost(cfg: SeqConfig, data: SeqData, rules: list[str], rounds: int =
             for r, v in res.items()}
 
 
-def run_sequences(cfg: SeqConfig, rules: list[str], seeds: int, bench_rounds: int = 7,
-                  data: SeqData | None = None) -> tuple[dict[str, Any], dict[str, RecurrentNet]]:
+def _variant(cfg: SeqConfig, entry: str) -> tuple[str, dict[str, Any]]:
+    """(rule, options) of a `rules` entry (`NAME` or `NAME:KEY=VALUE:...`): cfg.rule_options apply to entries of
+    cfg.rule, and the entry's own options override them."""
+    name, own = rule_variant(entry)
+    return name, (cfg.rule_options if name == cfg.rule else {}) | own
+
+
+def run_sequences(cfg: SeqConfig, rules: list[str], seeds: int, bench_rounds: int = 7, data: SeqData | None = None,
+                  done: dict[str, list[dict[str, Any]]] | None = None
+                  ) -> tuple[dict[str, Any], dict[str, RecurrentNet]]:
     """Every rule on seeds 0..seeds-1 with the same data and net, the cost per sequence measured in the same process,
-    and (forecasting) the linear baseline. Returns ({"data", "classification", "runs": {rule: [summary...]}, "cost",
-    "linear"}, {rule: its seed-0 model at the best validation epoch}) (the models are for plots of predictions)."""
+    and (forecasting) the linear baseline. A rule is an entry of `rules`: a name, or `NAME:KEY=VALUE:...` for a rule
+    with options of its own. `done` holds finished runs (rule entry -> summaries, from the same cfg and seeds) that
+    are kept instead of retrained; the cost is measured for every rule together either way. Returns ({"data",
+    "classification", "runs": {rule: [summary...]}, "cost", "linear"}, {rule: its seed-0 model at the best validation
+    epoch, for the rules trained here}) (the models are for plots of predictions)."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    for r in rules:  # fail on a bad rule or option before any training
-        make_sequence_rule(r, **(cfg.rule_options if r == cfg.rule else {}))
+    variants = {r: _variant(cfg, r) for r in rules}
+    for name, options in variants.values():  # fail on a bad rule or option before any training
+        make_sequence_rule(name, **options)
     data = data or cfg.load()
     runs: dict[str, list[dict[str, Any]]] = {}
     models: dict[str, RecurrentNet] = {}
-    for r in rules:
-        options = cfg.rule_options if r == cfg.rule else {}
+    for r, (name, options) in variants.items():
+        if done and r in done:
+            runs[r] = done[r]
+            continue
         for s in range(seeds):
-            summary, model = train_sequences(dataclasses.replace(cfg, rule=r, seed=s, rule_options=options), data)
+            summary, model = train_sequences(dataclasses.replace(cfg, rule=name, seed=s, rule_options=options), data)
             runs.setdefault(r, []).append(summary)
             models.setdefault(r, model)
     results = {"data": data.name, "classification": data.classification, "runs": runs,

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ftprop import cli
+from ftprop import cli, seqtrain
 from ftprop.data import DatasetError
 from ftprop.recurrent import ElmanCell, build_recurrent
 from ftprop.rules import SEQUENCE_RULES, make_sequence_rule
@@ -224,6 +224,59 @@ def test_ftp_through_time_equals_its_formula(inject, tangent):
     assert torch.allclose(net.readout.weight.grad, dz.T @ hs[-1]) and torch.allclose(net.readout.bias.grad, dz.sum(0))
 
 
+@pytest.mark.parametrize("tangent", [False, True])
+def test_ftp_final_equals_its_formula(tangent):
+    """inject="final", Elman, T = 3: the final state's target offset c = -gamma e G reaches step t scaled by
+    kappa_t = prod_{s > t} (1 - h_s^2) U_jj (each unit's own carry); local error (h_t - tau_t) / (gamma B)."""
+    net, x, y = _tiny()
+    gamma = 0.3
+    rule = make_sequence_rule("ftp", gamma=gamma, g_scale=0.5, inject="final", tangent=tangent)
+    out = rule.step(net, x, y)
+    with torch.no_grad():
+        hs, z = _elman_by_hand(net, x)
+        e = z - y
+        c = net.cells[0]
+        k = [(1 - h ** 2) * torch.diagonal(c.rec.weight) for h in hs]
+        kappas = [k[1] * k[2], k[2], torch.ones_like(hs[0])]
+        deltas = [-kappa * (-gamma * e @ rule.G) / (gamma * 5) for kappa in kappas]
+        if tangent:
+            deltas = [d - (d * h).sum(1, keepdim=True) / (h * h).sum(1, keepdim=True) * h for d, h in zip(deltas, hs)]
+        gw, gu, gb = _local_update_by_hand(net, x, hs, deltas)
+    assert torch.allclose(out.logits, z)
+    assert torch.allclose(c.inp.weight.grad, gw) and torch.allclose(c.rec.weight.grad, gu)
+    assert torch.allclose(c.inp.bias.grad, gb)
+
+
+def test_ftp_final_equals_eligibility_traces_run_forward_on_a_gru():
+    """inject="final" on a GRU is computed with a reverse product of gates; a device would instead carry, forward in
+    time, one eligibility trace per sample, unit and parameter, eps_t = u_t eps_{t-1} + d h_t / d theta (one step,
+    inputs held), and update by (e G / B) . eps_T at the end. Built here that way, one backward call per sample, unit
+    and step, the two updates agree."""
+    net, x, y = _tiny("gru")
+    rule = make_sequence_rule("ftp", inject="final")
+    rule.step(net, x, y)
+    got = _grads(net)
+    cell = net.cells[0]
+    params = dict(cell.named_parameters())
+    with torch.no_grad():
+        states, z = local_unroll(net, x)
+        signal = (z - y) @ rule.G / 5
+    traces = {n: torch.zeros(5, 4, *p.shape, dtype=p.dtype) for n, p in params.items()}
+    prev = torch.zeros(5, 4, dtype=torch.float64)
+    for t in range(3):
+        h = cell(x[:, t], prev)
+        with torch.no_grad():
+            u = torch.sigmoid(x[:, t] @ cell.inp.weight[:4].T + cell.inp.bias[:4] + prev @ cell.rec_gates.weight[:4].T)
+        for b in range(5):
+            for j in range(4):
+                one_step = torch.autograd.grad(h[b, j], list(params.values()), retain_graph=True)
+                for (n, trace), g in zip(traces.items(), one_step):
+                    trace[b, j] = u[b, j] * trace[b, j] + g
+        prev = h.detach()
+    for n, trace in traces.items():
+        assert torch.allclose(torch.einsum("bj,bj...->...", signal, trace), got["cells.0." + n]), n
+
+
 def test_dfa_through_time_equals_its_formula():
     """Classification: e = p - y; every step's state gets e B / B; the readout the exact CE gradient."""
     net, x, _ = _tiny(outputs=3)
@@ -255,24 +308,28 @@ def test_no_gradient_crosses_time_or_layers():
     seen = []
     hooks = [cell.register_forward_pre_hook(lambda m, args: seen.extend(a.requires_grad for a in args))
              for cell in net.cells]
-    for name in ("ftp", "dfa"):
-        make_sequence_rule(name).step(net, x, y)
+    for name, options in (("ftp", {}), ("ftp", {"inject": "final"}), ("dfa", {})):
+        make_sequence_rule(name, **options).step(net, x, y)
     for h in hooks:
         h.remove()
-    assert len(seen) == 2 * (2 * 3 * 2 + 2 * 3 * 2) - 2 * 3 * 2 and not any(seen)
+    # two inputs per call; calls: ftp 2 passes x 2 layers x 3 steps, ftp final 6 + layer 2's 3 (layer 1's carry
+    # reads the stored states), dfa 6
+    assert len(seen) == 2 * (12 + 9 + 6) and not any(seen)
 
 
-def test_ftp_update_is_a_sum_of_one_step_gradients_on_a_stacked_gru():
+@pytest.mark.parametrize("inject", ["every", "final"])
+def test_ftp_update_is_a_sum_of_one_step_gradients_on_a_stacked_gru(inject):
     """Two GRU layers: FTP's update equals the sum, over layers and steps, of the gradient of |h - tau|^2 / (2 gamma B)
     through ONE fresh cell call whose inputs are leaf tensors holding the first pass's values: the past enters a
     step's gradient only through the values of its forward inputs, never through a graph."""
     net, x, y = _tiny("gru", layers=2)
-    rule = make_sequence_rule("ftp", gamma=0.2)
+    rule = make_sequence_rule("ftp", gamma=0.2, inject=inject)
     rule.step(net, x, y)
     got = _grads(net)
     with torch.no_grad():
         states, z = local_unroll(net, x)
-        taus = rule.targets(net, x, z - y)
+        offsets = rule.offsets(net, x, z - y, states)
+        taus = [[h + o for h, o in zip(*pair)] for pair in zip(states, offsets)]
     net.zero_grad(set_to_none=True)
     for l, cell in enumerate(net.cells):
         for t in range(3):
@@ -339,9 +396,11 @@ def test_gru_cell_matches_its_equations():
 
 # --- training loop, baseline, CLI -----------------------------------------------------------------------------------
 
-def test_ftp_learns_the_adding_problem():
+@pytest.mark.parametrize("inject", ["every", "final"])
+def test_ftp_learns_the_adding_problem(inject):
     """A short run (T = 10, 16 epochs of 32 batches): FTP's test MSE ends far below predicting the mean (1/6)."""
-    cfg = SeqConfig(task="adding", T=10, n_train=2048, n_test=500, hidden=32, epochs=16, lr=3e-3, rule="ftp")
+    cfg = SeqConfig(task="adding", T=10, n_train=2048, n_test=500, hidden=32, epochs=16, lr=3e-3, rule="ftp",
+                    rule_options={"inject": inject})
     summary, _ = train_sequences(cfg)
     mean_mse = ((cfg.load().y_test - 1) ** 2).mean().item()
     assert summary["diverged"] is None and summary["test"]["loss"] < 0.5 * mean_mse
@@ -388,9 +447,17 @@ def test_sequences_study_writes_tables_and_plots_and_reuses_runs(tmp_path, monke
         ("etth1-96", SeqConfig(task="ett", csv=str(csv_path), lookback=8, hidden=4, epochs=3), "goal E")])
     monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=1, seeds=1, bench_rounds=1))
     docs = tmp_path / "docs"
+    monkeypatch.setattr(st, "RULES", ["bptt", "ftp", "dfa"])
+    rep.reproduce(["sequences"], "small", tmp_path / "runs", docs)
+    monkeypatch.setattr(st, "RULES", ["bptt", "ftp", "ftp:inject=final", "dfa"])  # one rule added: only it trains
+    trained = []
+    real_train = seqtrain.train_sequences
+    monkeypatch.setattr(seqtrain, "train_sequences", lambda cfg, data: trained.append(cfg) or real_train(cfg, data))
     text = rep.reproduce(["sequences"], "small", tmp_path / "runs", docs).read_text()
-    assert text.count("| ftp |") == 1 and "| linear (least squares) |" in text and "Goal: goal E" in text
-    assert "FTP/BPTT MSE ratio" in text
+    assert [(c.rule, c.rule_options) for c in trained] == [("ftp", {"inject": "final"})]
+    assert text.count("| ftp |") == 1 and text.count("| ftp:inject=final |") == 1 and text.count("| dfa |") == 1
+    assert "| linear (least squares) |" in text and "Goal: goal E" in text
+    assert "ftp/BPTT MSE ratio" in text and "ftp:inject=final/BPTT MSE ratio" in text
     for png in ("sequences-etth1-96.small.png", "sequences-etth1-96-forecast.small.png"):
         assert (docs / "results" / png).stat().st_size > 10_000 and f"results/{png}" in text
     monkeypatch.setattr(st, "run_sequences", lambda *a, **k: pytest.fail("finished runs must be reused"))
