@@ -427,14 +427,20 @@ def test_linear_baseline_solves_a_linear_series():
 def test_cli_sequences_prints_a_table(capsys, tmp_path):
     path = tmp_path / "tiny.csv"
     _write_ett(path, 610, datetime.timedelta(days=1))
-    code = cli.main(["sequences", "--task", "ett", "--csv", str(path), "--lookback", "16", "--rules", "bptt,ftp",
-                     "--hidden", "4", "--epochs", "1", "--bench-rounds", "1", "--out", str(tmp_path / "o")])
+    code = cli.main(["sequences", "--task", "ett", "--csv", str(path), "--lookback", "16", "--rules",
+                     "bptt,ftp,ftp:inject=final", "--hidden", "4", "--epochs", "1", "--bench-rounds", "1", "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
-    assert code == 0 and "| ftp |" in out and "| linear (least squares) |" in out and "time / BPTT" in out
-    assert set(json.loads((tmp_path / "o" / "results.json").read_text())["runs"]) == {"bptt", "ftp"}
+    assert code == 0 and "| ftp |" in out and "| ftp:inject=final |" in out and "| linear (least squares) |" in out
+    assert "time / BPTT" in out
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())["runs"]
+    assert set(saved) == {"bptt", "ftp", "ftp:inject=final"}
+    assert saved["ftp:inject=final"][0]["rule_options"]["inject"] == "final"
+    assert saved["ftp"][0]["rule_options"]["inject"] == "every"
     assert cli.main(["sequences", "--task", "ett", "--csv", str(tmp_path / "no.csv")]) == 2
     assert "ETDataset" in capsys.readouterr().err
     assert cli.main(["sequences", "--task", "adding", "--rules", "ftp", "--rule-opt", "inject=middle"]) == 2
+    assert cli.main(["sequences", "--task", "adding", "--rules", "ftp:inject"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
 
 
 def test_sequences_study_writes_tables_and_plots_and_reuses_runs(tmp_path, monkeypatch):
