@@ -428,7 +428,8 @@ def test_cli_sequences_prints_a_table(capsys, tmp_path):
     path = tmp_path / "tiny.csv"
     _write_ett(path, 610, datetime.timedelta(days=1))
     code = cli.main(["sequences", "--task", "ett", "--csv", str(path), "--lookback", "16", "--rules",
-                     "bptt,ftp,ftp:inject=final", "--hidden", "4", "--epochs", "1", "--bench-rounds", "1", "--out", str(tmp_path / "o")])
+                     "bptt,ftp,ftp:inject=final", "--hidden", "4", "--epochs", "1", "--bench-rounds", "1",
+                     "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert code == 0 and "| ftp |" in out and "| ftp:inject=final |" in out and "| linear (least squares) |" in out
     assert "time / BPTT" in out
