@@ -60,7 +60,7 @@ def _run(cfg: SeqConfig, seeds: int, bench_rounds: int, where: Path) -> tuple[di
         return saved, models, data
     done = {r: runs for r, runs in saved["runs"].items() if r in RULES and r in models} if saved else {}
     results, trained = run_sequences(cfg, RULES, seeds, bench_rounds, data, done)
-    models = {r: trained.get(r) or models[r] for r in RULES}
+    models = {r: trained[r] if r in trained else models[r] for r in RULES}  # trained: the rules not in done
     results["key"] = key
     where.mkdir(parents=True, exist_ok=True)
     torch.save({rule: m.state_dict() for rule, m in models.items()}, models_path)

@@ -42,7 +42,7 @@ def make_sequence_rule(name: str, **options: object) -> Rule:
     return _make(SEQUENCE_RULES, name, options)
 
 
-def parse_option_value(text: str) -> Any:
+def _option_value(text: str) -> Any:
     """A rule option's value from text: a Python literal (0.1, True, "x"), else the bare word (g_dist=uniform)."""
     try:
         return ast.literal_eval(text)
@@ -57,7 +57,7 @@ def parse_options(items: list[str], what: str = "--rule-opt") -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"{what} expects KEY=VALUE, got {item!r}")
         key, text = item.split("=", 1)
-        options[key.strip().replace("-", "_")] = parse_option_value(text)
+        options[key.strip().replace("-", "_")] = _option_value(text)
     return options
 
 
@@ -82,5 +82,5 @@ def _make(registry: dict[str, type[Rule]], name: str, options: dict[str, object]
 
 
 __all__ = ["RULES", "SEQUENCE_RULES", "Rule", "StepOutput", "make_rule", "make_sequence_rule", "rule_options",
-           "parse_option_value", "parse_options", "rule_variant", "BP", "FTP", "FA", "DFA",
+           "parse_options", "rule_variant", "BP", "FTP", "FA", "DFA",
            "DRTP", "PEPITA", "DTP", "FF", "BPTT", "FTPThroughTime", "DFAThroughTime"]
