@@ -34,7 +34,8 @@ def test_bp_equals_autograd(activation):
     torch.testing.assert_close(out.loss, F.cross_entropy(net(x), y))
 
 
-def ftp_by_hand(net, x, y, gamma, tangent, target_nonlin="linear", update_input="h", fprime=True, G=None):
+def ftp_by_hand(net, x, y, gamma, tangent, target_nonlin="linear", update_input="h", fprime=True, G=None,
+                deep_weight=1.0):
     """FTP for a 2-hidden-layer tanh net written out with explicit matrix algebra."""
     (W1, b1), (W2, b2), (W3, b3) = [(blk.layer.weight, blk.layer.bias) for blk in net.blocks]
     B = x.shape[0]
@@ -56,7 +57,7 @@ def ftp_by_hand(net, x, y, gamma, tangent, target_nonlin="linear", update_input=
                 delta = delta - ((delta * h).sum(1, keepdim=True) / (h * h).sum(1, keepdim=True)) * h
             return delta / gamma * ((1 - h ** 2) if fprime else 1)
 
-        d1, d2 = local(h1, t1), local(h2, t2)
+        d1, d2 = local(h1, t1), deep_weight * local(h2, t2)
         in2 = h1 if update_input == "h" else t1
         return [d1.T @ x / B, d1.sum(0) / B, d2.T @ in2 / B, d2.sum(0) / B, e.T @ h2 / B, e.sum(0) / B]
 
@@ -74,6 +75,24 @@ def test_ftp_equals_formula(tangent, target_nonlin, update_input, fprime):
     expected = ftp_by_hand(net, x, y, 0.3, tangent, target_nonlin, update_input, fprime, rule.G)
     for g, e in zip(grads(net), expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("deep_weight", [0.0, 0.35])
+@pytest.mark.parametrize("tangent", [False, True])
+def test_ftp_deep_weight_scales_only_the_deeper_hidden_layers(deep_weight, tangent):
+    """deep_weight weights the local losses of hidden layers 2..L-1; the first hidden layer and the output keep
+    theirs."""
+    net = tiny_net()
+    x, y = tiny_batch()
+    rule = make_rule("ftp", gamma=0.3, g_scale=0.7, tangent=tangent, deep_weight=deep_weight)
+    rule.step(net, x, y)
+    expected = ftp_by_hand(net, x, y, 0.3, tangent, G=rule.G, deep_weight=deep_weight)
+    for g, e in zip(grads(net), expected):
+        torch.testing.assert_close(g, e)
+    plain = tiny_net()
+    make_rule("ftp", gamma=0.3, g_scale=0.7, tangent=tangent).step(plain, x, y)
+    for i, (g, p) in enumerate(zip(grads(net), grads(plain))):  # W1 b1 W2 b2 W3 b3
+        torch.testing.assert_close(g, p * deep_weight if i in (2, 3) else p)
 
 
 def test_ftp_gamma_multiplier_mode():
@@ -190,6 +209,8 @@ def test_bad_rule_options_raise_clear_errors():
     for density in (0, 1.5):
         with pytest.raises(ValueError, match="g_density must be in"):
             make_rule("ftp", g_dist="sparse", g_density=density)
+    with pytest.raises(ValueError, match="deep_weight must be >= 0"):
+        make_rule("ftp", deep_weight=-0.5)
 
 
 def test_a_checkpoint_with_foreign_rule_state_is_refused():
@@ -228,7 +249,7 @@ def test_ftp_relu_stays_bounded_with_tangent_and_diverges_without(small_mnist):
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu", "sigmoid"])
 @pytest.mark.parametrize("options", [{}, {"tangent": False}, {"fprime": False}, {"update_input": "t"},
-                                     {"target_nonlin": "tanh", "gamma_mode": "multiplier"}])
+                                     {"target_nonlin": "tanh", "gamma_mode": "multiplier"}, {"deep_weight": 0.4}])
 def test_ftp_closed_form_and_autograd_paths_agree(activation, options):
     """Plain Linear + pointwise blocks take the closed-form local gradients; a hooked (or conv, normed...) block
     takes autograd. Both must give the same update."""

@@ -101,6 +101,7 @@ class FTP(Rule):
     seed: int = 0                     # seeds G, independently of the model's initialisation
     pipeline: bool = False            # fill each block's gradients as soon as its target exists, then block_ready(l)
     compare_at: str = "output"        # "output": local loss on h_l; "next-input": on pre_{l+1}(h_l) (after pooling)
+    deep_weight: float = 1.0          # weight of hidden blocks 2..L-1's local losses against the first's (see docs)
     G: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +110,8 @@ class FTP(Rule):
             "compare_at": ("output", "next-input")})
         if not 0 < self.g_density <= 1:
             raise ValueError(f"ftp: g_density must be in (0, 1], got {self.g_density}")
+        if not self.deep_weight >= 0:
+            raise ValueError(f"ftp: deep_weight must be >= 0, got {self.deep_weight}")
         # Set by the training loop when pipeline=True (ftprop.pipeline.wire): called with a block's index as soon as
         # its gradients are final, to update it while the next targets are computed. Not an option, not state.
         self.block_ready: Callable[[int], None] | None = None
@@ -195,7 +198,7 @@ class FTP(Rule):
         z = outs[-1]
         passes.replay()  # from here on: the first pass's dropout masks and batch-norm statistics
 
-        scale = 1.0 / (self.gamma * batch)
+        deep = self.deep_weight / (self.gamma * batch)  # hidden blocks 2..L-1: their local loss's weight / (gamma B)
         loss, p, e = output_error(z, y)
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # autograd roots and their gradients, not yet run
         due: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (block, error, layer input on the target path)
@@ -244,7 +247,7 @@ class FTP(Rule):
             for l, block in enumerate(blocks[1:-1], start=1):
                 u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
                 t = block.post(block.layer(u))
-                ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(scale)), u)
+                ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(deep)), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
                 fill(l, err, t_input)
