@@ -4,7 +4,7 @@ layers" and "Depth").
     python scripts/ftp_relu_growth.py "" "g_scale=0.05" "lr=0.005" "gamma=0.01" --dataset fashion-mnist
     python scripts/ftp_relu_growth.py "g_scale=0.05" "g_scale=0.05,only=(0,1)" "rule='bp'" --depth 10 --init kaiming
 
-Each argument is one setting (Python keyword syntax): `lr`, `steps`, `every`, `rule` (default ftp), `only` (indices
+Each argument is one setting (Python keyword syntax): `lr`, `opt` ("sgd" with momentum 0.9, or "adam"), `steps`, `every`, `rule` (default ftp), `only` (indices
 of the hidden blocks that learn; the others keep their initial weights), `layer_scale`
 (multiply every hidden block's gradient by this, e.g. 0.1 for 1/depth), `weight_tangent` (remove from each hidden
 unit's weight gradient its component along that unit's weight vector), `freeze_readout` (the output layer keeps its
@@ -27,12 +27,13 @@ from ftprop.rules import make_rule
 
 def run(data, tag: str, args: argparse.Namespace, lr: float = 0.01, steps: int = 1600, every: int = 400,
         rule: str = "ftp", only: tuple[int, ...] | None = None, layer_scale: float = 1.0, weight_tangent: bool = False,
-        freeze_readout: bool = False, **options: object) -> None:
+        freeze_readout: bool = False, opt: str = "sgd", **options: object) -> None:
     torch.manual_seed(0)
     model = build_model("mlp", data.input_shape, data.num_classes, hidden=args.hidden, activation=args.activation,
                         init=args.init, norm=args.norm)
     learner = make_rule(rule, **options)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if opt == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=lr))
     perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))
     per_epoch = len(perm) // 64
     hidden_blocks = model.blocks[:-1]
