@@ -4,8 +4,9 @@ layers" and "Depth").
     python scripts/ftp_relu_growth.py "" "g_scale=0.05" "lr=0.005" "gamma=0.01" --dataset fashion-mnist
     python scripts/ftp_relu_growth.py "g_scale=0.05" "g_scale=0.05,only=(0,1)" "rule='bp'" --depth 10 --init kaiming
 
-Each argument is one setting (Python keyword syntax): `lr`, `opt` ("sgd" with momentum 0.9, or "adam"), `steps`, `every`, `rule` (default ftp), `only` (indices
-of the hidden blocks that learn; the others keep their initial weights), `layer_scale`
+Each argument is one setting (Python keyword syntax): `lr`, `opt` ("sgd" with momentum 0.9, or "adam"), `steps`,
+`every`, `rule` (default ftp), `only` (indices of the hidden blocks that learn; the others keep their initial
+weights), `layer_scale`
 (multiply every hidden block's gradient by this, e.g. 0.1 for 1/depth), `weight_tangent` (remove from each hidden
 unit's weight gradient its component along that unit's weight vector), `freeze_readout` (the output layer keeps its
 initial weights) and any option of the rule. The MLP is
