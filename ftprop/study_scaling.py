@@ -401,11 +401,13 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
                        {r: [cnn[d][n][r] for n in cnn_depths] for r in RULES}))
     _plot(panels, figures / figure)
 
+    deep = _deep_ftp()["ftp"]["rule"]
     parts = [f"Cosine schedule, SGD lr 0.01 momentum 0.9, batch 64, seeds 0..{budget.seeds - 1}, each rule with its "
              f"configs/RULE.toml settings. MLPs: N hidden layers of {MLP_WIDTH} (`--hidden {MLP_WIDTH},...`), "
              f"{MLP_ACTIVATION}, Xavier init (`--init {MLP_INIT}`), {mlp_base.epochs} epochs, FTP with "
-             f"configs/ftp-deep.toml (G's scale {_deep_ftp()['ftp']['rule']['g_scale']}: at 0.05 the tanh units of "
-             f"the 10-layer net saturate within 5000 steps and accuracy collapses; the file has the measurements). "
+             f"configs/ftp-deep.toml (G's scale {deep['g_scale']}, local losses of hidden blocks 2..N weighted "
+             f"{deep['deep_weight']} against the first's: with every layer at full weight the tanh units of the "
+             f"10-layer net saturate at G 0.05 and learn slowly at 0.02; the file has the measurements). "
              f"CNNs: `--model resnet --depth N` (depth 2 a plain CNN, residual blocks beyond), {ACTIVATION}, "
              f"PyTorch's init, {cnn_base.epochs} epochs, FTP with configs/ftp-conv.toml. Test accuracy %, mean ± std "
              f"over seeds; a cell notes how many runs diverged or ended at chance.\n"]

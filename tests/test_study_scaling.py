@@ -99,16 +99,19 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     monkeypatch.setitem(sc.CNN_DEPTHS, "small", (4,))
     seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (
         base.dataset, base.model, base.hidden, base.depth, base.activation, base.init, base.norm, rules,
-        configs["ftp"]["rule"]["g_scale"], out.name))
+        tuple(sorted(configs["ftp"]["rule"].items())), out.name))
     docs = tmp_path / "docs"
     text = rep.reproduce(["depth"], "small", tmp_path / "runs", docs).read_text()
     four = ("bp", "ftp", "dfa", "pepita")
-    mlp_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-deep.toml")["rule"]["g_scale"]
-    conv_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"]["g_scale"]
-    assert ("mnist", "mlp", "256,256,256", None, "tanh", "auto", "none", four, mlp_g, "depth-mnist-mlp3") in seen
-    assert ("fashion-mnist", "resnet", "1024,128", 4, "relu", "torch", "none", four, conv_g, "depth-fashion-mnist-cnn4") in seen
-    assert ("mnist", "mlp", "256,256,256", None, "relu", "auto", "none", four, mlp_g, "depth-relu-mnist-mlp3") in seen
-    assert ("mnist", "mlp", "256,256,256", None, "relu", "auto", "layernorm", ("bp", "ftp"), sc.RELU_LN_G_SCALE,
+    deep = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-deep.toml")["rule"]
+    assert deep["deep_weight"] < 1  # the deeper blocks' local losses are weighted down (configs/ftp-deep.toml)
+    mlp_ftp = tuple(sorted(deep.items()))
+    conv_ftp = tuple(sorted(ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"].items()))
+    assert ("mnist", "mlp", "256,256,256", None, "tanh", "auto", "none", four, mlp_ftp, "depth-mnist-mlp3") in seen
+    assert ("fashion-mnist", "resnet", "1024,128", 4, "relu", "torch", "none", four, conv_ftp, "depth-fashion-mnist-cnn4") in seen
+    assert ("mnist", "mlp", "256,256,256", None, "relu", "auto", "none", four, mlp_ftp, "depth-relu-mnist-mlp3") in seen
+    assert ("mnist", "mlp", "256,256,256", None, "relu", "auto", "layernorm", ("bp", "ftp"),
+            tuple(sorted((deep | {"g_scale": sc.RELU_LN_G_SCALE}).items())),
             "depth-reluln-mnist-mlp3") in seen
     assert len(seen) == 2 * 2 + 2 + 2  # no separate headline run: the grid trains the budget's epochs
     assert (docs / "results" / "depth.small.png").stat().st_size > 10_000 and "results/depth.small.png" in text
