@@ -111,7 +111,7 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     assert ("fashion-mnist", "resnet", "1024,128", 4, "relu", "torch", "none", four, conv_ftp, "depth-fashion-mnist-cnn4") in seen
     assert ("mnist", "mlp", "256,256,256", None, "relu", "auto", "none", four, mlp_ftp, "depth-relu-mnist-mlp3") in seen
     assert ("mnist", "mlp", "256,256,256", None, "relu", "auto", "layernorm", ("bp", "ftp"),
-            tuple(sorted((deep | {"g_scale": sc.RELU_LN_G_SCALE}).items())),
+            tuple(sorted(sc.RELU_LN_FTP.items())),
             "depth-reluln-mnist-mlp3") in seen
     assert len(seen) == 2 * 2 + 2 + 2  # no separate headline run: the grid trains the budget's epochs
     assert (docs / "results" / "depth.small.png").stat().st_size > 10_000 and "results/depth.small.png" in text
