@@ -299,30 +299,33 @@ def _diff(by_rule: dict[str, dict[str, Any]]) -> str:
 def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
     """Issue 4's goals on these models: the paper CNN on MNIST and Fashion-MNIST (FTP within 1.0 point of BP), a
     residual CNN with 6 conv layers on Fashion-MNIST (within 2.0), and their FTP / BP step times (`cnn_bench`). FTP
-    uses configs/ftp-conv.toml (G's scale for conv maps)."""
-    conv = {"ftp": compare.load_rule_config(compare.CONFIGS / "ftp-conv.toml")}
+    uses configs/ftp-paper-cnn.toml on the paper CNN and configs/ftp-conv.toml on the residual CNN (G's scale)."""
+    paper, conv = "ftp-paper-cnn.toml", "ftp-conv.toml"
     epochs, res_epochs = _grid(budget, CNN_EPOCHS), _grid(budget, RESNET_EPOCHS)
-    settings = [(f"paper CNN, {d}", dict(dataset=d, model="paper-cnn", epochs=epochs), f"cnn-{d}-paper")
+    settings = [(f"paper CNN, {d}", dict(dataset=d, model="paper-cnn", epochs=epochs), f"cnn-{d}-paper", paper)
                 for d in DATASETS]
     settings.append((f"resnet depth {RESNET_DEPTH}, fashion-mnist",
                      dict(dataset="fashion-mnist", model="resnet", depth=RESNET_DEPTH, epochs=res_epochs),
-                     f"cnn-fashion-mnist-resnet{RESNET_DEPTH}"))
+                     f"cnn-fashion-mnist-resnet{RESNET_DEPTH}", conv))
     cells = {}
-    for label, fields, key in settings:
+    for label, fields, key, config in settings:
         base = TrainConfig(activation=ACTIVATION, schedule="cosine", progress=False, **fields)
-        comparison = compare.run_compare(base, CNN_RULES, budget.seeds, runs / key, resume=True, rule_configs=conv)
+        comparison = compare.run_compare(base, CNN_RULES, budget.seeds, runs / key, resume=True,
+                                         rule_configs={"ftp": compare.load_rule_config(compare.CONFIGS / config)})
         cells[label] = _accuracies(comparison.results)
         shutil.copyfile(runs / key / "curves.png", figures / f"{key}.{budget.name}.png")
 
     parts = [f"{ACTIVATION}, cosine schedule, SGD lr 0.01 momentum 0.9, batch 64, seeds 0..{budget.seeds - 1}; "
              f"paper CNN (conv 5x5x32, max-pool 2, dense; `--model paper-cnn`) {epochs} epochs, residual CNN "
              f"(`--model resnet --depth {RESNET_DEPTH}`) {res_epochs} epochs. FTP projects onto the whole first conv "
-             f"map (before pooling) with G's scale from configs/ftp-conv.toml. Test accuracy %, mean ± std over seeds.\n",
+             f"map (before pooling) with G's scale from configs/{paper} on the paper CNN and configs/{conv} on the "
+             f"residual CNN. Test accuracy %, mean ± std over seeds.\n",
              _table("setting", cells, CNN_RULES) + "\n"]
-    parts += [f"![{label}](results/{key}.{budget.name}.png)\n" for label, _, key in settings]
+    parts += [f"![{label}](results/{key}.{budget.name}.png)\n" for label, _, key, _ in settings]
     parts.append(f"{_ftp_vs_bp(cells)}\n\nCommand for one row: `ftprop compare --rules bp,ftp --dataset mnist --model "
                  f"paper-cnn --activation {ACTIVATION} --epochs {epochs} --schedule cosine --seeds {budget.seeds} "
-                 f"--rule-config ftp=configs/ftp-conv.toml`.\n")
+                 f"--rule-config ftp=configs/{paper}` (the residual CNN: `--model resnet --depth {RESNET_DEPTH} --epochs "
+                 f"{res_epochs} --rule-config ftp=configs/{conv}`).\n")
     goals = {settings[0][0]: 1.0, settings[1][0]: 1.0, settings[2][0]: 2.0}
     summary = [[f"{label}, FTP − BP", _diff(cells[label]), f"within {goal} point(s)"] for label, goal in goals.items()]
     bench_md, bench_summary = cnn_bench(budget)

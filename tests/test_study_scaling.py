@@ -148,8 +148,11 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     docs = tmp_path / "docs"
     text = rep.reproduce(["cnn"], "small", tmp_path / "runs", docs).read_text()
     conv_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"]["g_scale"]
-    assert seen == [("mnist", "paper-cnn", None, ("bp", "ftp"), conv_g), ("fashion-mnist", "paper-cnn", None, ("bp", "ftp"), conv_g),
+    paper_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-paper-cnn.toml")["rule"]["g_scale"]
+    assert paper_g != conv_g  # the paper CNN has its own G scale; residual nets keep ftp-conv.toml's
+    assert seen == [("mnist", "paper-cnn", None, ("bp", "ftp"), paper_g), ("fashion-mnist", "paper-cnn", None, ("bp", "ftp"), paper_g),
                     ("fashion-mnist", "resnet", sc.RESNET_DEPTH, ("bp", "ftp"), conv_g)]
+    assert "configs/ftp-paper-cnn.toml on the paper CNN and configs/ftp-conv.toml on the residual CNN" in text
     assert "| paper CNN, mnist |" in text and f"| resnet depth {sc.RESNET_DEPTH}, fashion-mnist |" in text
     assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
     assert "paper CNN: FTP's MACs per sample are " in text and "residual CNN depth 6: FTP's MACs per sample are " in text
