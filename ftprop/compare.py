@@ -121,6 +121,7 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
                     print(f"{rule} seed {seed}: {err}", file=sys.stderr)
                     summary = json.loads(done.read_text())
             results[rule].append(summary)
+            report.count_code(json.loads((run_dir / "config.json").read_text()).get("code"))
             lines = (run_dir / "metrics.jsonl").read_text().splitlines()
             histories[rule].append([json.loads(line) for line in lines if line])
             print(f"{rule} seed {seed}: test accuracy {summary['test_accuracy']}", file=sys.stderr)

@@ -1,8 +1,11 @@
 """Tables and plots from run outputs: the only place results are formatted."""
 from __future__ import annotations
 
+import collections
+import functools
 import platform
 import statistics
+import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,6 +17,45 @@ def machine() -> str:
     threads = torch.get_num_threads()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{platform.processor() or platform.machine()}, {threads} torch threads{gpu}, torch {torch.__version__}"
+
+
+@functools.cache
+def code_version() -> str:
+    """Which code makes a run: `git <commit>` of the checkout ftprop is imported from, `+dirty` when the package's
+    tracked sources differ from that commit, or `ftprop <version>` for an installed copy outside git.
+
+    Conv runs are chaotic: a change in floating-point summation order changes a seeded run from its first epoch
+    (docs/ALGORITHM.md), and `ftprop reproduce` reuses finished runs by their config alone, so every run records the
+    code that made it and each RESULTS.md section lists those versions.
+    """
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package.parent), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:  # the package must be the top of its own checkout, not a copy that happens to sit inside another repo
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == package.parent:
+            dirty = git("status", "--porcelain", "--untracked-files=no", "--", package.name)
+            return f"git {git('rev-parse', '--short=7', 'HEAD')}{'+dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from . import __version__
+    return f"ftprop {__version__}"
+
+
+# Code versions of the runs a study's tables are built from (count_code), read back for its RESULTS.md header.
+RUN_CODES: collections.Counter[str] = collections.Counter()
+
+
+def count_code(code: str | None) -> None:
+    """Note the code version of one run a table uses; runs made before versions were recorded count as such."""
+    RUN_CODES[code or "not recorded (older run)"] += 1
+
+
+def codes_line() -> str:
+    """'git abc1234 (12 runs), ...', most runs first: the code versions noted since RUN_CODES was last cleared."""
+    return ", ".join(f"{code} ({n} run{'s' if n > 1 else ''})" for code, n in RUN_CODES.most_common())
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

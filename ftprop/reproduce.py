@@ -266,12 +266,14 @@ def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
     for name in names:
         b = BUDGETS[budget]
         started = datetime.datetime.now(datetime.timezone.utc)
+        report.RUN_CODES.clear()
         body, summary = STUDIES[name].run(b, runs / b.name, figures)
         (figures / f"{name}.{b.name}.summary.json").write_text(json.dumps(summary) + "\n")
         header = (f"## {STUDIES[name].title}\n\nStudy `{name}`, budget `{b.name}` (each setting line below gives its "
                   f"epochs and seeds); machine: {report.machine()}; section generated "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC from the runs in "
-                  f"results/runs/{b.name} (study started {started:%H:%M}; finished runs are reused). "
+                  f"results/runs/{b.name} (study started {started:%H:%M}; finished runs are reused); code: "
+                  f"{report.codes_line() or report.code_version()}. "
                   f"Rerun: `ftprop reproduce {name} --budget {b.name}`.\n\n")
         (figures / f"{name}.{b.name}.md").write_text(header + body)
     return assemble(docs)

@@ -1,6 +1,6 @@
 """The training loop: one config, read top to bottom.
 
-A run directory holds `config.json` (the resolved config), `metrics.jsonl`
+A run directory holds `config.json` (the resolved config and the code version that ran it), `metrics.jsonl`
 (one line per epoch), `checkpoint.pt` (written atomically after every good
 epoch) and `metrics.json` (the summary). `resume=True` continues from the
 checkpoint and reproduces the uninterrupted run bit for bit on CPU.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import distributed, pipeline
+from . import distributed, pipeline, report
 from .data import Dataset, batches, load_dataset
 from .diagnostics import alignment, rng_state
 from .hardware import attach as attach_hardware, check_hardware
@@ -255,7 +255,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
     distributed.broadcast_model(model, ctx)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(dataclasses.asdict(cfg) | {"resolved_rule_options": rule.options()}, out / "config.json")
+        _write_json(dataclasses.asdict(cfg) | {"resolved_rule_options": rule.options(), "code": report.code_version()},
+                    out / "config.json")
         # Start the per-epoch logs afresh, or (resuming) cut them back to the checkpoint: a crash between a log
         # write and the checkpoint must not leave an epoch logged twice.
         (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))

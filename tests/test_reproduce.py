@@ -1,9 +1,12 @@
 """The reproduce pipeline: runs, sections, plots and an assembled RESULTS.md, on a tiny budget."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import ftprop.reproduce as rep
+from ftprop import report
 
 
 def test_reproduce_writes_sections_and_results(tmp_path, tiny):
@@ -19,6 +22,13 @@ def test_reproduce_writes_sections_and_results(tmp_path, tiny):
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("intro\n") and readme.endswith("rest\n") and "old" not in readme
     assert "| mnist, 1024-128 relu |" in readme and "step time FTP / BP" in readme
+    # the header names the code behind the section's runs: all trained now, at this checkout's version
+    runs = sorted((tmp_path / "runs" / "small").glob("*/*-seed*/config.json"))
+    assert f"code: {report.code_version()} ({len(runs)} runs). " in text
+    # a reused run from before versions were recorded is counted as such, not passed off as today's code
+    json.dump({k: v for k, v in json.loads(runs[0].read_text()).items() if k != "code"}, runs[0].open("w"))
+    text = rep.reproduce(["mlp"], "small", tmp_path / "runs", docs).read_text()
+    assert f"code: {report.code_version()} ({len(runs) - 1} runs), not recorded (older run) (1 run). " in text
     # a full-budget section, once present, wins over the small one
     (docs / "results" / "mlp.full.md").write_text("## full section\n")
     assert "full section" in rep.assemble(docs).read_text() and "budget `small`" not in (docs / "RESULTS.md").read_text()

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ftprop import cli, seqtrain
+from ftprop import cli, report, seqtrain
 from ftprop.data import DatasetError
 from ftprop.recurrent import ElmanCell, build_recurrent
 from ftprop.rules import SEQUENCE_RULES, make_sequence_rule
@@ -411,6 +411,7 @@ def test_training_is_reproducible_and_keeps_the_best_epoch():
     a, model = train_sequences(cfg)
     b, _ = train_sequences(cfg)
     assert json.loads(json.dumps(a)) == a  # summaries go to results.json as they are
+    assert a["code"] == report.code_version()
     assert [h["val"] for h in a["history"]] == [h["val"] for h in b["history"]]
     best = min(a["history"], key=lambda h: h["val"]["loss"])
     assert a["best_epoch"] == best["epoch"] and a["test"] == best["test"] and "accuracy" in a["test"]
@@ -468,7 +469,9 @@ def test_sequences_study_writes_tables_and_plots_and_reuses_runs(tmp_path, monke
     for png in ("sequences-etth1-96.small.png", "sequences-etth1-96-forecast.small.png"):
         assert (docs / "results" / png).stat().st_size > 10_000 and f"results/{png}" in text
     monkeypatch.setattr(st, "run_sequences", lambda *a, **k: pytest.fail("finished runs must be reused"))
-    assert rep.reproduce(["sequences"], "small", tmp_path / "runs", docs).read_text().count("| ftp |") == 1
+    text = rep.reproduce(["sequences"], "small", tmp_path / "runs", docs).read_text()
+    assert text.count("| ftp |") == 1
+    assert f"code: {report.code_version()} (4 runs). " in text  # reused runs keep the code version they were made at
 
 
 def test_subtract_last_makes_forecasts_shift_with_the_window():

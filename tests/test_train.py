@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+import ftprop
+from ftprop import report
 from ftprop.rules import BP, StepOutput
 from ftprop.train import TrainConfig, TrainingDiverged, train
 
@@ -40,6 +42,7 @@ def test_run_directory_contents(small_mnist, tmp_path):
     assert lines[-1]["lr"] == pytest.approx(0.0)  # cosine ends at zero
     config = json.loads((run / "config.json").read_text())
     assert config["rule"] == "ftp" and config["resolved_rule_options"]["gamma"] == 0.1
+    assert config["code"] == report.code_version()  # runs record the code that made them
     assert (run / "checkpoint.pt").exists() and not list(run.glob("*.tmp"))
 
 
@@ -154,3 +157,41 @@ def test_alignment_logging(small_mnist, tmp_path):
     last = rows[-1]["layers"]
     assert abs(last[-1]["cosine"] - 1) < 1e-5  # the output layer's update is the cross-entropy gradient itself
     assert all(-1 <= layer["cosine"] < 0.9999 for layer in last[:-1]) and bp["test_accuracy"] > 0
+
+
+def _code_version_with(monkeypatch, answers: dict[str, str] | None) -> str:
+    """report.code_version() with git answering `answers` (keyed by the command's first two words), or no git."""
+    import subprocess
+
+    def fake_run(cmd, **kwargs):
+        if answers is None:
+            raise FileNotFoundError("git")
+        return subprocess.CompletedProcess(cmd, 0, stdout=answers[" ".join(cmd[3:5])] + "\n")
+
+    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    report.code_version.cache_clear()
+    try:
+        return report.code_version()
+    finally:
+        report.code_version.cache_clear()
+
+
+def test_code_version_names_the_commit_and_whether_the_package_differs(monkeypatch):
+    top = str(__import__("pathlib").Path(report.__file__).resolve().parent.parent)
+    clean = {"rev-parse --show-toplevel": top, "rev-parse --short=7": "abc1234", "status --porcelain": ""}
+    assert _code_version_with(monkeypatch, clean) == "git abc1234"
+    assert _code_version_with(monkeypatch, clean | {"status --porcelain": " M ftprop/train.py"}) == "git abc1234+dirty"
+    # a copy inside some other repository is not that repository's commit; no git at all gives the package version
+    assert _code_version_with(monkeypatch, clean | {"rev-parse --show-toplevel": "/elsewhere"}) == f"ftprop {ftprop.__version__}"
+    assert _code_version_with(monkeypatch, None) == f"ftprop {ftprop.__version__}"
+
+
+def test_code_version_of_this_checkout():
+    import subprocess
+    from pathlib import Path
+    top = Path(report.__file__).resolve().parent.parent
+    if not (top / ".git").exists():
+        pytest.skip("ftprop is not imported from a git checkout")
+    head = subprocess.run(["git", "-C", str(top), "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert report.code_version() in (f"git {head}", f"git {head}+dirty")
