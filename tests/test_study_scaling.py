@@ -113,12 +113,22 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     assert ("mnist", "mlp", "256,256,256", None, "relu", "auto", "layernorm", ("bp", "ftp"),
             tuple(sorted(sc.RELU_LN_FTP.items())),
             "depth-reluln-mnist-mlp3") in seen
-    assert len(seen) == 2 * 2 + 2 + 2  # no separate headline run: the grid trains the budget's epochs
+    adam = {r: ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / f) for r, f in sc.ADAM_CONFIGS.items()}
+    assert adam["bp"]["optimizer"] == adam["ftp"]["optimizer"] == "adam" and "rule" not in adam["bp"]
+    assert ("mnist", "mlp", "256,256,256", None, "tanh", "auto", "none", ("bp", "ftp"),
+            tuple(sorted(adam["ftp"]["rule"].items())), "depth-headline-mnist-mlp3-adam") in seen
+    assert len(seen) == 2 * 2 + 2 + 2 + 1  # no separate SGD headline run: the grid trains the budget's epochs
     assert (docs / "results" / "depth.small.png").stat().st_size > 10_000 and "results/depth.small.png" in text
     assert "| MLP 3 hidden |" in text and "| CNN 4 conv |" in text and "| depth | bp | ftp | dfa | pepita |" in text
     assert "Divergence per depth" in text and "| mnist | MLP 1 hidden | 0/1 | 0/1 |" in text
     assert "| ReLU + LayerNorm, 3 hidden |" in text and "| not run | not run |" in text
-    assert "MNIST, 3 hidden layers of 256, 1 epochs, seeds 0..0: FTP " in text
+    assert "MNIST, 3 hidden layers of 256, 1 epochs, seeds 0..0, each rule with two optimisers" in text
+    assert "| rule | SGD | Adam | judged at |" in text
+    for rule in ("bp", "ftp"):  # judged at the optimiser with the higher validation accuracy, whatever the test says
+        val = {opt: json.loads((tmp_path / "runs" / "small" / run / f"{rule}-seed0" / "metrics.json").read_text())[
+            "best_val_accuracy"] for opt, run in (("SGD", "depth-mnist-mlp3"), ("Adam", "depth-headline-mnist-mlp3-adam"))}
+        row = next(line for line in text.splitlines() if line.startswith(f"| {rule.upper()} |"))
+        assert row.endswith(f"| {max(val, key=val.get)} |") and f"(validation {100 * val['Adam']:.2f})" in row
     assert "FTP diverged runs at any MLP depth: 0; goal met" in text or "; goal not met" in text
     summary = json.loads((docs / "results" / "depth.small.summary.json").read_text())
     assert summary[0][0] == "MNIST MLP 3 x 256, FTP vs BP (1 epochs)" and summary[1][0] == "Fashion-MNIST CNN 4 conv (1 epochs), FTP − BP"
@@ -134,9 +144,10 @@ def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_p
     seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (base.epochs, base.activation, rules, out.name))
     body, summary = sc.study_depth(rep.BUDGETS["small"], tmp_path / "runs", tmp_path)
     assert (1, "tanh", ("bp", "ftp"), "depth-mnist-mlp2") in seen and (1, "relu", ("bp", "ftp"), "depth-mnist-cnn2") in seen
-    assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2") in seen and len(seen) == 4 + 2 + 1
+    assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2") in seen
+    assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2-adam") in seen and len(seen) == 4 + 2 + 1 + 1
     assert "MLPs: N hidden layers of 256 (`--hidden 256,...`), tanh, Xavier init (`--init auto`), 1 epochs" in body
-    assert "MNIST, 2 hidden layers of 256, 2 epochs, seeds 0..0: FTP " in body
+    assert "MNIST, 2 hidden layers of 256, 2 epochs, seeds 0..0, each rule with two optimisers" in body
     assert summary[0][0] == "MNIST MLP 2 x 256, FTP vs BP (2 epochs)"
 
 
