@@ -123,7 +123,7 @@ def _mean_val(entry: dict[str, Any]) -> float:
 
 
 def _val_cell(entry: dict[str, Any]) -> str:
-    return f"{statistics.fmean(entry['val']):.2f}" if entry["val"] else "-"
+    return f"{_mean_val(entry):.2f}" if entry["val"] else "-"
 
 
 def _run(base: TrainConfig, budget: Budget, runs: Path, key: str, rules: Sequence[str] | None = None,
@@ -475,7 +475,7 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
                  f"0..{budget.seeds - 1}, each rule with two optimisers: SGD as in the grid above (FTP with "
                  f"configs/ftp-deep.toml) and Adam lr 1e-3 ({', '.join(f'configs/{c}' for c in ADAM_CONFIGS.values())}"
                  f"), cosine schedule; each rule is judged at the optimiser with its higher mean validation accuracy "
-                 f"(best epoch, 5000 held-out training images). Test accuracy %:\n\n"
+                 f"(best epoch, {mlp_base.val_size} held-out training images). Test accuracy %:\n\n"
                  + report.markdown_table(["rule", *headline, "judged at"], rows)
                  + f"\n\n{figure_text}. {verdict}.\n")
     summary = [[f"MNIST MLP {deepest} x {MLP_WIDTH}, FTP vs BP ({budget.epochs} epochs)", f"{figure_text}; {verdict}",
