@@ -222,10 +222,10 @@ def cmd_sequences(args: argparse.Namespace) -> int:
     cfg = SeqConfig(task=args.task, T=args.T, classes=args.classes, n_train=args.n_train, n_test=args.n_test,
                     csv=args.csv, lookback=args.lookback, horizon=args.horizon, cell=args.cell, hidden=args.hidden,
                     layers=args.layers, rule=args.rule, rule_options=options, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr)
+                    batch_size=args.batch_size, lr=args.lr, schedule=args.schedule)
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     results, _ = run_sequences(cfg, rules, args.seeds, bench_rounds=args.bench_rounds)
-    print(f"{results['data']}, {cfg.cell} {cfg.layers}x{cfg.hidden}, Adam lr {cfg.lr}, batch {cfg.batch_size}, "
+    print(f"{results['data']}, {cfg.cell} {cfg.layers}x{cfg.hidden}, Adam lr {cfg.lr}{', cosine' if cfg.schedule == 'cosine' else ''}, batch {cfg.batch_size}, "
           f"{cfg.epochs} epochs, seeds 0..{args.seeds - 1} (test at the best validation epoch); "
           f"machine: {report.machine()}\n")
     print(results_table(results))
@@ -316,6 +316,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=10, help="(default 10)")
     q.add_argument("--batch-size", type=int, default=64, help="(default 64)")
     q.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    q.add_argument("--schedule", default="none", help="none or cosine: the learning rate falls to 0 over the run, "
+                   "stepped per epoch (default none)")
     q.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     q.add_argument("--bench-rounds", type=int, default=7, help="interleaved timing rounds for the cost (default 7)")
     q.add_argument("--out", help="also write results.json (every run's history) here")

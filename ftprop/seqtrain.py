@@ -23,6 +23,8 @@ from .rules import Rule, make_sequence_rule, rule_variant
 from .rules._recurrent import sequence_loss
 from .sequences import SeqData, load_sequence_task
 
+SCHEDULES = ("none", "cosine")
+
 
 @dataclass
 class SeqConfig:
@@ -46,6 +48,7 @@ class SeqConfig:
     batch_size: int = 64
     lr: float = 1e-3                  # Adam: its per-parameter step sizes make the rules' different gradient scales
     seed: int = 0                     # (summed over time steps, projected errors) comparable at one learning rate
+    schedule: str = "none"            # "cosine": lr to 0 over the run, stepped per epoch (as `ftprop train`)
 
     def __post_init__(self) -> None:
         for name in ("T", "n_train", "n_test", "hidden", "layers", "epochs", "batch_size"):
@@ -53,6 +56,8 @@ class SeqConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
     def load(self) -> SeqData:
         return load_sequence_task(self.task, self.T, self.classes, self.n_train, self.n_test, self.csv,
@@ -77,12 +82,14 @@ def evaluate(model: RecurrentNet, x: torch.Tensor, y: torch.Tensor, batch_size: 
 
 def train_sequences(cfg: SeqConfig, data: SeqData | None = None) -> tuple[dict[str, Any], RecurrentNet]:
     """Train one run; returns (summary, the model at its best validation epoch). Summary keys: test (metrics at the
-    best validation epoch), best_epoch, history (per epoch: train_loss, val, test, seconds), diverged (or None)."""
+    best validation epoch), best_epoch, history (per epoch: lr, train_loss, val, test, seconds), diverged (or None)."""
     data = data or cfg.load()
     torch.manual_seed(cfg.seed)
     model = cfg.build(data)
     rule: Rule = make_sequence_rule(cfg.rule, **cfg.rule_options)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # factor of epoch e (0-based), stepped after each epoch
+        opt, (lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs))) if cfg.schedule == "cosine" else (lambda e: 1.0))
     order = torch.Generator().manual_seed(cfg.seed)
     x, y = data.x_train, data.y_train
     history: list[dict[str, Any]] = []
@@ -91,7 +98,7 @@ def train_sequences(cfg: SeqConfig, data: SeqData | None = None) -> tuple[dict[s
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum, lr = 0.0, opt.param_groups[0]["lr"]
         for idx in batches(len(y), cfg.batch_size, order, torch.device("cpu")):
             loss = rule.step(model, x[idx], y[idx]).loss
             if not torch.isfinite(loss):
@@ -99,12 +106,13 @@ def train_sequences(cfg: SeqConfig, data: SeqData | None = None) -> tuple[dict[s
                 break
             opt.step()
             loss_sum += loss.item() * len(idx)
+        sched.step()
         if diverged or not all(torch.isfinite(p).all() for p in model.parameters()):
             diverged = diverged or f"weights stopped being finite in epoch {epoch}"
             break
         seconds = time.perf_counter() - t0
         model.eval()
-        record = {"epoch": epoch, "train_loss": loss_sum / len(y), "seconds": seconds,
+        record = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / len(y), "seconds": seconds,
                   "val": evaluate(model, data.x_val, data.y_val), "test": evaluate(model, data.x_test, data.y_test)}
         history.append(record)
         if best is None or record["val"]["loss"] < best[0]:

@@ -50,7 +50,11 @@ def _run(cfg: SeqConfig, seeds: int, bench_rounds: int, where: Path) -> tuple[di
     saved, models = None, {}
     if results_path.exists() and models_path.exists():
         saved = json.loads(results_path.read_text())
-        if saved.get("key") != key:
+        try:  # through the dataclass, so that a field added since takes its default, which older runs had
+            saved["key"]["config"] = dataclasses.asdict(SeqConfig(**saved["key"]["config"]))
+        except (KeyError, TypeError, ValueError):  # no key, or one this code's config cannot hold: not reusable
+            saved = None
+        if saved is None or saved.get("key") != key:
             saved = None
         else:
             for rule, state in torch.load(models_path, weights_only=True).items():

@@ -12,13 +12,14 @@ rule, and two probes that are not options of the library:
   final state exactly as backprop would send it).
 - `carry` (inject="final" only): `gate` (default, the GRU's update gate u, `GRUCell.carry`) or `jacobian` (the full
   diagonal of dh_t/dh_{t-1}, adding the paths through the gates and the candidate).
-ETTh1 horizon 96, GRU 1 x 64, Adam lr 1e-3, batch 64, seed 0, one thread; prints each run's test MSE at its best
-validation epoch and the epoch.
+ETTh1 horizon 96 (or, with `--task adding --T 50`, the adding problem), GRU 1 x 64, Adam lr 1e-3, batch 64, seed 0,
+one thread; prints each run's test MSE at its best validation epoch and the epoch.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 
 import torch
 
@@ -63,10 +64,10 @@ class ProbeFTP(FTPThroughTime):
         return super()._projection(model, like)
 
 
-def run(data: SeqData, epochs: int, rule: str = "ftp", feedback: str = "random", carry: str = "gate",
+def run(base: seqtrain.SeqConfig, data: SeqData, rule: str = "ftp", feedback: str = "random", carry: str = "gate",
         **options: object) -> tuple[float, int]:
     GRUCell.carry = jacobian_carry if carry == "jacobian" else ORIGINAL_CARRY
-    cfg = seqtrain.SeqConfig(task="ett", horizon=96, epochs=epochs, rule=rule, rule_options=options)
+    cfg = dataclasses.replace(base, rule=rule, rule_options=options)
     make = seqtrain.make_sequence_rule
     if feedback != "random":
         seqtrain.make_sequence_rule = lambda name, **o: ProbeFTP(feedback, data, **o)
@@ -81,14 +82,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("settings", nargs="+")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--task", default="ett", help="ett (horizon 96) or adding (length --T)")
+    ap.add_argument("--T", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data = seqtrain.SeqConfig(task="ett", horizon=96).load()
+    base = (seqtrain.SeqConfig(task="ett", horizon=96, epochs=args.epochs) if args.task == "ett" else
+            seqtrain.SeqConfig(task=args.task, T=args.T, epochs=args.epochs))
+    data = base.load()
     for setting in args.settings:
         kwargs = {k.arg: ast.literal_eval(k.value) for k in ast.parse(f"f({setting})").body[0].value.keywords}
         make_sequence_rule(kwargs.get("rule", "ftp"),  # fail early on a bad option
                            **{k: v for k, v in kwargs.items() if k not in ("rule", "feedback", "carry")})
-        mse, epoch = run(data, args.epochs, **kwargs)
+        mse, epoch = run(base, data, **kwargs)
         print(f"{setting or 'ftp defaults':40s} test MSE {mse:.4f} (best validation epoch {epoch})", flush=True)
 
 

@@ -2,6 +2,7 @@
 equations computed by hand, the training loop, the CLI and the study, all on tiny data."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -417,6 +418,19 @@ def test_training_is_reproducible_and_keeps_the_best_epoch():
     assert a["best_epoch"] == best["epoch"] and a["test"] == best["test"] and "accuracy" in a["test"]
 
 
+def test_cosine_schedule_takes_the_learning_rate_to_zero_over_the_run():
+    cfg = SeqConfig(task="order", T=20, classes=4, n_train=128, n_test=64, hidden=8, epochs=4, rule="dfa", lr=0.01)
+    flat, _ = train_sequences(cfg)
+    cosine, _ = train_sequences(dataclasses.replace(cfg, schedule="cosine"))
+    assert [h["lr"] for h in flat["history"]] == [0.01] * 4
+    assert [h["lr"] for h in cosine["history"]] == pytest.approx([0.01, 0.01 * (2 + 2 ** 0.5) / 4, 0.005,
+                                                                  0.01 * (2 - 2 ** 0.5) / 4])
+    assert flat["history"][0]["val"] == cosine["history"][0]["val"]  # epoch 1 runs at the full rate in both
+    assert flat["history"][1]["val"] != cosine["history"][1]["val"]
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        SeqConfig(schedule="step")
+
+
 def test_linear_baseline_solves_a_linear_series():
     """A sum of two sines obeys a linear recurrence, so least squares from the look-back predicts it exactly."""
     t = torch.arange(400, dtype=torch.float64)
@@ -468,10 +482,22 @@ def test_sequences_study_writes_tables_and_plots_and_reuses_runs(tmp_path, monke
     assert "ftp/BPTT MSE ratio" in text and "ftp:inject=final/BPTT MSE ratio" in text
     for png in ("sequences-etth1-96.small.png", "sequences-etth1-96-forecast.small.png"):
         assert (docs / "results" / png).stat().st_size > 10_000 and f"results/{png}" in text
+    real_run = st.run_sequences
     monkeypatch.setattr(st, "run_sequences", lambda *a, **k: pytest.fail("finished runs must be reused"))
     text = rep.reproduce(["sequences"], "small", tmp_path / "runs", docs).read_text()
     assert text.count("| ftp |") == 1
     assert f"code: {report.code_version()} (4 runs). " in text  # reused runs keep the code version they were made at
+    (saved,) = (tmp_path / "runs").rglob("results.json")
+    results = json.loads(saved.read_text())
+    del results["key"]["config"]["schedule"]  # as written before SeqConfig had it: the default, so still reusable
+    saved.write_text(json.dumps(results))
+    assert rep.reproduce(["sequences"], "small", tmp_path / "runs", docs).read_text() == text
+    results["key"]["config"]["hidden"] = 5  # a different config is retrained
+    saved.write_text(json.dumps(results))
+    retrained = []
+    monkeypatch.setattr(st, "run_sequences", lambda *a, **k: retrained.append(a[1]) or real_run(*a, **k))
+    rep.reproduce(["sequences"], "small", tmp_path / "runs", docs)
+    assert retrained == [["bptt", "ftp", "ftp:inject=final", "dfa"]]
 
 
 def test_subtract_last_makes_forecasts_shift_with_the_window():
