@@ -68,8 +68,10 @@ RELU_LN_FTP = {"g_scale": 0.01}
 # files have the measurements), and each rule is judged at the optimiser it does better with on validation data, so
 # neither is compared at a setting that handicaps it.
 ADAM_CONFIGS = {"bp": "bp-adam.toml", "ftp": "ftp-deep-adam.toml"}
-# cnn-bench: (label, model, depth) at these batch sizes, `BENCH_STEPS` steps per timing round
-BENCH_MODELS = (("paper CNN", "paper-cnn", None, 1.34), ("residual CNN depth 6", "resnet", 6, 1.15))
+# cnn study, step times: (label, model, depth, goal, the FTP config that model trains with in the study, whose rule
+# options are what is timed) at these batch sizes, `BENCH_STEPS` steps per timing round
+BENCH_MODELS = (("paper CNN", "paper-cnn", None, 1.34, "ftp-paper-cnn.toml"),
+                ("residual CNN depth 6", "resnet", 6, 1.15, "ftp-conv.toml"))
 BENCH_BATCHES = (64, 256)
 BENCH_STEPS = 20
 # cnn study: the paper CNN on both datasets and a residual CNN on Fashion-MNIST, BP against FTP. Conv nets cost 10-40x
@@ -318,7 +320,8 @@ def _diff(by_rule: dict[str, dict[str, Any]]) -> str:
 def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
     """Issue 4's goals on these models: the paper CNN on MNIST and Fashion-MNIST (FTP within 1.0 point of BP), a
     residual CNN with 6 conv layers on Fashion-MNIST (within 2.0), and their FTP / BP step times (`cnn_bench`). FTP
-    uses configs/ftp-paper-cnn.toml on the paper CNN and configs/ftp-conv.toml on the residual CNN (G's scale)."""
+    uses configs/ftp-paper-cnn.toml on the paper CNN and configs/ftp-conv.toml on the residual CNN (G's scale; on the
+    residual CNN also inner targets)."""
     paper, conv = "ftp-paper-cnn.toml", "ftp-conv.toml"
     epochs, res_epochs = _grid(budget, CNN_EPOCHS), _grid(budget, RESNET_EPOCHS)
     settings = [(f"paper CNN, {d}", dict(dataset=d, model="paper-cnn", epochs=epochs), f"cnn-{d}-paper", paper)
@@ -338,7 +341,8 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
              f"paper CNN (conv 5x5x32, max-pool 2, dense; `--model paper-cnn`) {epochs} epochs, residual CNN "
              f"(`--model resnet --depth {RESNET_DEPTH}`) {res_epochs} epochs. FTP projects onto the whole first conv "
              f"map (before pooling) with G's scale from configs/{paper} on the paper CNN and configs/{conv} on the "
-             f"residual CNN. Test accuracy %, mean ± std over seeds.\n",
+             f"residual CNN, where each conv of a residual branch also learns from its own target (`inner_targets`, "
+             f"docs/ALGORITHM.md). Test accuracy %, mean ± std over seeds.\n",
              _table("setting", cells, CNN_RULES) + "\n"]
     parts += [f"![{label}](results/{key}.{budget.name}.png)\n" for label, _, key, _ in settings]
     parts.append(f"{_ftp_vs_bp(cells)}\n\nCommand for one row: `ftprop compare --rules bp,ftp --dataset mnist --model "
@@ -438,7 +442,8 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
              f"{deep['deep_weight']} against the first's: with every layer at full weight the tanh units of the "
              f"10-layer net saturate at G 0.05 and learn slowly at 0.02; the file has the measurements). "
              f"CNNs: `--model resnet --depth N` (depth 2 a plain CNN, residual blocks beyond), {ACTIVATION}, "
-             f"PyTorch's init, {cnn_base.epochs} epochs, FTP with configs/ftp-conv.toml. Test accuracy %, mean ± std "
+             f"PyTorch's init, {cnn_base.epochs} epochs, FTP with configs/ftp-conv.toml (G 0.03, inner targets in "
+             f"residual blocks). Test accuracy %, mean ± std "
              f"over seeds; a cell notes how many runs diverged or ended at chance.\n"]
     cells_all: dict[str, dict[str, dict[str, Any]]] = {}
     divergence_rows = []
@@ -491,10 +496,11 @@ def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
     """FTP / BP step time of the paper CNN and the residual CNN (depth 6) on MNIST at BENCH_BATCHES."""
     data = compare.load_dataset("mnist")
     rows, summary, macs = [], [], []
-    for label, model, depth, goal in BENCH_MODELS:
+    for label, model, depth, goal, config in BENCH_MODELS:
         ratios = []
+        ftp_options = compare.load_rule_config(compare.CONFIGS / config).get("rule", {})
         for batch in BENCH_BATCHES:
-            res = benchmark({"bp": make_rule("bp"), "ftp": make_rule("ftp")},
+            res = benchmark({"bp": make_rule("bp"), "ftp": make_rule("ftp", **ftp_options)},
                             lambda: build_model(model, data.input_shape, data.num_classes, activation="relu",
                                                 depth=depth),
                             data.x_train, data.y_train, batch, rounds=budget.bench_rounds, steps_per_round=BENCH_STEPS,
@@ -517,7 +523,8 @@ def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
             + report.markdown_table(["model", "batch", "rule", "step ms (median)", "IQR ms", "time / BP",
                                      "MMAC / sample", "peak MiB allocated in a step"], rows)
             + f"\n\nMedian over {budget.bench_rounds} interleaved rounds of {BENCH_STEPS} steps (BP and FTP alternate), "
-            "one SGD step included. Command: `ftprop bench --rules bp,ftp --dataset mnist --model paper-cnn "
-            f"--activation relu --batch-size 64 --rounds {budget.bench_rounds}` (and `--model resnet --depth 6`, "
-            "batch 256).\n\n" + " ".join(macs) + "\n")
+            "one SGD step included; FTP with the rule options of the config each model trains with in the study above. "
+            "Command: `ftprop bench --rules bp,ftp --dataset mnist --model paper-cnn --config "
+            f"configs/{BENCH_MODELS[0][4]} --activation relu --batch-size 64 --rounds {budget.bench_rounds}` (and "
+            f"`--model resnet --depth 6 --config configs/{BENCH_MODELS[1][4]}`, batch 256).\n\n" + " ".join(macs) + "\n")
     return text, summary

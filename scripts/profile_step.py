@@ -1,6 +1,7 @@
 """Where a training step's time goes, rule against rule: per-op CPU self time from torch.profiler.
 
     python scripts/profile_step.py --model resnet --depth 6 --batch-size 256
+    python scripts/profile_step.py --model resnet --depth 6 --rules bp,ftp,ftp:inner_targets=True
 
 Builds the model (ReLU, seed 0) on random MNIST-shaped data, one thread; for each of `--repeats` rounds it runs
 every rule once (warm-up), then profiles 3 of its steps, the rules alternating. Prints each op's per-step self
@@ -16,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ftprop.models import build_model
-from ftprop.rules import make_rule
+from ftprop.rules import make_rule, rule_variant
 
 
 def main() -> None:
@@ -31,7 +32,10 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(args.model, (1, 28, 28), 10, activation="relu", depth=args.depth)
-    rules = {r: make_rule(r, **({"g_scale": 0.03} if r == "ftp" else {})) for r in args.rules.split(",")}
+    rules = {}
+    for entry in args.rules.split(","):  # NAME or NAME:KEY=VALUE:... (ftprop.rules.rule_variant)
+        name, options = rule_variant(entry)
+        rules[entry] = make_rule(name, **({"g_scale": 0.03} if name == "ftp" else {}), **options)
     x, y = torch.randn(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,))
     best = {r: collections.defaultdict(lambda: float("inf")) for r in rules}
     calls: dict[str, dict[str, int]] = {r: {} for r in rules}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftprop.data import DatasetError, load_dataset
-from ftprop.models import (Residual, as_net, build_model, from_sequential, paper_cnn, paper_cnn_spec, resnet,
+from ftprop.models import (Block, Net, Residual, as_net, build_model, from_sequential, paper_cnn, paper_cnn_spec, resnet,
                            resnet_spec, spec_model)
 from ftprop.rules import make_rule
 from tests.conftest import sgd_losses
@@ -403,32 +403,40 @@ def batch_stats(u):
     return u.mean((0, 2, 3)), u.var((0, 2, 3), unbiased=False)
 
 
-@pytest.mark.parametrize("tangent", [False, True])
-def test_ftp_on_a_residual_batchnorm_net_equals_its_equations(tangent):
+@pytest.mark.parametrize("tangent,inner", [(False, False), (True, False), (False, True), (True, True)])
+def test_ftp_on_a_residual_batchnorm_net_equals_its_equations(tangent, inner):
     """conv-BN-tanh | residual block (conv-BN-tanh-conv-BN + x, tanh) | flatten, linear.
 
     Targets pass through the residual addition and through BN with the FIRST pass's batch statistics; each block's
-    local loss trains all its parameters through that block's own graph (train-mode BN)."""
+    local loss trains all its parameters through that block's own graph (train-mode BN). With inner_targets the
+    residual branch's first conv (and BN) learns from the second pass's value of the activation after it, weighted by
+    deep_weight, and the block's loss trains the second conv with that activation held."""
     torch.manual_seed(0)
     net = randomize(spec_model("c2p1-bn-tanh-r2bn-f-l3", (1, 5, 5), 3, activation="tanh").double())
     x, y = batch(6, shape=(1, 5, 5))
     head = net.blocks[2].layer
     params = list(net.parameters())
     assert len(params) == 11  # conv0 W, bn0 w b | conv1 W, bn1 w b, conv2 W, bn2 w b | head W b
-    n, gamma = 6, 0.2
-    rule = make_rule("ftp", gamma=gamma, g_scale=0.5, tangent=tangent)
+    n, gamma, deep = 6, 0.2, 0.7
+    rule = make_rule("ftp", gamma=gamma, g_scale=0.5, tangent=tangent, inner_targets=inner, deep_weight=deep)
     rule.step(net, x, y)
+    assert not any(m._forward_hooks for m in net.modules())  # the taps live for one step
     G = rule.G
 
     def block0(w0, g0, c0, stats=None):
         u = F.conv2d(x, w0, None, 1, 1)
         return torch.tanh(bn(u, *(stats or batch_stats(u)), g0, c0))
 
-    def block1(h, w1, g1, c1, w2, g2, c2, stats=None):
+    def inside(h, w1, g1, c1, stats=None):  # the residual branch up to its first activation
         u1 = F.conv2d(h, w1, None, 1, 1)
-        m = torch.tanh(bn(u1, *(stats[0] if stats else batch_stats(u1)), g1, c1))
+        return torch.tanh(bn(u1, *(stats[0] if stats else batch_stats(u1)), g1, c1))
+
+    def above(h, m, w2, g2, c2, stats=None):  # the rest of the block, from that activation
         u2 = F.conv2d(m, w2, None, 1, 1)
         return torch.tanh(bn(u2, *(stats[1] if stats else batch_stats(u2)), g2, c2) + h)
+
+    def block1(h, w1, g1, c1, w2, g2, c2, stats=None):
+        return above(h, inside(h, w1, g1, c1, stats), w2, g2, c2, stats)
 
     P = [p.detach() for p in params]
     with torch.no_grad():
@@ -443,14 +451,48 @@ def test_ftp_on_a_residual_batchnorm_net_equals_its_equations(tangent):
         t1 = h1 - gamma * (e @ G).view_as(h1)
         t2 = block1(t1, *P[3:9], stats=stats1)  # through conv, frozen BN, tanh, conv, frozen BN, + t1, tanh
 
-    def err(h, t):
-        return local_error(h, t, gamma, n, tangent)
+    def err(h, t, weight=1.0):
+        return local_error(h, t, gamma, n, tangent) * weight
 
     leaves = [p.clone().requires_grad_() for p in P[:9]]
     g0 = torch.autograd.grad(block0(*leaves[:3]), leaves[:3], err(h1, t1))
-    g1 = torch.autograd.grad(block1(h1, *leaves[3:9]), leaves[3:9], err(h2, t2))
+    if inner:
+        t_m = inside(t1, *P[3:6], stats=stats1)
+        g1 = (*torch.autograd.grad(inside(h1, *leaves[3:6]), leaves[3:6], err(m, t_m, deep)),
+              *torch.autograd.grad(above(h1, m, *leaves[6:9]), leaves[6:9], err(h2, t2, deep)))
+    else:
+        g1 = torch.autograd.grad(block1(h1, *leaves[3:9]), leaves[3:9], err(h2, t2, deep))
     g2 = (e.T @ h2.flatten(1) / n, e.sum(0) / n)
     assert_grads(params, [*g0, *g1, *g2])
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_ftp_inner_targets_stop_gradients_between_a_blocks_convs(inner):
+    """A residual block's local loss reaches its first conv through its second unless inner_targets is on; either
+    way no gradient reaches a block's input."""
+    torch.manual_seed(0)
+    net = resnet(SHAPE, 3, 6, "relu", channels=2).double()
+    crossed = []
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_full_backward_hook(lambda m, gin, gout: crossed.append(gin[0] is not None))
+    make_rule("ftp", inner_targets=inner).step(net, *batch())
+    residual_convs = sum(isinstance(m, nn.Conv2d) for b in net.blocks if isinstance(b.layer, Residual)
+                         for m in b.layer.branch)
+    assert len(crossed) == 2 + residual_convs and sum(crossed) == (0 if inner else residual_convs // 2)
+
+
+def test_ftp_inner_targets_bad_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match="inner_targets needs update_input='h' and fprime=True"):
+        make_rule("ftp", inner_targets=True, update_input="t")
+    with pytest.raises(ValueError, match="inner_targets needs update_input='h' and fprime=True"):
+        make_rule("ftp", inner_targets=True, fprime=False)
+    no_act = Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)))
+    net = Net([Block(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU()), Block(no_act, nn.ReLU()),
+               Block(nn.Linear(2 * 12 * 12, 3), pre=nn.Flatten())]).double()
+    with pytest.raises(ValueError, match="activation between the first two convs of block 2"):
+        make_rule("ftp", inner_targets=True).step(net, *batch())
+    assert not any(m._forward_hooks for m in net.modules())  # nothing left installed after the error
 
 
 # -------------------------------------------------------------------------------- two-pass semantics: BN, dropout

@@ -156,8 +156,15 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(sc, "BENCH_STEPS", 2)
     seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (base.dataset, base.model, base.depth, rules,
                                                                      configs["ftp"]["rule"]["g_scale"]))
+    timed = []  # the FTP rule options each model's step time is measured with
+    real_benchmark = sc.benchmark
+    monkeypatch.setattr(sc, "benchmark", lambda rules, *a, **k: timed.append(rules["ftp"].options())
+                        or real_benchmark(rules, *a, **k))
     docs = tmp_path / "docs"
     text = rep.reproduce(["cnn"], "small", tmp_path / "runs", docs).read_text()
+    for options, (*_, config) in zip(timed, sc.BENCH_MODELS, strict=True):  # the options that model trains with
+        rule = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / config)["rule"]
+        assert {k: options[k] for k in rule} == rule
     conv_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"]["g_scale"]
     paper_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-paper-cnn.toml")["rule"]["g_scale"]
     assert paper_g != conv_g  # the paper CNN has its own G scale; residual nets keep ftp-conv.toml's

@@ -23,6 +23,8 @@ first: pooling, flatten, residual additions, normalisation, with the first
 pass's dropout masks and batch-norm batch statistics (`two_pass`), so running statistics are updated once per
 step. A residual block is one block: its local loss trains both its convs
 (and shortcut) through the block's own graph; no gradient leaves the block.
+With `inner_targets` the second pass's value of the activation between the
+branch's convs is the first conv's own target, and no gradient crosses a conv.
 """
 from __future__ import annotations
 
@@ -32,12 +34,50 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..models import Net, two_pass
+from ..models import Net, Residual, two_pass
 from ._common import begin_step, local_forward, output_error
 from .base import Rule, StepOutput
 
 G_DISTS = ("gaussian", "uniform", "sparse", "orthogonal")
 NONLINS = ("tanh", "linear")
+
+
+class _InnerTargets:
+    """Taps the activation between a residual branch's two convs (option `inner_targets`) for one FTP step.
+
+    While installed, each tapped activation records its output and passes it on detached: in the first pass the
+    recorded value keeps its graph to the branch's first conv, in the second pass (no graph) it is that activation's
+    target. The branch's second conv and the shortcut then learn from the block's target alone and the first conv
+    from its own, so no gradient crosses a conv even inside a block, and FTP skips the backward through the second
+    conv that the block's local loss would take. Tapped: the residual blocks that the second pass runs through
+    (blocks 2 .. L-1); the first block's output is where G projects, so it stays one block.
+    """
+
+    def __init__(self, model: Net) -> None:
+        taps = {l: self._between_convs(block.layer, l) for l, block in enumerate(model.blocks)
+                if 0 < l < len(model.blocks) - 1 and isinstance(block.layer, Residual)}
+        self.records: dict[int, list[torch.Tensor]] = {l: [] for l in taps}
+        self._handles = [tap.register_forward_hook(self._hook(l)) for l, tap in taps.items()]
+
+    @staticmethod
+    def _between_convs(res: Residual, l: int) -> nn.Module:
+        """The module that feeds the branch's second conv (its activation), when it is not the first conv itself."""
+        branch = res.branch
+        convs = [i for i, m in enumerate(branch) if isinstance(m, nn.Conv2d)] if isinstance(branch, nn.Sequential) else []
+        if len(convs) < 2 or convs[1] - 1 == convs[0]:
+            raise ValueError(f"ftp: inner_targets needs an activation between the first two convs of block {l + 1}'s "
+                             f"residual branch, got {branch}")
+        return branch[convs[1] - 1]
+
+    def _hook(self, l: int) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:  # noqa: ARG001
+            self.records[l].append(out)
+            return out.detach()
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -102,6 +142,7 @@ class FTP(Rule):
     pipeline: bool = False            # fill each block's gradients as soon as its target exists, then block_ready(l)
     compare_at: str = "output"        # "output": local loss on h_l; "next-input": on pre_{l+1}(h_l) (after pooling)
     deep_weight: float = 1.0          # weight of hidden blocks 2..L-1's local losses against the first's (see docs)
+    inner_targets: bool = False       # residual blocks: each conv learns from its own target, not the block's (docs)
     G: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +153,9 @@ class FTP(Rule):
             raise ValueError(f"ftp: g_density must be in (0, 1], got {self.g_density}")
         if not self.deep_weight >= 0:
             raise ValueError(f"ftp: deep_weight must be >= 0, got {self.deep_weight}")
+        if self.inner_targets and (self.update_input != "h" or not self.fprime):
+            raise ValueError("ftp: inner_targets needs update_input='h' and fprime=True (the first conv's local error "
+                             "is taken at its activation's output, with the first pass's inputs)")
         # Set by the training loop when pipeline=True (ftprop.pipeline.wire): called with a block's index as soon as
         # its gradients are final, to update it while the next targets are computed. Not an option, not state.
         self.block_ready: Callable[[int], None] | None = None
@@ -183,13 +227,20 @@ class FTP(Rule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "ftp")
-        with two_pass(model, "ftp") as passes:
-            return self._step(model, x, y, passes)
+        inner = _InnerTargets(model) if self.inner_targets else None
+        try:
+            with two_pass(model, "ftp") as passes:
+                return self._step(model, x, y, passes, inner)
+        finally:
+            if inner is not None:
+                inner.remove()
 
-    def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes) -> StepOutput:  # noqa: ANN001
+    def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes, inner: _InnerTargets | None  # noqa: ANN001
+              ) -> StepOutput:
         blocks = model.blocks
         batch = x.shape[0]
-        derivatives = _closed_form_derivatives(model)  # None unless every block is Linear + a pointwise activation
+        # None unless every block is Linear + a pointwise activation (taps need the blocks' graphs)
+        derivatives = _closed_form_derivatives(model) if inner is None or not inner.records else None
 
         # First pass: each block sees a detached input, so its graph is local to it. With closed-form local
         # gradients no graph is needed at all: FTP has no backward pass to prepare for.
@@ -214,6 +265,10 @@ class FTP(Rule):
                     block.layer.bias.grad = d.sum(0)
             elif output or self.update_input == "h":
                 pending.append((outs[l] if self.fprime or output else pre[l], err))
+                if inner is not None and l in inner.records:  # the first conv's own local loss, weighted as a
+                    mid, t_mid = inner.records[l]              # deeper block's; t_mid - mid has no pre ops to pass
+                    mid_err = (mid.detach() - t_mid).mul_(deep)
+                    pending.append((mid, _tangential(mid_err, mid.detach()) if self.tangent else mid_err))
             else:
                 d = torch.autograd.grad(outs[l], pre[l], err, retain_graph=True)[0] if self.fprime else err
                 with torch.enable_grad():
