@@ -239,8 +239,7 @@ class FTP(Rule):
               ) -> StepOutput:
         blocks = model.blocks
         batch = x.shape[0]
-        # None unless every block is Linear + a pointwise activation (taps need the blocks' graphs)
-        derivatives = _closed_form_derivatives(model) if inner is None or not inner.records else None
+        derivatives = _closed_form_derivatives(model)  # None unless every block is Linear + a pointwise activation
 
         # First pass: each block sees a detached input, so its graph is local to it. With closed-form local
         # gradients no graph is needed at all: FTP has no backward pass to prepare for.
