@@ -4,7 +4,8 @@
     python scripts/profile_step.py --model resnet --depth 6 --rules bp,ftp,ftp:inner_targets=True
 
 Builds the model (ReLU, seed 0) on random MNIST-shaped data, one thread; for each of `--repeats` rounds it runs
-every rule once (warm-up), then profiles 3 of its steps, the rules alternating. Prints each op's per-step self
+every rule once (warm-up), then profiles 3 of its steps, the rules alternating (one torch thread unless
+`--threads`). Prints each op's per-step self
 time (the minimum over rounds: the least disturbed by other jobs) and calls per step, for the `--top` costliest
 ops, and the per-step totals. FTP uses G scale 0.03 (configs/ftp-conv.toml); the scale does not change the cost.
 """
@@ -28,8 +29,9 @@ def main() -> None:
     ap.add_argument("--rules", default="bp,ftp")
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(args.model, (1, 28, 28), 10, activation="relu", depth=args.depth)
     rules = {}
