@@ -89,10 +89,12 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     grow without bound and the net diverges. Removing the radial component
     lets local learning rotate a representation but not inflate it, as a
     LayerNorm'd block would, without changing the network's forward function.
+    Overwrites `delta` (every caller passes an error made for it): one map fewer to allocate per block and step, which
+    on CPU costs more than the arithmetic (docs/ALGORITHM.md, "What local means for a residual block").
     """
     d, v = delta.flatten(1), h.flatten(1)
     coef = torch.linalg.vecdot(d, v) / torch.linalg.vecdot(v, v).clamp_min(1e-12)
-    return torch.addcmul(d, coef.unsqueeze(1), v, value=-1).view_as(delta)
+    return d.addcmul_(coef.unsqueeze(1), v, value=-1).view_as(delta)
 
 
 # g * f'(a) written in terms of h = f(a), for the activations where that is possible: the fused kernels autograd
