@@ -247,6 +247,8 @@ class FTP(Rule):
         # gradients no graph is needed at all: FTP has no backward pass to prepare for.
         with torch.set_grad_enabled(derivatives is None and torch.is_grad_enabled()):
             inputs, pre, outs = local_forward(model, x)
+        if self.fprime and self.update_input == "h":  # the pre-activations are not needed: let them go (on a conv
+            pre = []                                   # net, one map per block held through the step otherwise)
         z = outs[-1]
         passes.replay()  # from here on: the first pass's dropout masks and batch-norm statistics
 
