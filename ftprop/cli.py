@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from . import distributed, report
+from . import distributed, report, runtime
 from .bench import alignment_overhead, benchmark
 from .compare import load_rule_config, run_compare
 from .data import DATASETS, Dataset, DatasetError, cache_dir, fetch, load_dataset
@@ -344,6 +344,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    runtime.keep_freed_memory()  # before any tensor of a step exists: every rule times and trains under it
     if getattr(args, "seeds", 1) < 1:
         print("ftprop: error: --seeds must be >= 1", file=sys.stderr)
         return 2

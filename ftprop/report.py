@@ -11,12 +11,15 @@ from typing import Any, Sequence
 
 import torch
 
+from . import runtime
+
 
 def machine() -> str:
     """One line naming where figures were measured, printed beside every table."""
     threads = torch.get_num_threads()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{platform.processor() or platform.machine()}, {threads} torch threads{gpu}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {threads} torch threads{gpu}, torch {torch.__version__}, "
+            f"malloc {runtime.MALLOC}")
 
 
 @functools.cache

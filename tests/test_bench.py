@@ -61,3 +61,26 @@ def test_alignment_overhead_times_the_training_loop_with_exactly_the_records_ask
 def test_alignment_overhead_refuses_a_window_larger_than_the_data(small_mnist):
     with pytest.raises(ValueError, match="need .* training samples"):
         alignment_overhead(TrainConfig(hidden="16", batch_size=64), small_mnist, every=100, rounds=1)
+
+
+def test_cli_keeps_freed_memory_under_glibc_unless_told_not_to(monkeypatch, capsys):
+    """`ftprop` commands set glibc's malloc so that freed step memory is reused (ftprop.runtime), say so in the
+    machine line of every table, and leave it alone with FTPROP_MALLOC=default or without glibc."""
+    import platform
+
+    from ftprop import cli, report, runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "MALLOC", "default")
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: type("Libc", (), {
+        "mallopt": staticmethod(lambda param, value: calls.append((param, value)) or 1)})())
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setenv("FTPROP_MALLOC", "default")
+    assert not runtime.keep_freed_memory() and calls == [] and report.machine().endswith("malloc default")
+    monkeypatch.delenv("FTPROP_MALLOC")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # musl, macOS, Windows: nothing to set
+    assert not runtime.keep_freed_memory() and calls == []
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    assert cli.main(["cost", "--hidden", "8", "--rules", "bp"]) == 0
+    assert calls == [(runtime.M_MMAP_THRESHOLD, 32 << 20), (runtime.M_TRIM_THRESHOLD, 1 << 30)]
+    assert report.machine().endswith("malloc freed memory kept (ftprop.runtime)")
