@@ -225,8 +225,9 @@ def cmd_sequences(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, lr=args.lr, schedule=args.schedule)
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     results, _ = run_sequences(cfg, rules, args.seeds, bench_rounds=args.bench_rounds)
-    print(f"{results['data']}, {cfg.cell} {cfg.layers}x{cfg.hidden}, Adam lr {cfg.lr}{', cosine' if cfg.schedule == 'cosine' else ''}, batch {cfg.batch_size}, "
-          f"{cfg.epochs} epochs, seeds 0..{args.seeds - 1} (test at the best validation epoch); "
+    schedule = ", cosine" if cfg.schedule == "cosine" else ""
+    print(f"{results['data']}, {cfg.cell} {cfg.layers}x{cfg.hidden}, Adam lr {cfg.lr}{schedule}, "
+          f"batch {cfg.batch_size}, {cfg.epochs} epochs, seeds 0..{args.seeds - 1} (test at the best validation epoch); "
           f"machine: {report.machine()}\n")
     print(results_table(results))
     if args.out:

@@ -17,6 +17,7 @@ import torch
 
 from . import report
 from .bench import benchmark
+from .train import lr_factor
 from .data import batches
 from .recurrent import RecurrentNet, build_recurrent
 from .rules import Rule, make_sequence_rule, rule_variant
@@ -88,8 +89,7 @@ def train_sequences(cfg: SeqConfig, data: SeqData | None = None) -> tuple[dict[s
     model = cfg.build(data)
     rule: Rule = make_sequence_rule(cfg.rule, **cfg.rule_options)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # factor of epoch e (0-based), stepped after each epoch
-        opt, (lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs))) if cfg.schedule == "cosine" else (lambda e: 1.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, cfg.epochs))  # stepped after each epoch
     order = torch.Generator().manual_seed(cfg.seed)
     x, y = data.x_train, data.y_train
     history: list[dict[str, Any]] = []

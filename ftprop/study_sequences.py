@@ -54,7 +54,7 @@ def _run(cfg: SeqConfig, seeds: int, bench_rounds: int, where: Path) -> tuple[di
             saved["key"]["config"] = dataclasses.asdict(SeqConfig(**saved["key"]["config"]))
         except (KeyError, TypeError, ValueError):  # no key, or one this code's config cannot hold: not reusable
             saved = None
-        if saved is None or saved.get("key") != key:
+        if saved is None or saved["key"] != key:
             saved = None
         else:
             for rule, state in torch.load(models_path, weights_only=True).items():

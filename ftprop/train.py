@@ -20,7 +20,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -148,15 +148,18 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def lr_factor(schedule: str, epochs: int, lr_step: int = 10, lr_decay: float = 0.1) -> Callable[[int], float]:
+    """The learning rate's factor in epoch e (0-based) under `schedule` (SCHEDULES); shared with the sequence loop."""
+    if schedule == "step":
+        return lambda e: lr_decay ** (e // lr_step)
+    if schedule == "cosine":
+        return lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs))
+    return lambda e: 1.0
+
+
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per epoch."""
-    if cfg.schedule == "step":
-        factor = lambda e: cfg.lr_decay ** (e // cfg.lr_step)  # noqa: E731
-    elif cfg.schedule == "cosine":
-        factor = lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs))  # noqa: E731
-    else:
-        factor = lambda e: 1.0  # noqa: E731
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, cfg.epochs, cfg.lr_step, cfg.lr_decay))
 
 
 @torch.no_grad()

@@ -270,8 +270,9 @@ class FTP(Rule):
                 pending.append((outs[l] if self.fprime or output else pre[l], err))
                 if inner is not None and l in inner.records:  # the first conv's own local loss, weighted as a
                     mid, t_mid = inner.records[l]              # deeper block's; t_mid - mid has no pre ops to pass
-                    mid_err = (mid.detach() - t_mid).mul_(deep)
-                    pending.append((mid, _tangential(mid_err, mid.detach()) if self.tangent else mid_err))
+                    held = mid.detach()
+                    mid_err = (held - t_mid).mul_(deep)
+                    pending.append((mid, _tangential(mid_err, held) if self.tangent else mid_err))
             else:
                 d = torch.autograd.grad(outs[l], pre[l], err, retain_graph=True)[0] if self.fprime else err
                 with torch.enable_grad():
