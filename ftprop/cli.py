@@ -139,14 +139,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     make = lambda: build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation,  # noqa: E731
                                cfg.norm, cfg.init, depth=cfg.depth, spec=cfg.spec)
     results = benchmark(rules, make, data.x_train, data.y_train, cfg.batch_size, rounds=args.rounds,
-                        steps_per_round=args.steps)
+                        steps_per_round=args.steps, repeats=args.repeats)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     timed = lambda v, scale=1.0: "-" if v is None else f"{scale * v:.3f}"  # noqa: E731  (--rounds 0: no timings)
-    rows = [[name, timed(r["step_time_median_s"], 1e3), timed(r["ratio_to_bp"]),
+    rows = [[name, timed(r["step_time_median_s"], 1e3), timed(r["ratio_to_bp"]) + report.ratio_range(r["ratio_range"]),
              f"{r['flops_per_sample'] / 1e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"] for name, r in results.items()]
-    print(f"{cfg.dataset}, {cfg.model_label()}, batch {cfg.batch_size}, {args.rounds} interleaved "
+    repeated = f"{args.repeats} repeats (fresh models each) of " if args.repeats > 1 else ""
+    print(f"{cfg.dataset}, {cfg.model_label()}, batch {cfg.batch_size}, {repeated}{args.rounds} interleaved "
           f"rounds of {args.steps} steps; machine: {report.machine()}\n")
     print(report.markdown_table(["rule", "step ms (median)", "time / BP", "MFLOP / sample", "peak MiB / step"], rows))
     return 0
@@ -276,6 +277,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15; with "
                    "--log-alignment, alternating epochs)")
     b.add_argument("--steps", type=int, default=20, help="training steps per round (default 20)")
+    b.add_argument("--repeats", type=int, default=1, help="time the rounds this many times, with fresh models each "
+                   "time; time / BP is then the median over repeats, with its range (default 1)")
     b.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
     b.add_argument("--pipeline", action="store_true", help="also time FTP with pipeline=True (per-block updates)")
     _add_config_flags(b)

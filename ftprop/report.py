@@ -66,6 +66,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def ratio_range(span: tuple[float, float] | None) -> str:
+    """' (1.02-1.21)': the range of a time ratio over benchmark repeats, '' when there was one repeat."""
+    return "" if span is None else f" ({span[0]:.3f}-{span[1]:.3f})"
+
+
 def pct(values: Sequence[float]) -> str:
     m, s = mean_std([100 * v for v in values])
     return f"{m:.2f} ± {s:.2f}"

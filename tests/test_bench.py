@@ -33,6 +33,33 @@ def test_flops_match_hand_counted_macs():
     assert res["bp"]["ratio_to_bp"] == 1.0 and res["ftp"]["ratio_to_bp"] > 0
 
 
+def test_repeats_take_the_median_of_each_repeats_ratio_with_fresh_models(monkeypatch):
+    """A fake clock that each step advances by a cost set per rule and repeat: the ratio is the median of the
+    repeats' ratios (not the ratio of pooled medians), its range is reported, and every repeat builds new models."""
+    import ftprop.bench as bench
+
+    clock, built = [0.0], []
+    costs = {"bp": [1.0, 1.0, 2.0], "ftp": [1.1, 1.3, 2.4]}  # ratios 1.1, 1.3, 1.2 -> median 1.2
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def step(model, rule, opt, x, y):
+        clock[0] += costs[rule.name][(len(built) - 1) // 2]  # two models built per repeat
+
+    monkeypatch.setattr(bench, "_step", step)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    res = benchmark({"bp": make_rule("bp"), "ftp": make_rule("ftp")}, lambda: built.append(1) or mlp(6, (4,), 3),
+                    x, y, batch_size=8, rounds=3, steps_per_round=2, warmup=1, repeats=3)
+    assert len(built) == 6 and res["ftp"]["repeats"] == 3
+    assert res["ftp"]["ratio_to_bp"] == pytest.approx(1.2) and res["ftp"]["ratio_range"] == pytest.approx((1.1, 1.3))
+    assert res["ftp"]["step_time_median_s"] == pytest.approx(1.3) and res["bp"]["step_time_median_s"] == 1.0
+    assert res["ftp"]["step_time_iqr_s"] > 0  # over the rounds of all repeats
+    one = benchmark({"bp": make_rule("bp")}, lambda: mlp(6, (4,), 3), x, y, batch_size=8, rounds=2, steps_per_round=1,
+                    warmup=0)
+    assert one["bp"]["ratio_range"] is None and one["bp"]["repeats"] == 1
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        benchmark({"bp": make_rule("bp")}, lambda: mlp(6, (4,), 3), x, y, batch_size=8, repeats=0)
+
+
 def test_peak_memory_tracks_live_storage():
     with PeakMemory() as mem:
         a = torch.zeros(1000)             # 4000 bytes

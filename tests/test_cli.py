@@ -63,6 +63,15 @@ def test_bench_json(capsys):
     assert res["bp"]["ratio_to_bp"] == 1.0
 
 
+def test_bench_repeats_print_the_ratio_range(capsys):
+    code, out, _ = run(capsys, "bench", "--rules", "bp,ftp", "--hidden", "64,32", "--batch-size", "16",
+                       "--rounds", "1", "--steps", "2", "--repeats", "2")
+    assert code == 0 and "batch 16, 2 repeats (fresh models each) of 1 interleaved rounds of 2 steps" in out
+    row = next(line for line in out.splitlines() if line.startswith("| ftp |"))
+    low, high = (float(v) for v in row.split(" | ")[2].split("(")[1].rstrip(")").split("-"))
+    assert 0 < low <= float(row.split(" | ")[2].split()[0]) <= high
+
+
 def test_bench_without_timing_rounds_prints_flops_and_memory(capsys):
     code, out, _ = run(capsys, "bench", "--rules", "bp,ftp", "--hidden", "64,32", "--batch-size", "16", "--rounds", "0")
     assert code == 0

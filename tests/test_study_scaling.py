@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import ftprop.compare
 import ftprop.reproduce as rep
@@ -158,8 +159,9 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
                                                                      configs["ftp"]["rule"]["g_scale"]))
     timed = []  # the FTP rule options each model's step time is measured with
     real_benchmark = sc.benchmark
+    repeats = []  # each timing is repeated with fresh models (bench.benchmark), its rounds shared out among repeats
     monkeypatch.setattr(sc, "benchmark", lambda rules, *a, **k: timed.append(rules["ftp"].options())
-                        or real_benchmark(rules, *a, **k))
+                        or repeats.append((k["repeats"], k["rounds"])) or real_benchmark(rules, *a, **k))
     docs = tmp_path / "docs"
     text = rep.reproduce(["cnn"], "small", tmp_path / "runs", docs).read_text()
     for options, (*_, config) in zip(timed, sc.BENCH_MODELS, strict=True):  # the options that model trains with
@@ -175,6 +177,11 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
     assert "paper CNN: FTP's MACs per sample are " in text and "residual CNN depth 6: FTP's MACs per sample are " in text
     assert text.count("so the goal (") == 2 and "lies above that floor." in text  # the paper CNN's 1.34
+    small_rounds = rep.BUDGETS["small"].bench_rounds
+    assert set(repeats) == {(sc.BENCH_REPEATS, -(-small_rounds // sc.BENCH_REPEATS))} and sc.BENCH_REPEATS > 1
+    assert f"{sc.BENCH_REPEATS} repeats, each with fresh models" in text and f"--repeats {sc.BENCH_REPEATS}`" in text
+    ftp_row = next(line for line in text.splitlines() if line.startswith("| paper CNN | 16 | ftp |"))
+    assert re.search(r"\| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", ftp_row)  # time / BP with its range over repeats
     summary = json.loads((docs / "results" / "cnn.small.summary.json").read_text())
     assert [r[2] for r in summary] == ["within 1.0 point(s)", "within 1.0 point(s)", "within 2.0 point(s)", "<= 1.34", "<= 1.15"]
 
