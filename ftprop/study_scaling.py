@@ -75,7 +75,8 @@ BENCH_MODELS = (("paper CNN", "paper-cnn", None, 1.34, "ftp-paper-cnn.toml"),
 BENCH_BATCHES = (64, 256)
 BENCH_STEPS = 20
 # The budget's timing rounds are shared out over this many repeats, each with fresh models (bench.benchmark): on the
-# residual CNN one set of models gave FTP / BP from 1.02 to 1.21 depending on the set, more than its rounds vary.
+# residual CNN FTP / BP moved from 1.13 to 1.22 between fresh sets of models in one process (1.02 to 1.21 between
+# processes), more than between the rounds of one set.
 BENCH_REPEATS = 5
 # cnn study: the paper CNN on both datasets and a residual CNN on Fashion-MNIST, BP against FTP. Conv nets cost 10-40x
 # an MLP epoch here, so the full budget trains them for fewer epochs than the MLP studies (the same for both rules).
