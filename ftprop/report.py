@@ -71,6 +71,18 @@ def ratio_range(span: tuple[float, float] | None) -> str:
     return "" if span is None else f" ({span[0]:.3f}-{span[1]:.3f})"
 
 
+def ratio_cell(r: dict[str, Any]) -> str:
+    """A benchmark entry's time / BP with its range over repeats (bench.benchmark)."""
+    return f"{r['ratio_to_bp']:.3f}{ratio_range(r['ratio_range'])}"
+
+
+def bench_method(repeats: int, rounds: int, steps: int, alternate: str = "BP and FTP alternate") -> str:
+    """How a step-time table of bench.benchmark with `repeats` was measured, for the text below the table."""
+    return (f"{repeats} repeats, each with fresh models, of {rounds} interleaved rounds of {steps} steps ({alternate}), "
+            "one SGD step included; a step time is the median of the repeats' medians (IQR over all rounds), time / BP "
+            "the median of the repeats' ratios with their range in brackets")
+
+
 def pct(values: Sequence[float]) -> str:
     m, s = mean_std([100 * v for v in values])
     return f"{m:.2f} ± {s:.2f}"

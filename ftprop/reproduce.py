@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -32,7 +33,13 @@ class Budget:
     name: str
     epochs: int
     seeds: int
-    bench_rounds: int
+    bench_rounds: int       # timing rounds of a step-time table, shared out over its repeats
+    bench_repeats: int = 5  # fresh sets of models per step-time table: one set's ratio varies more than its rounds
+    #                         (bench.benchmark's docstring has the measurement)
+
+    @property
+    def rounds_per_repeat(self) -> int:
+        return max(1, math.ceil(self.bench_rounds / self.bench_repeats))
 
 
 # small checks the whole pipeline in minutes (one seed: `reproduce all --budget small` must fit 30 minutes on 2 cores)
@@ -123,16 +130,17 @@ def study_mlp(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     for batch in (64, 256):
         res = benchmark({"bp": make_rule("bp"), "ftp": make_rule("ftp")},
                         lambda: build_model("mlp", data.input_shape, 10, "1024,128", "tanh"),
-                        data.x_train, data.y_train, batch, rounds=budget.bench_rounds)
+                        data.x_train, data.y_train, batch, rounds=budget.rounds_per_repeat,
+                        repeats=budget.bench_repeats)
         rows += [[batch, rule, f"{1e3 * r['step_time_median_s']:.3f}", f"{1e3 * r['step_time_iqr_s']:.3f}" if r["step_time_iqr_s"] is not None else "-",
-                  f"{r['ratio_to_bp']:.3f}", f"{r['flops_per_sample'] / 2e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"]
+                  report.ratio_cell(r), f"{r['flops_per_sample'] / 2e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"]
                  for rule, r in res.items()]
     parts.append("### Step time, MNIST 784-1024-128-10 tanh\n\nGoal: FTP / BP step time <= 1.10 at batch 64 and 256.\n\n"
                  + report.markdown_table(["batch", "rule", "step ms (median)", "IQR ms", "time / BP", "MMAC / sample",
                                           "peak MiB allocated in a step"], rows)
-                 + f"\n\nMedian over {budget.bench_rounds} interleaved rounds of 20 steps (BP and FTP alternate), "
-                 "one SGD step included. Command: `ftprop bench --rules bp,ftp --dataset mnist --hidden 1024,128 "
-                 f"--batch-size 64 --rounds {budget.bench_rounds}` (and 256).\n")
+                 + f"\n\n{report.bench_method(budget.bench_repeats, budget.rounds_per_repeat, 20)}. Command: `ftprop "
+                 f"bench --rules bp,ftp --dataset mnist --hidden 1024,128 --batch-size 64 --rounds "
+                 f"{budget.rounds_per_repeat} --repeats {budget.bench_repeats}` (and 256).\n")
     ratios = {row[0]: row[4] for row in rows if row[1] == "ftp"}
     summary.append(["step time FTP / BP, batch 64 and 256", f"{ratios[64]} and {ratios[256]}", "<= 1.10"])
     return "\n".join(parts), summary
@@ -184,9 +192,10 @@ def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
     options = {r: c.get("rule", {}) for r, c in repo_rule_configs(rules).items()}
     res = benchmark({r: make_rule(r, **options.get(r, {})) for r in rules},
                     lambda: build_model("mlp", data.input_shape, data.num_classes, "1024,128", "relu"),
-                    data.x_train, data.y_train, PEER_BENCH_BATCH, rounds=budget.bench_rounds)
+                    data.x_train, data.y_train, PEER_BENCH_BATCH, rounds=budget.rounds_per_repeat,
+                    repeats=budget.bench_repeats)
     rows = [[r, f"{1e3 * v['step_time_median_s']:.3f}",
-             f"{1e3 * v['step_time_iqr_s']:.3f}" if v["step_time_iqr_s"] is not None else "-", f"{v['ratio_to_bp']:.3f}",
+             f"{1e3 * v['step_time_iqr_s']:.3f}" if v["step_time_iqr_s"] is not None else "-", report.ratio_cell(v),
              f"{v['flops_per_sample'] / 2e6:.3f}", f"{v['flops_per_sample'] / res['bp']['flops_per_sample']:.3f}"]
             for r, v in res.items()]
     ratio = {r: v["ratio_to_bp"] for r, v in res.items()}
@@ -200,11 +209,12 @@ def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
              "may have shared the machine with other runs, this one times every rule in one process, alternating.\n\n"
              + report.markdown_table(["rule", "step ms (median)", "IQR ms", "time / BP", "MMAC / sample",
                                       "MACs / BP"], rows)
-             + f"\n\nMedian over {budget.bench_rounds} interleaved rounds of 20 steps (the rules alternate), one SGD "
-             "step included, each rule with its configs/RULE.toml options (none changes the work of a step, so the "
+             + f"\n\n{report.bench_method(budget.bench_repeats, budget.rounds_per_repeat, 20, 'the rules alternate')}"
+             ", each rule with its configs/RULE.toml options (none changes the work of a step, so the "
              "command below, with default options, times the same); MACs from torch.utils.flop_counter. "
              f"Command: `ftprop bench --rules {','.join(rules)} --dataset mnist --hidden 1024,128 --activation relu "
-             f"--batch-size {PEER_BENCH_BATCH} --rounds {budget.bench_rounds}`. {verdict}.\n")
+             f"--batch-size {PEER_BENCH_BATCH} --rounds {budget.rounds_per_repeat} --repeats {budget.bench_repeats}`. "
+             f"{verdict}.\n")
     summary.append([f"step time / BP, batch {PEER_BENCH_BATCH}",
                     ", ".join(f"{r} {ratio[r]:.2f}" for r in rules if r != "bp"),
                     "FTP <= 1.10 and cheaper than PEPITA, DTP, FF"])

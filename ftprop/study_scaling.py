@@ -74,10 +74,6 @@ BENCH_MODELS = (("paper CNN", "paper-cnn", None, 1.34, "ftp-paper-cnn.toml"),
                 ("residual CNN depth 6", "resnet", 6, 1.15, "ftp-conv.toml"))
 BENCH_BATCHES = (64, 256)
 BENCH_STEPS = 20
-# The budget's timing rounds are shared out over this many repeats, each with fresh models (bench.benchmark): on the
-# residual CNN FTP / BP moved from 1.13 to 1.22 between fresh sets of models in one process (1.02 to 1.21 between
-# processes), more than between the rounds of one set.
-BENCH_REPEATS = 5
 # cnn study: the paper CNN on both datasets and a residual CNN on Fashion-MNIST, BP against FTP. Conv nets cost 10-40x
 # an MLP epoch here, so the full budget trains them for fewer epochs than the MLP studies (the same for both rules).
 CNN_RULES = ["bp", "ftp"]
@@ -500,7 +496,7 @@ def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
     """FTP / BP step time of the paper CNN and the residual CNN (depth 6) on MNIST at BENCH_BATCHES."""
     data = compare.load_dataset("mnist")
     rows, summary, macs = [], [], []
-    rounds = max(1, math.ceil(budget.bench_rounds / BENCH_REPEATS))
+    rounds, repeats = budget.rounds_per_repeat, budget.bench_repeats
     for label, model, depth, goal, config in BENCH_MODELS:
         ratios, spans = [], []
         ftp_options = compare.load_rule_config(compare.CONFIGS / config).get("rule", {})
@@ -509,11 +505,11 @@ def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
                             lambda: build_model(model, data.input_shape, data.num_classes, activation="relu",
                                                 depth=depth),
                             data.x_train, data.y_train, batch, rounds=rounds, steps_per_round=BENCH_STEPS,
-                            warmup=min(5, BENCH_STEPS), repeats=BENCH_REPEATS)
+                            warmup=min(5, BENCH_STEPS), repeats=repeats)
             for rule, r in res.items():
                 iqr = f"{1e3 * r['step_time_iqr_s']:.3f}" if r["step_time_iqr_s"] is not None else "-"
                 rows.append([label, batch, rule, f"{1e3 * r['step_time_median_s']:.3f}", iqr,
-                             f"{r['ratio_to_bp']:.3f}{report.ratio_range(r['ratio_range'])}",
+                             report.ratio_cell(r),
                              f"{r['flops_per_sample'] / 2e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"])
             ratios.append(res["ftp"]["ratio_to_bp"])
             spans.append(report.ratio_range(res["ftp"]["ratio_range"]))
@@ -530,12 +526,10 @@ def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
             "published MAC ratio) and <= 1.15 on the residual CNN.\n\n"
             + report.markdown_table(["model", "batch", "rule", "step ms (median)", "IQR ms", "time / BP",
                                      "MMAC / sample", "peak MiB allocated in a step"], rows)
-            + f"\n\n{BENCH_REPEATS} repeats, each with fresh models, of {rounds} interleaved rounds of {BENCH_STEPS} "
-            "steps (BP and FTP alternate), one SGD step included; a step time is the median of the repeats' medians "
-            "(IQR over all rounds), time / BP the median of the repeats' ratios with their range in brackets. FTP with "
+            + f"\n\n{report.bench_method(repeats, rounds, BENCH_STEPS)}. FTP with "
             "the rule options of the config each model trains with in the study above. "
             "Command: `ftprop bench --rules bp,ftp --dataset mnist --model paper-cnn --config "
             f"configs/{BENCH_MODELS[0][4]} --activation relu --batch-size 64 --rounds {rounds} --repeats "
-            f"{BENCH_REPEATS}` (and "
+            f"{repeats}` (and "
             f"`--model resnet --depth 6 --config configs/{BENCH_MODELS[1][4]}`, batch 256).\n\n" + " ".join(macs) + "\n")
     return text, summary

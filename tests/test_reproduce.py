@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -19,6 +20,10 @@ def test_reproduce_writes_sections_and_results(tmp_path, tiny):
         assert (docs / "results" / f"{key}.small.png").stat().st_size > 10_000
         assert f"results/{key}.small.png" in text
     assert text.count("| ftp |") == 5 and "time / BP" in text  # 3 comparison tables + 2 bench rows
+    small = rep.BUDGETS["small"]  # the bench is repeated with fresh models; time / BP shows its range over repeats
+    assert (f"{small.bench_repeats} repeats, each with fresh models, of {small.rounds_per_repeat} interleaved rounds"
+            in text and f"--rounds {small.rounds_per_repeat} --repeats {small.bench_repeats}`" in text)
+    assert re.search(r"\| (64|256) \| ftp \| [\d.]+ \| [\d.-]+ \| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", text)
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("intro\n") and readme.endswith("rest\n") and "old" not in readme
     assert "| mnist, 1024-128 relu |" in readme and "step time FTP / BP" in readme
@@ -62,3 +67,4 @@ def test_peers_study_runs_every_rule_with_its_config(tmp_path, tiny, monkeypatch
     assert "- pepita: " in text and "against a target of 97.8%" in text and "FTP (" in text
     bench = text.split("### Step time of every rule")[1]
     assert all(f"| {r} |" in bench for r in rules) and "FTP / BP = " in bench
+    assert re.search(r"\| ftp \| [\d.]+ \| [\d.-]+ \| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", bench)

@@ -177,9 +177,9 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
     assert "paper CNN: FTP's MACs per sample are " in text and "residual CNN depth 6: FTP's MACs per sample are " in text
     assert text.count("so the goal (") == 2 and "lies above that floor." in text  # the paper CNN's 1.34
-    small_rounds = rep.BUDGETS["small"].bench_rounds
-    assert set(repeats) == {(sc.BENCH_REPEATS, -(-small_rounds // sc.BENCH_REPEATS))} and sc.BENCH_REPEATS > 1
-    assert f"{sc.BENCH_REPEATS} repeats, each with fresh models" in text and f"--repeats {sc.BENCH_REPEATS}`" in text
+    small = rep.BUDGETS["small"]
+    assert set(repeats) == {(small.bench_repeats, small.rounds_per_repeat)} and small.bench_repeats > 1
+    assert f"{small.bench_repeats} repeats, each with fresh models" in text and f"--repeats {small.bench_repeats}`" in text
     ftp_row = next(line for line in text.splitlines() if line.startswith("| paper CNN | 16 | ftp |"))
     assert re.search(r"\| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", ftp_row)  # time / BP with its range over repeats
     summary = json.loads((docs / "results" / "cnn.small.summary.json").read_text())
