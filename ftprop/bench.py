@@ -141,6 +141,7 @@ def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Te
         r["flops_per_sample"] = r["flops_per_step"] / batch_size
         r["batch_size"] = batch_size
         r["rounds"] = rounds
+        r["steps_per_round"] = steps_per_round
         r["repeats"] = repeats
     return results
 

@@ -23,6 +23,10 @@ from .train import TrainConfig, TrainingDiverged, resolve_device, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings (RULE.toml)
 
+# The side-by-side step timing of every comparison table (bench.benchmark): a few seconds on the residual CNN with
+# four rules, against the minutes the runs take.
+TIMING_ROUNDS, TIMING_STEPS = 5, 10
+
 # Keys a rule's own config may not change: they define the comparison.
 SHARED_KEYS = ("dataset", "model", "hidden", "depth", "spec", "activation", "norm", "init", "epochs", "batch_size",
                "val_size", "seed", "label_noise", "quant", "rounding", "analog", "data_dir", "device", "out", "progress")
@@ -125,10 +129,15 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
             lines = (run_dir / "metrics.jsonl").read_text().splitlines()
             histories[rule].append([json.loads(line) for line in lines if line])
             print(f"{rule} seed {seed}: test accuracy {summary['test_accuracy']}", file=sys.stderr)
+    # FLOPs, memory and time / BP of one step, the rules timed side by side now (the runs' own wall times may come
+    # from other sessions and other loads: report.compare_table). Not timed under simulated hardware (--quant,
+    # --analog): the benchmark runs the float model, whose time is not what those runs cost.
+    rounds = 0 if base.quant or base.analog else TIMING_ROUNDS
     costs = benchmark({r: make_rule(r, **c.rule_options) for r, c in configs.items()},
                       lambda: build_model(base.model, data.input_shape, data.num_classes, base.hidden, base.activation,
                                           base.norm, base.init, depth=base.depth, spec=base.spec),
-                      data.x_train, data.y_train, base.batch_size, rounds=0, steps_per_round=1, warmup=1)
+                      data.x_train, data.y_train, base.batch_size, rounds=rounds, steps_per_round=TIMING_STEPS,
+                      warmup=2)
     comparison = Comparison(base, configs, results, histories, costs)
     (out / "table.md").write_text(f"{comparison.describe()}\n\nMachine: {report.machine()}\n\n{comparison.table()}\n")
     (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rules": rules,

@@ -94,17 +94,30 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+COMPARE_NOTE = ("s / epoch: each run's median training time per epoch as it ran (runs of one table may have run at "
+                "different times, alone or beside other jobs, and finished runs are reused, so it describes the runs and "
+                "does not compare the rules); step time / BP: one training step of each rule (SGD step included) timed "
+                "side by side in one process when the table was made, rules alternating, the median of {rounds} rounds "
+                "of {steps} steps, on the table's model and batch size.")
+
+
 def compare_table(results: dict[str, list[dict[str, Any]]], costs: dict[str, dict[str, Any]] | None = None) -> str:
     """results[rule] = per-seed summaries (metrics.json contents); costs[rule] = bench.benchmark's figures for one
-    training step (FLOPs, peak memory). Ratios are to BP when BP is among the rules."""
+    training step (FLOPs, peak memory and, when it timed steps, time / BP). Ratios are to BP when BP is among the rules.
+
+    Time / BP comes only from the side-by-side step timing, never from the runs' wall time: runs reused from other
+    sessions or run beside other jobs once gave the residual CNN 3.85x BP per epoch where the interleaved benchmark
+    measured 1.09x.
+    """
     def ratio(rule: str, value: float | None, of: dict[str, float | None]) -> str:
         return f"{value / of['bp']:.2f}" if value is not None and of.get("bp") else "-"
 
     ok = {rule: [r for r in runs if not r["diverged"]] for rule, runs in results.items()}
     sec = {rule: statistics.median(r["seconds_per_epoch"] for r in runs) if runs else None for rule, runs in ok.items()}
-    header = ["rule", "test acc % (mean ± std)", "best val acc %", "s / epoch (median)"]
-    if "bp" in results:
-        header.append("time / BP")
+    timed = bool(costs) and "bp" in results and all(c.get("ratio_to_bp") is not None for c in costs.values())
+    header = ["rule", "test acc % (mean ± std)", "best val acc %", "s / epoch (median, as run)"]
+    if timed:
+        header.append("step time / BP")
     if costs:
         header += ["MFLOP / sample", "FLOPs / BP", "peak MiB / step", "memory / BP"]
         flops = {r: c["flops_per_sample"] for r, c in costs.items()}
@@ -117,14 +130,18 @@ def compare_table(results: dict[str, list[dict[str, Any]]], costs: dict[str, dic
                pct([r["test_accuracy"] for r in good]) if good else "diverged",
                pct([r["best_val_accuracy"] for r in good if r["best_val_accuracy"] is not None]) if good else "-",
                f"{sec[rule]:.2f}" if sec[rule] is not None else "-"]
-        if "bp" in results:
-            row.append(ratio(rule, sec[rule], sec))
+        if timed:
+            row.append(f"{costs[rule]['ratio_to_bp']:.2f}")
         if costs:
             row += [f"{flops[rule] / 1e6:.3f}", ratio(rule, flops[rule], flops),
                     f"{mem[rule] / 2**20:.2f}", ratio(rule, mem[rule], mem)]
         row.append(f"{len(good)}/{len(runs)}")
         rows.append(row)
-    return markdown_table(header, rows)
+    table = markdown_table(header, rows)
+    if timed:
+        any_cost = next(iter(costs.values()))
+        table += "\n\n" + COMPARE_NOTE.format(rounds=any_cost["rounds"], steps=any_cost["steps_per_round"])
+    return table
 
 
 def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:

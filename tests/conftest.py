@@ -59,4 +59,5 @@ def tiny(monkeypatch):
                                    y_val=d.y_val[:500], x_test=d.x_test[:500], y_test=d.y_test[:500])
 
     monkeypatch.setattr(ftprop.compare, "load_dataset", small)
+    monkeypatch.setattr(ftprop.compare, "TIMING_ROUNDS", 1)  # every comparison table still times its rules, briefly
     monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=1, seeds=1, bench_rounds=1))

@@ -36,3 +36,40 @@ def test_resume_reuses_a_run_that_diverged_instead_of_training_it_again(tmp_path
     (run / "metrics.json").write_text(json.dumps(summary))
     monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("a diverged run was trained again"))
     assert compare.run_compare(base, ["bp"], 1, tmp_path, resume=True).results["bp"] == [summary]
+
+
+def _summary(acc: float, seconds: float) -> dict:
+    return {"test_accuracy": acc, "best_val_accuracy": acc, "seconds_per_epoch": seconds, "diverged": None}
+
+
+def _cost(ratio: float | None) -> dict:
+    return {"flops_per_sample": 2e6, "peak_memory_bytes": 2**20, "ratio_to_bp": ratio, "rounds": 5,
+            "steps_per_round": 10}
+
+
+def test_table_takes_time_over_bp_from_the_side_by_side_steps_not_from_the_runs_wall_time():
+    """Runs reused from another session, or run beside other jobs, may differ 4x in wall time at equal work: the
+    table's ratio must come from the benchmark that timed the rules together."""
+    from ftprop.report import compare_table
+
+    results = {"bp": [_summary(0.97, 10.0)], "ftp": [_summary(0.96, 40.0)]}
+    table = compare_table(results, {"bp": _cost(1.0), "ftp": _cost(1.07)})
+    header, _, bp_row, ftp_row = table.split("\n\n")[0].splitlines()
+    assert "step time / BP" in header and "s / epoch (median, as run)" in header
+    assert "| 40.00 | 1.07 |" in ftp_row and "4.00" not in ftp_row and "| 10.00 | 1.00 |" in bp_row
+    assert "side by side" in table.split("\n\n")[1] and "5 rounds of 10 steps" in table
+    untimed = compare_table(results, {"bp": _cost(None), "ftp": _cost(None)})
+    assert "/ BP" in untimed and "step time / BP" not in untimed and "4.00" not in untimed
+    assert "side by side" not in untimed
+
+
+def test_compare_times_the_rules_side_by_side_except_under_simulated_hardware(tmp_path, tiny):
+    from ftprop import compare
+
+    base = TrainConfig(hidden="16", epochs=1, progress=False)
+    timed = compare.run_compare(base, ["bp", "ftp"], 1, tmp_path / "float", resume=True)
+    assert timed.costs["ftp"]["rounds"] == compare.TIMING_ROUNDS and timed.costs["ftp"]["ratio_to_bp"] > 0
+    assert "step time / BP" in timed.table()
+    quantized = compare.run_compare(dataclasses.replace(base, quant="w8a8"), ["bp", "ftp"], 1, tmp_path / "q",
+                                    resume=True)
+    assert quantized.costs["ftp"]["ratio_to_bp"] is None and "step time / BP" not in quantized.table()
