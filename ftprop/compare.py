@@ -23,9 +23,10 @@ from .train import TrainConfig, TrainingDiverged, resolve_device, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings (RULE.toml)
 
-# The side-by-side step timing of every comparison table (bench.benchmark): a few seconds on the residual CNN with
-# four rules, against the minutes the runs take.
-TIMING_ROUNDS, TIMING_STEPS = 5, 10
+# The side-by-side step timing of every comparison table (bench.benchmark): sets of fresh models, each timed for a few
+# rounds, since the ratio moves more between sets than between rounds (bench.benchmark). About half a minute on the
+# residual CNN with four rules, against the hours its runs take.
+TIMING_REPEATS, TIMING_ROUNDS, TIMING_STEPS = 3, 3, 10
 
 # Keys a rule's own config may not change: they define the comparison.
 SHARED_KEYS = ("dataset", "model", "hidden", "depth", "spec", "activation", "norm", "init", "epochs", "batch_size",
@@ -137,7 +138,7 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
                       lambda: build_model(base.model, data.input_shape, data.num_classes, base.hidden, base.activation,
                                           base.norm, base.init, depth=base.depth, spec=base.spec),
                       data.x_train, data.y_train, base.batch_size, rounds=rounds, steps_per_round=TIMING_STEPS,
-                      warmup=2)
+                      warmup=2, repeats=TIMING_REPEATS)
     comparison = Comparison(base, configs, results, histories, costs)
     (out / "table.md").write_text(f"{comparison.describe()}\n\nMachine: {report.machine()}\n\n{comparison.table()}\n")
     (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rules": rules,

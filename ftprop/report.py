@@ -97,8 +97,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 COMPARE_NOTE = ("s / epoch: each run's median training time per epoch as it ran (runs of one table may have run at "
                 "different times, alone or beside other jobs, and finished runs are reused, so it describes the runs and "
                 "does not compare the rules); step time / BP: one training step of each rule (SGD step included) timed "
-                "side by side in one process when the table was made, rules alternating, the median of {rounds} rounds "
-                "of {steps} steps, on the table's model and batch size.")
+                "side by side in one process when the table was made, on the table's model and batch size: {repeats} "
+                "set(s) of fresh models, each timed for {rounds} rounds of {steps} steps with the rules alternating; the "
+                "median of the sets' ratios, with their range.")
 
 
 def compare_table(results: dict[str, list[dict[str, Any]]], costs: dict[str, dict[str, Any]] | None = None) -> str:
@@ -131,7 +132,7 @@ def compare_table(results: dict[str, list[dict[str, Any]]], costs: dict[str, dic
                pct([r["best_val_accuracy"] for r in good if r["best_val_accuracy"] is not None]) if good else "-",
                f"{sec[rule]:.2f}" if sec[rule] is not None else "-"]
         if timed:
-            row.append(f"{costs[rule]['ratio_to_bp']:.2f}")
+            row.append(ratio_cell(costs[rule]))
         if costs:
             row += [f"{flops[rule] / 1e6:.3f}", ratio(rule, flops[rule], flops),
                     f"{mem[rule] / 2**20:.2f}", ratio(rule, mem[rule], mem)]
@@ -140,7 +141,8 @@ def compare_table(results: dict[str, list[dict[str, Any]]], costs: dict[str, dic
     table = markdown_table(header, rows)
     if timed:
         any_cost = next(iter(costs.values()))
-        table += "\n\n" + COMPARE_NOTE.format(rounds=any_cost["rounds"], steps=any_cost["steps_per_round"])
+        table += "\n\n" + COMPARE_NOTE.format(repeats=any_cost["repeats"], rounds=any_cost["rounds"],
+                                               steps=any_cost["steps_per_round"])
     return table
 
 

@@ -60,4 +60,5 @@ def tiny(monkeypatch):
 
     monkeypatch.setattr(ftprop.compare, "load_dataset", small)
     monkeypatch.setattr(ftprop.compare, "TIMING_ROUNDS", 1)  # every comparison table still times its rules, briefly
+    monkeypatch.setattr(ftprop.compare, "TIMING_REPEATS", 2)
     monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=1, seeds=1, bench_rounds=1))

@@ -44,7 +44,7 @@ def _summary(acc: float, seconds: float) -> dict:
 
 def _cost(ratio: float | None) -> dict:
     return {"flops_per_sample": 2e6, "peak_memory_bytes": 2**20, "ratio_to_bp": ratio, "rounds": 5,
-            "steps_per_round": 10}
+            "steps_per_round": 10, "repeats": 3, "ratio_range": None if ratio in (None, 1.0) else (1.01, 1.12)}
 
 
 def test_table_takes_time_over_bp_from_the_side_by_side_steps_not_from_the_runs_wall_time():
@@ -56,8 +56,9 @@ def test_table_takes_time_over_bp_from_the_side_by_side_steps_not_from_the_runs_
     table = compare_table(results, {"bp": _cost(1.0), "ftp": _cost(1.07)})
     header, _, bp_row, ftp_row = table.split("\n\n")[0].splitlines()
     assert "step time / BP" in header and "s / epoch (median, as run)" in header
-    assert "| 40.00 | 1.07 |" in ftp_row and "4.00" not in ftp_row and "| 10.00 | 1.00 |" in bp_row
-    assert "side by side" in table.split("\n\n")[1] and "5 rounds of 10 steps" in table
+    assert "| 40.00 | 1.070 (1.010-1.120) |" in ftp_row and "4.00" not in ftp_row and "| 10.00 | 1.000 |" in bp_row
+    assert "side by side" in table.split("\n\n")[1] and "3 set(s) of fresh models" in table
+    assert "5 rounds of 10 steps" in table
     untimed = compare_table(results, {"bp": _cost(None), "ftp": _cost(None)})
     assert "/ BP" in untimed and "step time / BP" not in untimed and "4.00" not in untimed
     assert "side by side" not in untimed
@@ -69,6 +70,7 @@ def test_compare_times_the_rules_side_by_side_except_under_simulated_hardware(tm
     base = TrainConfig(hidden="16", epochs=1, progress=False)
     timed = compare.run_compare(base, ["bp", "ftp"], 1, tmp_path / "float", resume=True)
     assert timed.costs["ftp"]["rounds"] == compare.TIMING_ROUNDS and timed.costs["ftp"]["ratio_to_bp"] > 0
+    assert timed.costs["ftp"]["repeats"] == compare.TIMING_REPEATS
     assert "step time / BP" in timed.table()
     quantized = compare.run_compare(dataclasses.replace(base, quant="w8a8"), ["bp", "ftp"], 1, tmp_path / "q",
                                     resume=True)
