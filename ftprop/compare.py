@@ -24,8 +24,8 @@ from .train import TrainConfig, TrainingDiverged, resolve_device, train
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings (RULE.toml)
 
 # The side-by-side step timing of every comparison table (bench.benchmark): sets of fresh models, each timed for a few
-# rounds, since the ratio moves more between sets than between rounds (bench.benchmark). About half a minute on the
-# residual CNN with four rules, against the hours its runs take.
+# rounds, since the ratio moves more between sets than between rounds (bench.benchmark). 20 s on the residual CNN
+# with four rules (bp, ftp, dfa, pepita; measured 2026-12-01), against the hours its runs take.
 TIMING_REPEATS, TIMING_ROUNDS, TIMING_STEPS = 3, 3, 10
 
 # Keys a rule's own config may not change: they define the comparison.
