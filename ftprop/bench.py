@@ -104,7 +104,7 @@ def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Te
     results: dict[str, dict[str, Any]] = {}
     medians: dict[str, list[float]] = {name: [] for name in rules}
     pooled: dict[str, list[float]] = {name: [] for name in rules}
-    for repeat in range(repeats):
+    for repeat in range(repeats if rounds else 1):  # nothing to time: one set of models gives FLOPs and memory
         setups = _setups(rules, make_model, device)
         for model, rule, opt in setups.values():
             for idx in batches[:warmup]:
