@@ -321,7 +321,8 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     """Issue 4's goals on these models: the paper CNN on MNIST and Fashion-MNIST (FTP within 1.0 point of BP), a
     residual CNN with 6 conv layers on Fashion-MNIST (within 2.0), and their FTP / BP step times (`cnn_bench`). FTP
     uses configs/ftp-paper-cnn.toml on the paper CNN and configs/ftp-conv.toml on the residual CNN (G's scale; on the
-    residual CNN also inner targets)."""
+    paper CNN also G equal over the pool's windows with the local loss after the pool, on the residual CNN inner
+    targets)."""
     paper, conv = "ftp-paper-cnn.toml", "ftp-conv.toml"
     epochs, res_epochs = _grid(budget, CNN_EPOCHS), _grid(budget, RESNET_EPOCHS)
     settings = [(f"paper CNN, {d}", dict(dataset=d, model="paper-cnn", epochs=epochs), f"cnn-{d}-paper", paper)
@@ -340,9 +341,10 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     parts = [f"{ACTIVATION}, cosine schedule, SGD lr 0.01 momentum 0.9, batch 64, seeds 0..{budget.seeds - 1}; "
              f"paper CNN (conv 5x5x32, max-pool 2, dense; `--model paper-cnn`) {epochs} epochs, residual CNN "
              f"(`--model resnet --depth {RESNET_DEPTH}`) {res_epochs} epochs. FTP projects onto the whole first conv "
-             f"map (before pooling) with G's scale from configs/{paper} on the paper CNN and configs/{conv} on the "
-             f"residual CNN, where each conv of a residual branch also learns from its own target (`inner_targets`, "
-             f"docs/ALGORITHM.md). Test accuracy %, mean ± std over seeds.\n",
+             f"map (before pooling) with G's scale from configs/{paper} on the paper CNN (where G is also equal over each "
+             f"2x2 pool window and the local loss is measured after the pool: `g_block`, `compare_at`) and "
+             f"configs/{conv} on the residual CNN, where each conv of a residual branch also learns from its own "
+             f"target (`inner_targets`, docs/ALGORITHM.md). Test accuracy %, mean ± std over seeds.\n",
              _table("setting", cells, CNN_RULES) + "\n"]
     parts += [f"![{label}](results/{key}.{budget.name}.png)\n" for label, _, key, _ in settings]
     parts.append(f"{_ftp_vs_bp(cells)}\n\nCommand for one row: `ftprop compare --rules bp,ftp --dataset mnist --model "

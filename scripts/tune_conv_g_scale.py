@@ -5,8 +5,10 @@
 Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (keep the first block at its
 initialisation), `share` (one random G vector per channel, broadcast over positions), `lr`, and any FTP option.
 `--model paper-cnn` (default) or `resnet` (depth 6), ReLU, `--dataset` (default MNIST) with 5000 training images
-held out for validation, SGD momentum 0.9 (or `optimizer='adam'`), batch 64, seed 0, one thread; prints the mean training loss, the first
-conv map's mean norm and validation accuracy every 1000 steps (and at 600).
+held out for validation, SGD momentum 0.9 (or `optimizer='adam'`), batch 64, seed 0, one thread, a constant learning
+rate (`--schedule cosine`: falling to 0 over the steps, stepped each step); prints the mean training loss, the first
+conv map's mean norm, the cosine between the first block's weight update and BP's gradient on the same batch (taken
+every 50 steps, mean of the last 20; not with --norm) and validation accuracy every 1000 steps (and at 600).
 """
 from __future__ import annotations
 
@@ -14,17 +16,18 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from ftprop.data import load_dataset
 from ftprop.models import build_model
 from ftprop.rules import make_rule
 
 
-def run(data, tag: str, steps: int, model_name: str, norm: str = "none", rule: str = "ftp", lr: float = 0.01,
-        freeze: bool = False, share: bool = False, optimizer: str = "sgd", **options: object) -> None:
+def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedule: str = "none", rule: str = "ftp",
+        lr: float = 0.01, freeze: bool = False, share: bool = False, optimizer: str = "sgd", **options: object) -> None:
     torch.manual_seed(0)
     model = build_model(model_name, data.input_shape, data.num_classes, activation="relu", norm=norm)
-    learner = make_rule(rule, **options)
+    learner, bp = make_rule(rule, **options), make_rule("bp")
     if share:  # G constant over the positions of each channel of the first map (C x H x W)
         c, h, w = model.blocks[0](model.prepare(data.x_val[:1])).shape[1:]
         gen = torch.Generator().manual_seed(0)
@@ -32,16 +35,26 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", rule: s
                      ).expand(-1, c, h * w).reshape(data.num_classes, -1)
     params = [p for n, p in model.named_parameters() if not (freeze and n.startswith("blocks.0"))]
     opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
+    first = model.blocks[0].layer.weight
     perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))
     span = 50_000 // 64 * 64  # batches cycle through the first 50,000 images (as measured)
-    t0, losses = time.time(), []
+    t0, losses, cosines = time.time(), [], []
     for s in range(steps):
         idx = perm[(s * 64) % span:(s * 64) % span + 64]
+        measure = s % 50 == 0 and norm == "none"  # BP's step would also move batch norm's running statistics
+        if measure:  # BP's gradient on this batch; every rule's step clears the gradients it fills
+            bp.step(model, data.x_train[idx], data.y_train[idx])
+            exact = first.grad.clone()
         out = learner.step(model, data.x_train[idx], data.y_train[idx])
+        if measure:
+            cosines.append(F.cosine_similarity(first.grad.flatten(), exact.flatten(), 0).item())
         if freeze:
             for p in model.blocks[0].parameters():
                 p.grad = None
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(out.loss.item())
         if (s + 1) % 1000 == 0 or s + 1 == 600:
             model.eval()
@@ -51,7 +64,8 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", rule: s
             model.train()
             recent = losses[-min(len(losses), 1000):]
             print(f"{tag:32s} step {s + 1:5d} loss {sum(recent) / len(recent):.3f} "
-                  f"|h1| {h1.flatten(1).norm(dim=1).mean():7.1f} val {100 * acc:.2f} ({time.time() - t0:.0f}s)",
+                  f"|h1| {h1.flatten(1).norm(dim=1).mean():7.1f} cos {sum(cosines[-20:]) / max(1, len(cosines[-20:])):+.2f} "
+                  f"val {100 * acc:.2f} ({time.time() - t0:.0f}s)",
                   flush=True)
 
 
@@ -62,11 +76,12 @@ def main() -> None:
     ap.add_argument("--model", default="paper-cnn", help="paper-cnn or resnet (depth 6)")
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--norm", default="none", help="none, batchnorm or layernorm after each conv")
+    ap.add_argument("--schedule", default="none", help="none or cosine")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load_dataset(args.dataset, val_size=5000)
     for setting in args.settings:
-        run(data, setting or "ftp defaults", args.steps, args.model, args.norm, **eval(f"dict({setting})"))
+        run(data, setting or "ftp defaults", args.steps, args.model, args.norm, args.schedule, **eval(f"dict({setting})"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The benchmark's counters: FLOPs against the MACs counted by hand, and the peak-memory tracker on known tensors."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -111,3 +112,25 @@ def test_cli_keeps_freed_memory_under_glibc_unless_told_not_to(monkeypatch, caps
     assert cli.main(["cost", "--hidden", "8", "--rules", "bp"]) == 0
     assert calls == [(runtime.M_MMAP_THRESHOLD, 32 << 20), (runtime.M_TRIM_THRESHOLD, 1 << 30)]
     assert report.machine().endswith("malloc freed memory kept (ftprop.runtime)")
+
+
+def test_ftp_measuring_after_the_pool_runs_under_the_counters():
+    """compare_at="next-input" differentiates through the next block's pool inside FTP's step; torch's flop counter
+    hooks every module, and autograd.grad with respect to a module's leaf input then raised (`ftprop bench` on the
+    paper CNN failed). Under the counters the step gives the same gradients as without them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ftprop.models import spec_model
+
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    grads = []
+    for counted in (False, True):
+        torch.manual_seed(0)
+        net = spec_model("c2k3-relu-p2-f-l3", (1, 8, 8), 3)
+        with FlopCounterMode(display=False) if counted else contextlib.nullcontext():
+            make_rule("ftp", compare_at="next-input", g_block=2).step(net, x, y)
+        grads.append([p.grad for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    res = benchmark({"ftp": make_rule("ftp", compare_at="next-input")}, lambda: spec_model("c2k3-relu-p2-f-l3", (1, 8, 8), 3),
+                    x, y, batch_size=6, rounds=0, steps_per_round=1, warmup=1)
+    assert res["ftp"]["flops_per_step"] > 0 and res["ftp"]["peak_memory_bytes"] > 0

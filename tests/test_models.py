@@ -334,9 +334,10 @@ def test_ftp_on_a_conv_net_equals_its_equations():
     W2, b2 = net.blocks[1].layer.weight, net.blocks[1].layer.bias
     W3, b3 = net.blocks[2].layer.weight, net.blocks[2].layer.bias
     n, gamma = 7, 0.3
-    for tangent, update_input, compare_at in itertools.product((False, True), ("h", "t"), ("output", "next-input")):
+    for tangent, update_input, compare_at, g_block in itertools.product((False, True), ("h", "t"),
+                                                                         ("output", "next-input"), (1, 2)):
         rule = make_rule("ftp", gamma=gamma, g_scale=0.5, tangent=tangent, update_input=update_input,
-                         compare_at=compare_at)
+                         compare_at=compare_at, g_block=g_block)
         rule.step(net, x, y)
         G = rule.G
         assert G.shape == (3, 2 * 6 * 6)  # onto the whole first conv map, before pooling
@@ -378,6 +379,56 @@ def test_ftp_on_a_conv_net_equals_its_equations():
             g2 = torch.autograd.grad(a2, [w2, c2], err(h2, t2) * (1 - h2 ** 2))
         g3 = (e.T @ h2.flatten(1) / n, e.sum(0) / n)
         assert_grads([W1, b1, W2, b2, W3, b3], [*g1, *g2, *g3])
+
+
+def test_ftp_g_block_is_one_fixed_projection_onto_the_pooled_map():
+    """g_block=2 on a map pooled 2x2: G is a gaussian grid over C x H/2 x W/2 (drawn as g_block=1 draws its G, seeded,
+    std g_scale), each entry repeated over its 2x2 patch. So whichever position of a window the max-pool passes on,
+    the pooled map is asked for e G_grid; with the plain G that request depends on the position the pool picks."""
+    torch.manual_seed(0)
+    net = randomize(spec_model("c2k3-relu-p2-f-l3", (1, 8, 8), 3).double())
+    x, y = batch(7, shape=(1, 8, 8))
+    h1 = net.blocks[0](x).detach()  # 2 x 6 x 6
+    e = torch.randn(7, 3, dtype=torch.float64)
+    _, idx = F.max_pool2d(h1, 2, return_indices=True)
+    for g_block in (1, 2):
+        rule = make_rule("ftp", g_scale=0.5, g_block=g_block, compare_at="next-input")
+        rule.step(net, x, y)
+        corners = rule.G.view(3, 2, 3, 2, 3, 2).permute(0, 1, 2, 4, 3, 5).reshape(3, 18, 4)  # each window's 4 entries
+        assert torch.equal(corners.amin(-1), corners.amax(-1)) == (g_block == 2)
+        if g_block == 2:
+            passed = (e @ rule.G).view_as(h1).flatten(2).gather(2, idx.flatten(2)).view(7, 18)  # pooled positions
+            grid = make_rule("ftp", g_scale=0.5)._projection(3, 18, h1)
+            assert torch.equal(corners[..., 0], grid)
+            torch.testing.assert_close(passed, e @ grid)
+    with pytest.raises(ValueError, match="g_block must be an integer >= 1"):
+        make_rule("ftp", g_block=0)
+    with pytest.raises(ValueError, match=r"g_block=4 needs the first block's output to be a map C x H x W with H and "
+                                         r"W divisible by 4, got shape \(2, 6, 6\)"):
+        make_rule("ftp", g_block=4).step(net, x, y)
+    with pytest.raises(ValueError, match=r"g_block=2 needs .* got shape \(4,\)"):
+        make_rule("ftp", g_block=2).step(randomize(spec_model("f-l4-tanh-l3", (1, 8, 8), 3).double()), x, y)
+
+
+@pytest.mark.parametrize("tangent", [False, True])
+def test_ftp_next_input_max_pool_shortcut_equals_the_generic_jacobian(monkeypatch, tangent):
+    """Behind a max-pool, compare_at="next-input" gathers the error at the pooled positions and adds it back there;
+    any other parameter-free input ops take J and J^T from autograd. Both give the same gradients on a max-pool,
+    including overlapping windows (kernel 3, stride 2), where J^T adds up a position passed on by two windows."""
+    from ftprop.rules import ftp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(3, stride=2), nn.Flatten(), nn.Linear(18, 3))
+    x, y = batch(7, shape=(1, 9, 9))
+    grads = []
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(ftp, "_max_pool", lambda pre: None)
+        net = copy.deepcopy(model).double()
+        make_rule("ftp", gamma=0.3, g_scale=0.5, tangent=tangent, compare_at="next-input").step(net, x, y)
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_ftp_compare_at_next_input_changes_nothing_without_pooling():

@@ -172,7 +172,8 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     assert paper_g != conv_g  # the paper CNN has its own G scale; residual nets keep ftp-conv.toml's
     assert seen == [("mnist", "paper-cnn", None, ("bp", "ftp"), paper_g), ("fashion-mnist", "paper-cnn", None, ("bp", "ftp"), paper_g),
                     ("fashion-mnist", "resnet", sc.RESNET_DEPTH, ("bp", "ftp"), conv_g)]
-    assert "configs/ftp-paper-cnn.toml on the paper CNN and configs/ftp-conv.toml on the residual CNN" in text
+    assert "configs/ftp-paper-cnn.toml on the paper CNN (where G is also equal over each 2x2 pool window" in text
+    assert "and configs/ftp-conv.toml on the residual CNN" in text
     assert "| paper CNN, mnist |" in text and f"| resnet depth {sc.RESNET_DEPTH}, fashion-mnist |" in text
     assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
     assert "paper CNN: FTP's MACs per sample are " in text and "residual CNN depth 6: FTP's MACs per sample are " in text
