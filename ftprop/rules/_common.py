@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..models import Net, as_net, is_mlp
+from ..models import Block, Net, as_net, is_mlp
 from .base import Rule, StepOutput, check_batch
 
 
@@ -25,17 +25,19 @@ class PeerRule(Rule):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
-def local_forward(model: Net, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def local_forward(model: Net, x: torch.Tensor, run_pre: Callable[[int, Block, torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """First pass with every block's input detached, so each block's graph is local to it.
 
     Returns (inputs, pre, outs): h_{l-1} (detached), a_l = layer_l(pre_l(h_{l-1})) and h_l = post_l(a_l) for every
-    block; outs[-1] are the logits z.
+    block; outs[-1] are the logits z. `run_pre(l, block, h_in)`, if given, computes pre_l(h_in) in place of the
+    block's own call (a rule that needs more from those ops than their output, such as a max-pool's positions).
     """
     h = model.prepare(x)
     inputs, pre, outs = [], [], []
-    for block in model.blocks:
+    for l, block in enumerate(model.blocks):
         h_in = h.detach()
-        a = block.layer(block.pre(h_in))
+        a = block.layer(block.pre(h_in) if run_pre is None else run_pre(l, block, h_in))
         h = block.post(a)
         inputs.append(h_in)
         pre.append(a)

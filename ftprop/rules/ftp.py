@@ -106,6 +106,21 @@ def _max_pool(pre: nn.Module) -> nn.MaxPool2d | None:
     return None
 
 
+def _pool_with_positions(pooled: dict[int, torch.Tensor]) -> Callable[[int, Block, torch.Tensor], torch.Tensor]:
+    """A first pass's `run_pre` that, where a block's input ops are a max-pool (then flatten), runs the pool with its
+    indices and records them, flattened per channel, as pooled[l - 1]: the positions of h_{l-1} it passes on. The pool
+    with indices costs what the pool alone does, so compare_at="next-input" need not run it again."""
+    def run_pre(l: int, block: Block, h: torch.Tensor) -> torch.Tensor:
+        pool = _max_pool(block.pre) if l > 0 else None
+        if pool is None:
+            return block.pre(h)
+        u, idx = F.max_pool2d(h, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                              return_indices=True)
+        pooled[l - 1] = idx.flatten(2)
+        return block.pre[1:](u) if isinstance(block.pre, nn.Sequential) else u
+    return run_pre
+
+
 # g * f'(a) written in terms of h = f(a), for the activations where that is possible: the fused kernels autograd
 # itself uses for these activations' backward.
 _THROUGH_ACTIVATION: dict[type, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -234,7 +249,8 @@ class FTP(Rule):
         scale = 1.0 if self.gamma_mode == "step" else self.gamma
         return (s_p - s_first).mul_(scale / (self.gamma * batch))
 
-    def _error(self, blocks: list[Block], l: int, h: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    def _error(self, blocks: list[Block], l: int, h: torch.Tensor, err: torch.Tensor,
+               pooled: dict[int, torch.Tensor]) -> torch.Tensor:
         """Hidden block l's error from err = (h_l - t_l) / (gamma B): the gradient of its local loss with respect to
         h_l, P(err) with P the tangent projection when `tangent` is on.
 
@@ -244,21 +260,18 @@ class FTP(Rule):
         positions the pool passes on; the others cannot change the output, yet on a conv map their errors would still
         move the shared filters. (Not pre(h_l) - pre(t_l): a max over a window of h + noise exceeds the max of h on
         average, so that difference pushes every passed position up.) No parameter lies on the path, so no gradient
-        crosses a layer. With an identity `pre` (MLPs) both settings are the same.
+        crosses a layer. With an identity `pre` (MLPs) both settings are the same. Behind a max-pool, J is a selection:
+        `pooled[l]` holds the positions the first pass's pool passed on (`_pool_with_positions`), the error is gathered
+        there and J^T adds it back; other input ops take J and J^T from autograd.
         """
         nxt = blocks[l + 1].pre
         if self.compare_at == "output" or isinstance(nxt, nn.Identity):
             return _tangential(err, h.detach()) if self.tangent else err
-        pool = _max_pool(nxt)
-        if pool is not None:  # J is a selection: gather at the positions the pool passes on, J^T adds back there
-            # channels-last: the CPU's max-pool with indices takes 1.7 ms there against 4.1 ms on the paper CNN's
-            # 64 x 32 x 24 x 24 map, and the positions it picks, ties included, are the same
-            u, idx = F.max_pool2d(h.detach().contiguous(memory_format=torch.channels_last), pool.kernel_size,
-                                  pool.stride, pool.padding, pool.dilation, pool.ceil_mode, return_indices=True)
-            idx = idx.contiguous().flatten(2)
+        if l in pooled:
+            idx = pooled[l]
             err = err.flatten(2).gather(2, idx)
             if self.tangent:
-                err = _tangential(err, u)
+                err = _tangential(err, h.detach().flatten(2).gather(2, idx))  # against the pooled map
             return torch.zeros_like(h).flatten(2).scatter_add_(2, idx, err).view_as(h)
         with torch.enable_grad():
             # a view, not the leaf itself: torch.utils.flop_counter's module hooks (ftprop bench, cost) make
@@ -290,8 +303,10 @@ class FTP(Rule):
 
         # First pass: each block sees a detached input, so its graph is local to it. With closed-form local
         # gradients no graph is needed at all: FTP has no backward pass to prepare for.
+        pooled: dict[int, torch.Tensor] = {}  # block l -> the positions of h_l that the next block's max-pool passes on
+        run_pre = _pool_with_positions(pooled) if self.compare_at == "next-input" else None
         with torch.set_grad_enabled(derivatives is None and torch.is_grad_enabled()):
-            inputs, pre, outs = local_forward(model, x)
+            inputs, pre, outs = local_forward(model, x, run_pre)
         if self.fprime and self.update_input == "h":  # the pre-activations are not needed: let them go (on a conv
             pre = []                                   # net, one map per block held through the step otherwise)
         z = outs[-1]
@@ -348,13 +363,13 @@ class FTP(Rule):
             err = self._first_error(p, e, batch).view_as(h1)
             # t_1 = h_1 - gamma B err, built only when a second pass needs it (before the error is projected)
             t = torch.add(h1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
-            ready(0, self._error(blocks, 0, h1, err), inputs[0])
+            ready(0, self._error(blocks, 0, h1, err, pooled), inputs[0])
             # Second pass: the target travels forward through the network's own weights.
             for l in range(1, len(blocks) - 1):
                 block = blocks[l]
                 u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
                 t = block.post(block.layer(u))
-                ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(deep)), u)
+                ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(deep), pooled), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
                 fill(l, err, t_input)
