@@ -115,22 +115,26 @@ def test_cli_keeps_freed_memory_under_glibc_unless_told_not_to(monkeypatch, caps
 
 
 def test_ftp_measuring_after_the_pool_runs_under_the_counters():
-    """compare_at="next-input" differentiates through the next block's pool inside FTP's step; torch's flop counter
-    hooks every module, and autograd.grad with respect to a module's leaf input then raised (`ftprop bench` on the
-    paper CNN failed). Under the counters the step gives the same gradients as without them."""
+    """compare_at="next-input" differentiates through the next block's pool inside FTP's step (autograd's J and J^T,
+    except behind a max-pool); torch's flop counter hooks every module, and autograd.grad with respect to a module's
+    leaf input then raised (`ftprop bench` on the paper CNN failed). Under the counters the step gives the same
+    gradients as without them, behind an average pool (autograd's path) and a max-pool (the positions)."""
+    from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ftprop.models import spec_model
-
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
-    grads = []
-    for counted in (False, True):
-        torch.manual_seed(0)
-        net = spec_model("c2k3-relu-p2-f-l3", (1, 8, 8), 3)
-        with FlopCounterMode(display=False) if counted else contextlib.nullcontext():
-            make_rule("ftp", compare_at="next-input", g_block=2).step(net, x, y)
-        grads.append([p.grad for p in net.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
-    res = benchmark({"ftp": make_rule("ftp", compare_at="next-input")}, lambda: spec_model("c2k3-relu-p2-f-l3", (1, 8, 8), 3),
-                    x, y, batch_size=6, rounds=0, steps_per_round=1, warmup=1)
-    assert res["ftp"]["flops_per_step"] > 0 and res["ftp"]["peak_memory_bytes"] > 0
+    for pool in (nn.AvgPool2d(2), nn.MaxPool2d(2)):
+        def make() -> nn.Sequential:
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), pool, nn.Flatten(), nn.Linear(18, 3))
+
+        grads = []
+        for counted in (False, True):
+            net = make()
+            with FlopCounterMode(display=False) if counted else contextlib.nullcontext():
+                make_rule("ftp", compare_at="next-input", g_block=2).step(net, x, y)
+            grads.append([p.grad for p in net.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+        res = benchmark({"ftp": make_rule("ftp", compare_at="next-input")}, make, x, y, batch_size=6, rounds=0,
+                        steps_per_round=1, warmup=1)
+        assert res["ftp"]["flops_per_step"] > 0 and res["ftp"]["peak_memory_bytes"] > 0
