@@ -3,12 +3,13 @@
     python scripts/tune_conv_g_scale.py "rule='bp'" "freeze=True" "g_scale=0.03" "share=True,g_scale=0.002" --steps 4000
 
 Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (keep the first block at its
-initialisation), `share` (one random G vector per channel, broadcast over positions), `lr`, and any FTP option.
-`--model paper-cnn` (default) or `resnet` (depth 6), ReLU, `--dataset` (default MNIST) with 5000 training images
-held out for validation, SGD momentum 0.9 (or `optimizer='adam'`), batch 64, seed 0, one thread, a constant learning
-rate (`--schedule cosine`: falling to 0 over the steps, stepped each step); prints the mean training loss, the first
-conv map's mean norm, the cosine between the first block's weight update and BP's gradient on the same batch (taken
-every 50 steps, mean of the last 20; not with --norm) and validation accuracy every 1000 steps (and at 600).
+initialisation), `share` (one random G vector per channel, broadcast over positions), `center` (G's draw less its mean
+over each channel's positions), `lr`, and any FTP option. `--model paper-cnn` (default) or `resnet` (depth 6), ReLU,
+`--dataset` (default MNIST) with 5000 training images held out for validation, SGD momentum 0.9 (or
+`optimizer='adam'`), batch 64, seed 0, one thread, a constant learning rate (`--schedule cosine`: falling to 0 over
+the steps, stepped each step); prints the mean training loss, the first conv map's mean norm, the cosine between the
+first block's weight update and BP's gradient on the same batch (taken every 50 steps, mean of the last 20; not with
+--norm) and validation accuracy every 1000 steps (and at 600).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from ftprop.rules import make_rule
 
 
 def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedule: str = "none", rule: str = "ftp",
-        lr: float = 0.01, freeze: bool = False, share: bool = False, optimizer: str = "sgd", **options: object) -> None:
+        lr: float = 0.01, freeze: bool = False, share: bool = False, center: bool = False, optimizer: str = "sgd",
+        **options: object) -> None:
     torch.manual_seed(0)
     model = build_model(model_name, data.input_shape, data.num_classes, activation="relu", norm=norm)
     learner, bp = make_rule(rule, **options), make_rule("bp")
@@ -33,6 +35,10 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedul
         gen = torch.Generator().manual_seed(0)
         learner.G = (torch.randn(data.num_classes, c, 1, generator=gen) * learner.g_scale
                      ).expand(-1, c, h * w).reshape(data.num_classes, -1)
+    if center:  # G's own draw, less its mean over the positions of each channel: no uniform push on a channel
+        h1 = model.blocks[0](model.prepare(data.x_val[:1]))
+        g = learner._projection(data.num_classes, h1[0].numel(), h1).view(data.num_classes, h1.shape[1], -1)
+        learner.G = (g - g.mean(2, keepdim=True)).reshape(data.num_classes, -1)
     params = [p for n, p in model.named_parameters() if not (freeze and n.startswith("blocks.0"))]
     opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
