@@ -171,6 +171,7 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     paper_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-paper-cnn.toml")["rule"]["g_scale"]
     assert paper_g != conv_g  # the paper CNN has its own G scale; residual nets keep ftp-conv.toml's
     assert seen == [("mnist", "paper-cnn", None, ("bp", "ftp"), paper_g), ("fashion-mnist", "paper-cnn", None, ("bp", "ftp"), paper_g),
+                    ("fashion-mnist", "paper-cnn", None, ("bp", "ftp"), paper_g),  # trained longer: its own row
                     ("fashion-mnist", "resnet", sc.RESNET_DEPTH, ("bp", "ftp"), conv_g)]
     assert "configs/ftp-paper-cnn.toml on the paper CNN (where G is also equal over each 2x2 pool window" in text
     assert "and configs/ftp-conv.toml on the residual CNN" in text
@@ -184,7 +185,13 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     ftp_row = next(line for line in text.splitlines() if line.startswith("| paper CNN | 16 | ftp |"))
     assert re.search(r"\| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", ftp_row)  # time / BP with its range over repeats
     summary = json.loads((docs / "results" / "cnn.small.summary.json").read_text())
-    assert [r[2] for r in summary] == ["within 1.0 point(s)", "within 1.0 point(s)", "within 2.0 point(s)", "<= 1.34", "<= 1.15"]
+    assert [r[2] for r in summary] == ["within 1.0 point(s)"] * 3 + ["within 2.0 point(s)", "<= 1.34", "<= 1.15"]
+    long = sc.CNN_LONG_EPOCHS["small"]
+    assert long != sc.CNN_EPOCHS["small"] and summary[2][0] == f"paper CNN, fashion-mnist, {long} epochs, FTP − BP"
+    assert f"| paper CNN, fashion-mnist, {long} epochs |" in text
+    for rule in ("bp", "ftp"):  # both rules of that row trained for its epochs
+        config = tmp_path / "runs" / "small" / f"cnn-fashion-mnist-paper-{long}ep" / f"{rule}-seed0" / "config.json"
+        assert json.loads(config.read_text())["epochs"] == long
 
 
 def test_robustness_is_computed():
