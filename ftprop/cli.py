@@ -40,7 +40,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", help=f"hidden layer sizes, comma separated (default {d.hidden})")
     p.add_argument("--activation", help=f"one of {', '.join(ACTIVATIONS)} (default {d.activation})")
     p.add_argument("--norm", help=f"none or layernorm; CNN models also batchnorm (default {d.norm})")
-    p.add_argument("--init", help=f"auto, xavier, kaiming or torch (default {d.init})")
+    p.add_argument("--init", help=f"auto, xavier, kaiming, orthogonal or torch (default {d.init})")
     p.add_argument("--epochs", type=int, help=f"(default {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     p.add_argument("--optimizer", help=f"sgd or adam (default {d.optimizer})")
@@ -67,6 +67,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-noise", type=float, metavar="P",
                    help="symmetric label noise: this fraction of training labels (0 <= P < 1) is replaced by a "
                         "random other class, drawn from the run's seed; validation and test labels stay clean")
+    p.add_argument("--shift", type=int, metavar="N",
+                   help="augmentation: each training image translated by a random offset of up to N pixels in each "
+                        "direction (the border reflected in), drawn from the run's seed; validation and test images stay put")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -223,10 +226,11 @@ def cmd_sequences(args: argparse.Namespace) -> int:
     cfg = SeqConfig(task=args.task, T=args.T, classes=args.classes, n_train=args.n_train, n_test=args.n_test,
                     csv=args.csv, lookback=args.lookback, horizon=args.horizon, cell=args.cell, hidden=args.hidden,
                     layers=args.layers, rule=args.rule, rule_options=options, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, schedule=args.schedule)
+                    batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, lr_step=args.lr_step,
+                    lr_decay=args.lr_decay)
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     results, _ = run_sequences(cfg, rules, args.seeds, bench_rounds=args.bench_rounds)
-    schedule = ", cosine" if cfg.schedule == "cosine" else ""
+    schedule = {"cosine": ", cosine", "step": f", x{cfg.lr_decay} every {cfg.lr_step} epochs"}.get(cfg.schedule, "")
     print(f"{results['data']}, {cfg.cell} {cfg.layers}x{cfg.hidden}, Adam lr {cfg.lr}{schedule}, "
           f"batch {cfg.batch_size}, {cfg.epochs} epochs, seeds 0..{args.seeds - 1} (test at the best validation epoch); "
           f"machine: {report.machine()}\n")
@@ -320,8 +324,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=10, help="(default 10)")
     q.add_argument("--batch-size", type=int, default=64, help="(default 64)")
     q.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    q.add_argument("--schedule", default="none", help="none or cosine: the learning rate falls to 0 over the run, "
-                   "stepped per epoch (default none)")
+    q.add_argument("--schedule", default="none", help="none, cosine (the learning rate falls to 0 over the run) or "
+                   "step (it is multiplied by --lr-decay every --lr-step epochs); stepped per epoch (default none)")
+    q.add_argument("--lr-step", type=int, default=10, help="epochs between decays for --schedule step (default 10)")
+    q.add_argument("--lr-decay", type=float, default=0.1, help="decay factor for --schedule step (default 0.1)")
     q.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     q.add_argument("--bench-rounds", type=int, default=7, help="interleaved timing rounds for the cost (default 7)")
     q.add_argument("--out", help="also write results.json (every run's history) here")

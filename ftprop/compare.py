@@ -30,7 +30,8 @@ TIMING_REPEATS, TIMING_ROUNDS, TIMING_STEPS = 3, 3, 10
 
 # Keys a rule's own config may not change: they define the comparison.
 SHARED_KEYS = ("dataset", "model", "hidden", "depth", "spec", "activation", "norm", "init", "epochs", "batch_size",
-               "val_size", "seed", "label_noise", "quant", "rounding", "analog", "data_dir", "device", "out", "progress")
+               "val_size", "seed", "label_noise", "shift", "quant", "rounding", "analog", "data_dir", "device", "out",
+               "progress")
 
 
 @dataclass

@@ -358,6 +358,23 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
         yield order[start:start + batch_size]
 
 
+def shift_images(x: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Each image of x (N, C, H, W) translated by its own offset: offsets (N, 2) holds (rows, columns) in
+    [0, 2 max_shift], max_shift meaning no move. What moves in is the image's border reflected, not zeros: the images
+    are normalised, so a zero would be a grey frame on MNIST's background, and a reflected background is background.
+    One gather from the padded batch, on x's device: no per-sample Python work."""
+    if max_shift == 0:
+        return x
+    n, c, h, w = x.shape
+    if max_shift >= min(h, w):
+        raise ValueError(f"shift {max_shift} must be smaller than the images' height and width ({h} x {w})")
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="reflect")
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)  # (N, H): the padded rows each image keeps
+    cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # (N, W)
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)  # advanced indices first: (N, H, W, C) -> (N, C, H, W)
+
+
 def _download(url: str, dest: Path, accepted: tuple[str, ...]) -> None:
     """Stream `url` to `dest`, hashing on the way; only a file with an accepted md5 ever appears at `dest`."""
     part = dest.with_name(dest.name + ".part")

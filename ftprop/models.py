@@ -42,7 +42,10 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 NORMS = ("none", "layernorm")
 CNN_NORMS = ("none", "batchnorm", "layernorm")  # norms of the convolutional models (paper-cnn, resnet)
 MODELS = ("mlp", "paper-cnn", "resnet", "spec")
-INITS = ("torch", "auto", "xavier", "kaiming")  # torch: PyTorch's default; auto: xavier for tanh/sigmoid, kaiming otherwise
+# torch: PyTorch's default; auto: xavier for tanh/sigmoid, kaiming otherwise; orthogonal: a random orthogonal matrix
+# (conv: over the flattened filter) times the activation's gain, which keeps a deep tanh net's Jacobian near an
+# isometry at initialisation (Saxe et al. 2014)
+INITS = ("torch", "auto", "xavier", "kaiming", "orthogonal")
 
 
 class Block(nn.Module):
@@ -123,6 +126,9 @@ def _init_linear(layer: nn.Linear | nn.Conv2d, activation: str, init: str) -> No
     if init == "xavier":
         gain = nn.init.calculate_gain("tanh") if activation == "tanh" else 1.0
         nn.init.xavier_uniform_(layer.weight, gain=gain)
+    elif init == "orthogonal":
+        gain = nn.init.calculate_gain(activation) if activation in ("tanh", "relu", "sigmoid") else 1.0
+        nn.init.orthogonal_(layer.weight, gain=gain)
     else:
         slope = 0.01 if activation == "leaky_relu" else 0.0
         nn.init.kaiming_uniform_(layer.weight, a=slope, nonlinearity="leaky_relu")

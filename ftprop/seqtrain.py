@@ -17,14 +17,12 @@ import torch
 
 from . import report
 from .bench import benchmark
-from .train import lr_factor
+from .train import SCHEDULES, lr_factor
 from .data import batches
 from .recurrent import RecurrentNet, build_recurrent
 from .rules import Rule, make_sequence_rule, rule_variant
 from .rules._recurrent import sequence_loss
 from .sequences import SeqData, load_sequence_task
-
-SCHEDULES = ("none", "cosine")
 
 
 @dataclass
@@ -49,10 +47,12 @@ class SeqConfig:
     batch_size: int = 64
     lr: float = 1e-3                  # Adam: its per-parameter step sizes make the rules' different gradient scales
     seed: int = 0                     # (summed over time steps, projected errors) comparable at one learning rate
-    schedule: str = "none"            # "cosine": lr to 0 over the run, stepped per epoch (as `ftprop train`)
+    schedule: str = "none"            # "cosine": lr to 0 over the run; "step": lr *= lr_decay every lr_step epochs;
+    lr_step: int = 10                 # both stepped per epoch, as in `ftprop train`
+    lr_decay: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("T", "n_train", "n_test", "hidden", "layers", "epochs", "batch_size"):
+        for name in ("T", "n_train", "n_test", "hidden", "layers", "epochs", "batch_size", "lr_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -89,7 +89,7 @@ def train_sequences(cfg: SeqConfig, data: SeqData | None = None) -> tuple[dict[s
     model = cfg.build(data)
     rule: Rule = make_sequence_rule(cfg.rule, **cfg.rule_options)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, cfg.epochs))  # stepped after each epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, cfg.epochs, cfg.lr_step, cfg.lr_decay))
     order = torch.Generator().manual_seed(cfg.seed)
     x, y = data.x_train, data.y_train
     history: list[dict[str, Any]] = []

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed, pipeline, report
-from .data import Dataset, batches, load_dataset
+from .data import Dataset, batches, load_dataset, shift_images
 from .diagnostics import alignment, rng_state
 from .hardware import attach as attach_hardware, check_hardware
 from .models import Net, build_model, parse_hidden
@@ -71,6 +71,7 @@ class TrainConfig:
     progress: bool = True
     log_alignment: int = 0            # every N steps, log each layer's angle to the BP gradient (0: off)
     label_noise: float = 0.0          # fraction of TRAINING labels replaced by another class (noisy_labels)
+    shift: int = 0                    # training images translated by up to this many pixels each way (0: off)
 
     def __post_init__(self) -> None:
         if isinstance(self.hidden, (list, tuple)):
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
         if not 0 <= self.label_noise < 1:
             raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
+        if self.shift < 0:
+            raise ValueError(f"shift must be >= 0 pixels, got {self.shift}")
         check_hardware(self.quant, self.rounding, self.analog)
 
     def model_label(self) -> str:
@@ -114,6 +117,7 @@ class TrainConfig:
 
 
 LABEL_NOISE_SEED = 0x4E015E  # offset so the noise stream differs from the batch-order stream of the same seed
+SHIFT_SEED = 0x5A1F7  # the same for the translations of `shift`: a run without them draws exactly what it did before
 
 
 def noisy_labels(y: torch.Tensor, p: float, num_classes: int, seed: int) -> torch.Tensor:
@@ -233,6 +237,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
         pipeline.wire(rule, model, opt, lambda params: distributed.average_grads(params, ctx))
     distributed.shard_rule(rule, ctx)
     order = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of model init and dropout
+    shifts = torch.Generator().manual_seed(SHIFT_SEED + cfg.seed)  # the translations of `shift`, drawn only if on
     history: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
 
@@ -253,6 +258,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
         rule.load_state_dict(ckpt["rule"])
         hardware.load_state_dict(ckpt.get("hardware", {}))
         order.set_state(ckpt["order_rng"])
+        shifts.set_state(ckpt.get("shift_rng", shifts.get_state()))  # absent in checkpoints from before `shift`
         torch.set_rng_state(ckpt["torch_rng"])
         history, start_epoch, elapsed = ckpt["history"], ckpt["epoch"], ckpt["elapsed"]
     distributed.broadcast_model(model, ctx)
@@ -287,6 +293,9 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
             if len(idx) == 0:  # a final batch smaller than the number of processes
                 continue
             xb, yb = x[idx], y[idx]
+            if cfg.shift:  # drawn for the global batch, so every rank takes its shard of the same translations
+                offsets = torch.randint(0, 2 * cfg.shift + 1, (len(batch_idx), 2), generator=shifts)
+                xb = shift_images(xb, distributed.shard(offsets, ctx).to(device), cfg.shift)
             log_now = cfg.log_alignment and (epoch * steps + step) % cfg.log_alignment == 0
             rng = rng_state(device) if log_now else None
             result = rule.step(model, xb, yb)
@@ -331,7 +340,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
                 f.write(json.dumps(metrics) + "\n")
             _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch + 1, "elapsed": elapsed,
                           "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "rule": rule.state_dict(), "order_rng": order.get_state(), "torch_rng": torch.get_rng_state(),
+                          "rule": rule.state_dict(), "order_rng": order.get_state(), "shift_rng": shifts.get_state(),
+                          "torch_rng": torch.get_rng_state(),
                           "hardware": hardware.state_dict(), "history": history}, ckpt_path)
         if cfg.progress and ctx.main:
             tqdm.write(f"{cfg.rule} epoch {epoch + 1}: train loss {metrics['train_loss']:.4f} "

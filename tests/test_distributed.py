@@ -37,6 +37,7 @@ EQUAL = {
     "dtp": {"rule": "dtp"},  # inverses trained inside the rule, noise drawn per sample
     "ff": {"rule": "ff"},    # wrong labels drawn per sample
     "ftp-short-last-batch": {"rule": "ftp", "batch_size": 20},  # 96 = 4 x 20 + 16: the last shards are 8 each
+    "ftp-shift": {"rule": "ftp", "shift": 1},  # translations drawn for the global batch, each rank takes its shard
 }
 # Cases that use batch statistics: not the one-process result, but the ranks must still agree.
 AGREE = {
@@ -44,7 +45,7 @@ AGREE = {
     "ftp-batchnorm": {"rule": "ftp", "model": "spec", "spec": "f-l16-bn-tanh-l8-tanh-l4"},
     "ftp-analog": {"rule": "ftp", "analog": "reram"},
 }
-RESUMED = ("ftp", "dtp")  # also run as 1 epoch + resume to 2
+RESUMED = ("ftp", "dtp", "ftp-shift")  # also run as 1 epoch + resume to 2
 
 
 def tiny_data(n: int = 96) -> Dataset:

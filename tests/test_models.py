@@ -124,6 +124,26 @@ def test_resnet_depth_counts_3x3_convs(depth, n_res):
     assert resnet_spec(10, 4, "relu", norm="batchnorm") == "c16p1-bn-relu-c32s2p1-bn-relu-r32bn-p2-f-l10"
 
 
+@pytest.mark.parametrize("activation,gain", [("tanh", 5 / 3), ("relu", 2 ** 0.5), ("gelu", 1.0)])
+def test_orthogonal_init_gives_orthogonal_weights_times_the_activations_gain(activation, gain):
+    """Every layer's weight, flattened per output unit, has orthonormal rows (columns where it has fewer) times the
+    gain (1 for the output layer, which has no activation); biases start at zero. Xavier draws differ: the option is
+    not a relabelling."""
+    torch.manual_seed(0)
+    for name, kw in (("mlp", {"hidden": "64,32"}), ("resnet", {"depth": 4})):
+        net = build_model(name, (1, 8, 8), 10, activation=activation, init="orthogonal", **kw)
+        layers = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for layer in layers:
+            w = layer.weight.detach().flatten(1) / (gain if layer is not layers[-1] else 1.0)
+            gram = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
+            torch.testing.assert_close(gram, torch.eye(len(gram)), atol=1e-5, rtol=0)
+            assert layer.bias is None or not layer.bias.any()
+    torch.manual_seed(0)
+    xavier = build_model("mlp", (1, 8, 8), 10, hidden="64,32", activation=activation, init="xavier")
+    w = xavier.blocks[1].layer.weight.detach()
+    assert not torch.allclose(w @ w.t(), torch.eye(32) * (w @ w.t()).diagonal().mean(), atol=1e-2)
+
+
 def test_build_model_errors():
     with pytest.raises(ValueError, match="even number >= 2"):
         build_model("resnet", SHAPE, 3, depth=5)

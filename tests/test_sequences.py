@@ -419,17 +419,23 @@ def test_training_is_reproducible_and_keeps_the_best_epoch():
     assert a["best_epoch"] == best["epoch"] and a["test"] == best["test"] and "accuracy" in a["test"]
 
 
-def test_cosine_schedule_takes_the_learning_rate_to_zero_over_the_run():
+def test_schedules_set_each_epochs_learning_rate():
     cfg = SeqConfig(task="order", T=20, classes=4, n_train=128, n_test=64, hidden=8, epochs=4, rule="dfa", lr=0.01)
     flat, _ = train_sequences(cfg)
     cosine, _ = train_sequences(dataclasses.replace(cfg, schedule="cosine"))
+    step, _ = train_sequences(dataclasses.replace(cfg, schedule="step", lr_step=3, lr_decay=0.5))
     assert [h["lr"] for h in flat["history"]] == [0.01] * 4
     assert [h["lr"] for h in cosine["history"]] == pytest.approx([0.01, 0.01 * (2 + 2 ** 0.5) / 4, 0.005,
                                                                   0.01 * (2 - 2 ** 0.5) / 4])
+    assert [h["lr"] for h in step["history"]] == pytest.approx([0.01, 0.01, 0.01, 0.005])
     assert flat["history"][0]["val"] == cosine["history"][0]["val"]  # epoch 1 runs at the full rate in both
     assert flat["history"][1]["val"] != cosine["history"][1]["val"]
-    with pytest.raises(ValueError, match="unknown schedule 'step'"):
-        SeqConfig(schedule="step")
+    assert [h["val"] for h in step["history"][:3]] == [h["val"] for h in flat["history"][:3]]
+    assert step["history"][3]["val"] != flat["history"][3]["val"]
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        SeqConfig(schedule="linear")
+    with pytest.raises(ValueError, match="lr_step must be >= 1"):
+        SeqConfig(schedule="step", lr_step=0)
 
 
 def test_linear_baseline_solves_a_linear_series():

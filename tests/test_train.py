@@ -10,6 +10,8 @@ import torch
 import ftprop
 from ftprop import report
 from ftprop.rules import BP, StepOutput
+from ftprop.cli import _config, parser
+from ftprop.data import Dataset, shift_images
 from ftprop.train import TrainConfig, TrainingDiverged, train
 
 train_mod = importlib.import_module("ftprop.train")  # `ftprop.train` the attribute is the function
@@ -60,9 +62,10 @@ def test_seeded_runs_are_bit_identical(small_mnist, tmp_path):
     assert not all(torch.equal(x, y) for x, y in zip(pa, pc))
 
 
-@pytest.mark.parametrize("crash", ["after checkpoint 1", "before checkpoint 2"])
-def test_resume_continues_bit_identically(small_mnist, tmp_path, monkeypatch, crash):
-    full = train(cfg(tmp_path / "full", rule="ftp", epochs=3, schedule="cosine"), small_mnist)
+@pytest.mark.parametrize("crash,shift", [("after checkpoint 1", 0), ("before checkpoint 2", 0),
+                                         ("after checkpoint 1", 2)])
+def test_resume_continues_bit_identically(small_mnist, tmp_path, monkeypatch, crash, shift):
+    full = train(cfg(tmp_path / "full", rule="ftp", epochs=3, schedule="cosine", shift=shift), small_mnist)
 
     saves = 0
     real_save = train_mod._atomic_save
@@ -76,7 +79,7 @@ def test_resume_continues_bit_identically(small_mnist, tmp_path, monkeypatch, cr
         if crash == "after checkpoint 1" and saves == 1:
             raise KeyboardInterrupt  # dies right after epoch 1 was checkpointed
 
-    c = cfg(tmp_path / "cut", rule="ftp", epochs=3, schedule="cosine")
+    c = cfg(tmp_path / "cut", rule="ftp", epochs=3, schedule="cosine", shift=shift)
     monkeypatch.setattr(train_mod, "_atomic_save", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(c, small_mnist)
@@ -195,3 +198,58 @@ def test_code_version_of_this_checkout():
     head = subprocess.run(["git", "-C", str(top), "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
     assert report.code_version() in (f"git {head}", f"git {head}+dirty")
+
+
+def test_shift_images_equals_padding_and_cropping_each_image():
+    """The batched gather is the per-image recipe: reflect-pad by k, keep the H x W window at the drawn offset."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 3, 7, 5, generator=gen)
+    offsets = torch.randint(0, 5, (9, 2), generator=gen)
+    want = torch.stack([torch.nn.functional.pad(img[None], (2,) * 4, mode="reflect")[0, :, r:r + 7, c:c + 5]
+                        for img, (r, c) in zip(x, offsets.tolist())])
+    assert torch.equal(shift_images(x, offsets, 2), want)
+    assert torch.equal(shift_images(x, torch.full((9, 2), 2), 2), x)  # offset k: no move
+    assert shift_images(x, offsets, 0) is x
+    with pytest.raises(ValueError, match="shift 5 must be smaller than the images' height and width"):
+        shift_images(x, offsets, 5)
+
+
+def test_shift_translates_training_images_only(tmp_path, monkeypatch):
+    """Every image a rule trains on is one training image moved by at most `shift` pixels, the moves vary, and
+    evaluation sees the images as they are; the same seed draws the same moves."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 1, 6, 6, generator=gen)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    data = Dataset("tiny", x[:24], y[:24], x[24:32], y[24:32], x[32:], y[32:], 3, list("abc"))
+    seen, evaluated = [], []
+    real_rule, real_evaluate = train_mod.make_rule, train_mod.evaluate
+
+    def recording_rule(*a, **k):
+        rule = real_rule(*a, **k)
+        step = rule.step
+        rule.step = lambda model, xb, yb: (seen.append(xb.clone()), step(model, xb, yb))[1]
+        return rule
+
+    monkeypatch.setattr(train_mod, "make_rule", recording_rule)
+    monkeypatch.setattr(train_mod, "evaluate",
+                        lambda m, r, xe, ye: (evaluated.append(xe), real_evaluate(m, r, xe, ye))[1])
+    train(cfg(tmp_path / "a", rule="bp", hidden="8", epochs=2, batch_size=8, shift=1), data)
+    moved = torch.cat(seen)
+    assert len(moved) == 48
+    padded = torch.nn.functional.pad(x[:24], (1,) * 4, mode="reflect")
+    candidates = torch.stack([padded[:, :, r:r + 6, c:c + 6] for r in range(3) for c in range(3)], 1)  # (24, 9, ...)
+    found = [(candidates == img).flatten(2).all(2).nonzero() for img in moved]
+    assert all(len(f) >= 1 for f in found)  # each is some training image at some offset
+    moves = {int(f[0, 1]) for f in found}
+    assert len(moves) > 3 and 4 in moves  # offsets vary, and "no move" is one of them
+    assert all(e is data.x_val or e is data.x_test for e in evaluated)
+    first = moved.clone()
+    seen.clear()
+    train(cfg(tmp_path / "b", rule="bp", hidden="8", epochs=2, batch_size=8, shift=1), data)
+    assert torch.equal(torch.cat(seen), first)
+
+
+def test_shift_validation_and_cli():
+    with pytest.raises(ValueError, match="shift must be >= 0"):
+        TrainConfig(shift=-1)
+    assert _config(parser().parse_args(["train", "--shift", "2"])).shift == 2
