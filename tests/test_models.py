@@ -474,14 +474,17 @@ def batch_stats(u):
     return u.mean((0, 2, 3)), u.var((0, 2, 3), unbiased=False)
 
 
-@pytest.mark.parametrize("tangent,inner", [(False, False), (True, False), (False, True), (True, True)])
-def test_ftp_on_a_residual_batchnorm_net_equals_its_equations(tangent, inner):
+@pytest.mark.parametrize("tangent,inner,inject", [(False, False, "first"), (True, False, "first"),
+                                                  (False, True, "first"), (True, True, "first"),
+                                                  (False, False, "every"), (True, True, "every")])
+def test_ftp_on_a_residual_batchnorm_net_equals_its_equations(tangent, inner, inject):
     """conv-BN-tanh | residual block (conv-BN-tanh-conv-BN + x, tanh) | flatten, linear.
 
     Targets pass through the residual addition and through BN with the FIRST pass's batch statistics; each block's
     local loss trains all its parameters through that block's own graph (train-mode BN). With inner_targets the
     residual branch's first conv (and BN) learns from the second pass's value of the activation after it, weighted by
-    deep_weight, and the block's loss trains the second conv with that activation held."""
+    deep_weight, and the block's loss trains the second conv with that activation held. With inject="every" the
+    residual block's target also gets its own projected contrast, -gamma e G_2, after its activation."""
     torch.manual_seed(0)
     net = randomize(spec_model("c2p1-bn-tanh-r2bn-f-l3", (1, 5, 5), 3, activation="tanh").double())
     x, y = batch(6, shape=(1, 5, 5))
@@ -489,7 +492,8 @@ def test_ftp_on_a_residual_batchnorm_net_equals_its_equations(tangent, inner):
     params = list(net.parameters())
     assert len(params) == 11  # conv0 W, bn0 w b | conv1 W, bn1 w b, conv2 W, bn2 w b | head W b
     n, gamma, deep = 6, 0.2, 0.7
-    rule = make_rule("ftp", gamma=gamma, g_scale=0.5, tangent=tangent, inner_targets=inner, deep_weight=deep)
+    rule = make_rule("ftp", gamma=gamma, g_scale=0.5, tangent=tangent, inner_targets=inner, deep_weight=deep,
+                     inject=inject)
     rule.step(net, x, y)
     assert not any(m._forward_hooks for m in net.modules())  # the taps live for one step
     G = rule.G
@@ -521,6 +525,9 @@ def test_ftp_on_a_residual_batchnorm_net_equals_its_equations(tangent, inner):
         e = torch.softmax(z, 1) - F.one_hot(y, 3).double()
         t1 = h1 - gamma * (e @ G).view_as(h1)
         t2 = block1(t1, *P[3:9], stats=stats1)  # through conv, frozen BN, tanh, conv, frozen BN, + t1, tanh
+        if inject == "every":
+            assert rule.G_deep[0].shape == (3, h2[0].numel())
+            t2 = t2 - gamma * (e @ rule.G_deep[0]).view_as(h2)
 
     def err(h, t, weight=1.0):
         return local_error(h, t, gamma, n, tangent) * weight

@@ -35,8 +35,9 @@ def test_bp_equals_autograd(activation):
 
 
 def ftp_by_hand(net, x, y, gamma, tangent, target_nonlin="linear", update_input="h", fprime=True, G=None,
-                deep_weight=1.0):
-    """FTP for a 2-hidden-layer tanh net written out with explicit matrix algebra."""
+                deep_weight=1.0, G2=None):
+    """FTP for a 2-hidden-layer tanh net written out with explicit matrix algebra (G2: inject="every"'s projection
+    onto the second hidden layer)."""
     (W1, b1), (W2, b2), (W3, b3) = [(blk.layer.weight, blk.layer.bias) for blk in net.blocks]
     B = x.shape[0]
     with torch.no_grad():
@@ -45,11 +46,11 @@ def ftp_by_hand(net, x, y, gamma, tangent, target_nonlin="linear", update_input=
         p = torch.softmax(h2 @ W3.T + b3, 1)
         Y = F.one_hot(y, 3).double()
         e = p - Y
-        if target_nonlin == "linear":
-            t1 = h1 - gamma * e @ G
-        else:
-            t1 = h1 + torch.tanh((p - gamma * e) @ G) - torch.tanh(p @ G)
-        t2 = torch.tanh(t1 @ W2.T + b2)
+        def contrast(G):  # s(G t_L) - s(G p)
+            return -gamma * e @ G if target_nonlin == "linear" else torch.tanh((p - gamma * e) @ G) - torch.tanh(p @ G)
+
+        t1 = h1 + contrast(G)
+        t2 = torch.tanh(t1 @ W2.T + b2) + (0 if G2 is None else contrast(G2))
 
         def local(h, t):
             delta = h - t
@@ -93,6 +94,46 @@ def test_ftp_deep_weight_scales_only_the_deeper_hidden_layers(deep_weight, tange
     make_rule("ftp", gamma=0.3, g_scale=0.7, tangent=tangent).step(plain, x, y)
     for i, (g, p) in enumerate(zip(grads(net), grads(plain))):  # W1 b1 W2 b2 W3 b3
         torch.testing.assert_close(g, p * deep_weight if i in (2, 3) else p)
+
+
+@pytest.mark.parametrize("tangent", [False, True])
+@pytest.mark.parametrize("target_nonlin", ["linear", "tanh"])
+@pytest.mark.parametrize("deep_weight", [1.0, 0.35])
+def test_ftp_inject_every_adds_each_deeper_layers_own_projection(tangent, target_nonlin, deep_weight):
+    """inject="every": the second hidden layer's target is its block applied to t_1 plus s(G_2 t_L) - s(G_2 p), with
+    G_2 drawn after G from the same seeded stream (so G itself is the one inject="first" draws)."""
+    net = tiny_net()
+    x, y = tiny_batch()
+    rule = make_rule("ftp", gamma=0.3, g_scale=0.7, tangent=tangent, target_nonlin=target_nonlin,
+                     deep_weight=deep_weight, inject="every")
+    rule.step(net, x, y)
+    assert [tuple(g.shape) for g in rule.G_deep] == [(3, 4)]
+    expected = ftp_by_hand(net, x, y, 0.3, tangent, target_nonlin, G=rule.G, deep_weight=deep_weight,
+                           G2=rule.G_deep[0])
+    for g, e in zip(grads(net), expected):
+        torch.testing.assert_close(g, e)
+    first = make_rule("ftp", gamma=0.3, g_scale=0.7)
+    first.step(tiny_net(), x, y)
+    assert torch.equal(first.G, rule.G) and first.G_deep is None and "G_deep" not in first.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    torch.randn(3, 5, generator=gen)
+    torch.testing.assert_close(rule.G_deep[0], torch.randn(3, 4, generator=gen).double() * 0.7)
+
+
+def test_ftp_inject_every_state_round_trips_and_is_checked():
+    net, (x, y) = tiny_net(), tiny_batch()
+    a = make_rule("ftp", inject="every", seed=4)
+    a.step(net, x, y)
+    b = make_rule("ftp", inject="every", seed=9)
+    b.load_state_dict(a.state_dict())
+    b.step(net, x, y)
+    assert torch.equal(b.G, a.G) and all(torch.equal(p, q) for p, q in zip(a.G_deep, b.G_deep))
+    c = make_rule("ftp", inject="every")
+    c.load_state_dict({"G": a.G})  # a checkpoint of an inject="first" run
+    with pytest.raises(ValueError, match=r"stored G_deep has shapes \[\] but inject='every' on this model needs"):
+        c.step(net, x, y)
+    with pytest.raises(ValueError, match="inject must be one of"):
+        make_rule("ftp", inject="last")
 
 
 def test_ftp_gamma_multiplier_mode():
@@ -249,7 +290,8 @@ def test_ftp_relu_stays_bounded_with_tangent_and_diverges_without(small_mnist):
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu", "sigmoid"])
 @pytest.mark.parametrize("options", [{}, {"tangent": False}, {"fprime": False}, {"update_input": "t"},
-                                     {"target_nonlin": "tanh", "gamma_mode": "multiplier"}, {"deep_weight": 0.4}])
+                                     {"target_nonlin": "tanh", "gamma_mode": "multiplier"}, {"deep_weight": 0.4},
+                                     {"inject": "every"}])
 def test_ftp_closed_form_and_autograd_paths_agree(activation, options):
     """Plain Linear + pointwise blocks take the closed-form local gradients; a hooked (or conv, normed...) block
     takes autograd. Both must give the same update."""

@@ -6,6 +6,7 @@ With blocks h_l = post_l(a_l), a_l = layer_l(pre_l(h_{l-1})), h_0 = x, z = h_L, 
     first target:    t_1 = h_1 + s(G t_L) - s(G p)                     (G fixed random, s = tanh)
                      t_1 = h_1 + gamma (s(G y) - s(G p))               (gamma_mode="multiplier")
     second pass:     t_l = block_l(t_{l-1}),  l = 2 .. L-1             (the network's own forward weights)
+                     t_l = block_l(t_{l-1}) + s(G_l t_L) - s(G_l p)     (inject="every": G_l fixed random per layer)
     local loss:      L_l = |h_l - t_l|^2 / (2 gamma B)  ->  d_l = (h_l - t_l) / gamma * f'(a_l)
     output layer:    dL/dz = (p - y) / B
 
@@ -174,12 +175,14 @@ class FTP(Rule):
     deep_weight: float = 1.0          # weight of hidden blocks 2..L-1's local losses against the first's (see docs)
     inner_targets: bool = False       # residual blocks: each conv learns from its own target, not the block's (docs)
     g_block: int = 1                  # conv maps: G's entries are equal over k x k patches (k = the pool's size: docs)
+    inject: str = "first"             # "every": each deeper hidden block's target also gets its own projection (docs)
     G: torch.Tensor | None = field(default=None, init=False, repr=False)
+    G_deep: list[torch.Tensor] | None = field(default=None, init=False, repr=False)  # inject="every": blocks 2..L-1
 
     def __post_init__(self) -> None:
         self.check_options(positive=("gamma", "g_scale"), choices={
             "gamma_mode": ("step", "multiplier"), "g_dist": G_DISTS, "target_nonlin": NONLINS, "update_input": ("h", "t"),
-            "compare_at": ("output", "next-input")})
+            "compare_at": ("output", "next-input"), "inject": ("first", "every")})
         if not 0 < self.g_density <= 1:
             raise ValueError(f"ftp: g_density must be in (0, 1], got {self.g_density}")
         if not (isinstance(self.g_block, int) and self.g_block >= 1):
@@ -196,10 +199,14 @@ class FTP(Rule):
     def options(self) -> dict[str, Any]:
         opts = super().options()
         opts.pop("G")
+        opts.pop("G_deep")
         return opts
 
-    def _projection(self, n_out: int, n_hidden: int, like: torch.Tensor) -> torch.Tensor:
-        """G: (n_out, |h_1|), drawn once from its own generator so it does not disturb other randomness.
+    def _projection(self, n_out: int, n_hidden: int, like: torch.Tensor, gen: torch.Generator | None = None,
+                    g_block: int | None = None) -> torch.Tensor:
+        """G: (n_out, |h_1|), drawn once from its own generator so it does not disturb other randomness (`gen`, seeded
+        by `seed` unless given: inject="every" draws the deeper blocks' projections from the same stream after G, so
+        G is the same with either setting; g_block applies to the first map only).
 
         With g_block = k > 1 the first block's output must be a map C x H x W with H and W divisible by k: G is drawn
         for the C x H/k x W/k grid and each entry repeated over its k x k patch, so every position of a patch is asked
@@ -207,14 +214,14 @@ class FTP(Rule):
         window the pool passes on receives the same request, so G acts as one fixed projection onto the pooled map,
         the map the next layer reads (docs/ALGORITHM.md, "G's scale on a conv map").
         """
-        k = self.g_block
+        k = self.g_block if g_block is None else g_block
         if k > 1:
             if like.dim() != 4 or like.shape[2] % k or like.shape[3] % k:
                 raise ValueError(f"ftp: g_block={k} needs the first block's output to be a map C x H x W with H and W "
                                  f"divisible by {k}, got shape {tuple(like.shape[1:])}")
             c, h, w = like.shape[1:]
             n_hidden = c * (h // k) * (w // k)
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed) if gen is None else gen
         if self.g_dist == "gaussian":
             g = torch.randn(n_out, n_hidden, generator=gen) * self.g_scale
         elif self.g_dist == "uniform":  # uniform with the same standard deviation
@@ -234,17 +241,18 @@ class FTP(Rule):
             g = g.view(n_out, c, h // k, 1, w // k, 1).expand(-1, -1, -1, k, -1, k).reshape(n_out, c * h * w)
         return g.to(device=like.device, dtype=like.dtype)
 
-    def _first_error(self, p: torch.Tensor, e: torch.Tensor, batch: int) -> torch.Tensor:
-        """(h_1 - t_1) / (gamma B), the first block's error before the tangent projection.
+    def _first_error(self, p: torch.Tensor, e: torch.Tensor, batch: int, G: torch.Tensor) -> torch.Tensor:
+        """(h_1 - t_1) / (gamma B), the first block's error before the tangent projection (G: its projection; with
+        inject="every" also a deeper block's nudge, divided by -gamma B).
 
         With s linear both gamma modes reduce to t_1 - h_1 = -gamma G e, so the error is (e / B) G: one projection,
         and the scaling is done on the B x n_out output error, not on the first map (a conv map is 18,432 values per
         sample on the paper CNN, where each extra pass over it costs more than the projection itself).
         """
         if self.target_nonlin == "linear":
-            return (e / batch) @ self.G
+            return (e / batch) @ G
         first = p - self.gamma * e if self.gamma_mode == "step" else p - e  # t_L, or the one-hot label
-        both = torch.tanh(torch.cat([first, p]) @ self.G)  # the two projections in one matmul
+        both = torch.tanh(torch.cat([first, p]) @ G)  # the two projections in one matmul
         s_first, s_p = both.chunk(2)
         scale = 1.0 if self.gamma_mode == "step" else self.gamma
         return (s_p - s_first).mul_(scale / (self.gamma * batch))
@@ -356,11 +364,15 @@ class FTP(Rule):
             h1 = outs[0]
             shape = (z.shape[1], h1.numel() // batch)  # (outputs, first block's output)
             if self.G is None:
-                self.G = self._projection(*shape, h1)
+                self._draw_projections(z.shape[1], outs)
             elif self.G.shape != shape:
                 raise ValueError(f"ftp: stored G has shape {tuple(self.G.shape)} but the model needs {shape} "
                                  f"(outputs x first block's output)")
-            err = self._first_error(p, e, batch).view_as(h1)
+            deep_shapes = [(z.shape[1], h.numel() // batch) for h in outs[1:-1]] if self.inject == "every" else None
+            if deep_shapes is not None and [tuple(g.shape) for g in self.G_deep or []] != deep_shapes:
+                raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} but "
+                                 f"inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's outputs)")
+            err = self._first_error(p, e, batch, self.G).view_as(h1)
             # t_1 = h_1 - gamma B err, built only when a second pass needs it (before the error is projected)
             t = torch.add(h1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
             ready(0, self._error(blocks, 0, h1, err, pooled), inputs[0])
@@ -369,6 +381,9 @@ class FTP(Rule):
                 block = blocks[l]
                 u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
                 t = block.post(block.layer(u))
+                if deep_shapes is not None:  # inject="every": this block's own projected contrast joins its target
+                    nudge = self._first_error(p, e, batch, self.G_deep[l - 1]).view_as(t)
+                    t = t.add_(nudge, alpha=-self.gamma * batch)
                 ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(deep), pooled), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
@@ -377,9 +392,20 @@ class FTP(Rule):
             torch.autograd.backward(*zip(*pending))
         return StepOutput(loss, z.detach() if derivatives is None else z)
 
+    def _draw_projections(self, n_out: int, outs: list[torch.Tensor]) -> None:
+        """G onto the first block's output and, with inject="every", G_l onto each deeper hidden block's, in that
+        order from one generator."""
+        gen = torch.Generator().manual_seed(self.seed)
+        batch = outs[0].shape[0]
+        self.G = self._projection(n_out, outs[0].numel() // batch, outs[0], gen)
+        if self.inject == "every":
+            self.G_deep = [self._projection(n_out, h.numel() // batch, h, gen, g_block=1) for h in outs[1:-1]]
+
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.G is None else {"G": self.G}
+        state = {} if self.G is None else {"G": self.G}
+        return state if self.G_deep is None else state | {"G_deep": self.G_deep}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_state_keys(state, ("G",))
+        self.check_state_keys(state, ("G", "G_deep"))
         self.G = state.get("G")
+        self.G_deep = state.get("G_deep")
