@@ -118,7 +118,11 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     assert adam["bp"]["optimizer"] == adam["ftp"]["optimizer"] == "adam" and "rule" not in adam["bp"]
     assert ("mnist", "mlp", "256,256,256", None, "tanh", "auto", "none", ("bp", "ftp"),
             tuple(sorted(adam["ftp"]["rule"].items())), "depth-headline-mnist-mlp3-adam") in seen
-    assert len(seen) == 2 * 2 + 2 + 2 + 1  # no separate SGD headline run: the grid trains the budget's epochs
+    every = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / sc.EVERY_CONFIG)
+    assert every["optimizer"] == "adam" and every["rule"]["inject"] == "every"
+    assert ("mnist", "mlp", "256,256,256", None, "tanh", "auto", "none", ("ftp",),
+            tuple(sorted(every["rule"].items())), "depth-headline-mnist-mlp3-adam-every") in seen
+    assert len(seen) == 2 * 2 + 2 + 2 + 2  # no separate SGD headline run: the grid trains the budget's epochs
     assert (docs / "results" / "depth.small.png").stat().st_size > 10_000 and "results/depth.small.png" in text
     assert "| MLP 3 hidden |" in text and "| CNN 4 conv |" in text and "| depth | bp | ftp | dfa | pepita |" in text
     assert "Divergence per depth" in text and "| mnist | MLP 1 hidden | 0/1 | 0/1 |" in text
@@ -131,8 +135,16 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
         row = next(line for line in text.splitlines() if line.startswith(f"| {rule.upper()} |"))
         assert row.endswith(f"| {max(val, key=val.get)} |") and f"(validation {100 * val['Adam']:.2f})" in row
     assert "FTP diverged runs at any MLP depth: 0; goal met" in text or "; goal not met" in text
+    every_run = json.loads((tmp_path / "runs" / "small" / "depth-headline-mnist-mlp3-adam-every" / "ftp-seed0"
+                            / "metrics.json").read_text())
+    row = next(line for line in text.splitlines() if line.startswith('| FTP, inject="every" |'))
+    assert row == (f'| FTP, inject="every" | - | {100 * every_run["test_accuracy"]:.2f} ± 0.00 (validation '
+                   f'{100 * every_run["best_val_accuracy"]:.2f}) | Adam |')
+    assert 'FTP with inject="every" (Adam)' in text and " point at depth 3, 0 of its runs diverged" in text
     summary = json.loads((docs / "results" / "depth.small.summary.json").read_text())
-    assert summary[0][0] == "MNIST MLP 3 x 256, FTP vs BP (1 epochs)" and summary[1][0] == "Fashion-MNIST CNN 4 conv (1 epochs), FTP − BP"
+    assert summary[0][0] == "MNIST MLP 3 x 256, FTP vs BP (1 epochs)"
+    assert summary[1][0] == 'MNIST MLP 3 x 256, FTP inject="every" vs BP (1 epochs)'
+    assert summary[2][0] == "Fashion-MNIST CNN 4 conv (1 epochs), FTP − BP"
 
 
 def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_path, tiny, monkeypatch):
@@ -146,7 +158,8 @@ def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_p
     body, summary = sc.study_depth(rep.BUDGETS["small"], tmp_path / "runs", tmp_path)
     assert (1, "tanh", ("bp", "ftp"), "depth-mnist-mlp2") in seen and (1, "relu", ("bp", "ftp"), "depth-mnist-cnn2") in seen
     assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2") in seen
-    assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2-adam") in seen and len(seen) == 4 + 2 + 1 + 1
+    assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2-adam") in seen
+    assert (2, "tanh", ("ftp",), "depth-headline-mnist-mlp2-adam-every") in seen and len(seen) == 4 + 2 + 1 + 1 + 1
     assert "MLPs: N hidden layers of 256 (`--hidden 256,...`), tanh, Xavier init (`--init auto`), 1 epochs" in body
     assert "MNIST, 2 hidden layers of 256, 2 epochs, seeds 0..0, each rule with two optimisers" in body
     assert summary[0][0] == "MNIST MLP 2 x 256, FTP vs BP (2 epochs)"
