@@ -122,7 +122,10 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     assert every["optimizer"] == "adam" and every["rule"]["inject"] == "every"
     assert ("mnist", "mlp", "256,256,256", None, "tanh", "auto", "none", ("ftp",),
             tuple(sorted(every["rule"].items())), "depth-headline-mnist-mlp3-adam-every") in seen
-    assert len(seen) == 2 * 2 + 2 + 2 + 2  # no separate SGD headline run: the grid trains the budget's epochs
+    for n in (1, 3):  # the variant at every depth of the MNIST MLP grid, at the grid's epochs
+        assert ("mnist", "mlp", ",".join(["256"] * n), None, "tanh", "auto", "none", ("ftp",),
+                tuple(sorted(every["rule"].items())), f"depth-mnist-mlp{n}-adam-every") in seen
+    assert len(seen) == 2 * 2 + 2 + 2 + 2 + 2  # no separate SGD headline run: the grid trains the budget's epochs
     assert (docs / "results" / "depth.small.png").stat().st_size > 10_000 and "results/depth.small.png" in text
     assert "| MLP 3 hidden |" in text and "| CNN 4 conv |" in text and "| depth | bp | ftp | dfa | pepita |" in text
     assert "Divergence per depth" in text and "| mnist | MLP 1 hidden | 0/1 | 0/1 |" in text
@@ -140,7 +143,9 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     row = next(line for line in text.splitlines() if line.startswith('| FTP, inject="every" |'))
     assert row == (f'| FTP, inject="every" | - | {100 * every_run["test_accuracy"]:.2f} ± 0.00 (validation '
                    f'{100 * every_run["best_val_accuracy"]:.2f}) | Adam |')
-    assert 'FTP with inject="every" (Adam)' in text and " point at depth 3, 0 of its runs diverged" in text
+    assert 'FTP with inject="every" (Adam)' in text and ": diverged runs at any MLP depth: 0; goal " in text
+    assert '| depth | ftp (grid) | ftp, inject="every" |' in text
+    assert len([line for line in text.splitlines() if line.startswith("| MLP 3 hidden |") and line.count("|") == 4]) == 1
     summary = json.loads((docs / "results" / "depth.small.summary.json").read_text())
     assert summary[0][0] == "MNIST MLP 3 x 256, FTP vs BP (1 epochs)"
     assert summary[1][0] == 'MNIST MLP 3 x 256, FTP inject="every" vs BP (1 epochs)'
@@ -159,7 +164,8 @@ def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_p
     assert (1, "tanh", ("bp", "ftp"), "depth-mnist-mlp2") in seen and (1, "relu", ("bp", "ftp"), "depth-mnist-cnn2") in seen
     assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2") in seen
     assert (2, "tanh", ("bp", "ftp"), "depth-headline-mnist-mlp2-adam") in seen
-    assert (2, "tanh", ("ftp",), "depth-headline-mnist-mlp2-adam-every") in seen and len(seen) == 4 + 2 + 1 + 1 + 1
+    assert (2, "tanh", ("ftp",), "depth-headline-mnist-mlp2-adam-every") in seen
+    assert (1, "tanh", ("ftp",), "depth-mnist-mlp2-adam-every") in seen and len(seen) == 4 + 2 + 1 + 1 + 1 + 1
     assert "MLPs: N hidden layers of 256 (`--hidden 256,...`), tanh, Xavier init (`--init auto`), 1 epochs" in body
     assert "MNIST, 2 hidden layers of 256, 2 epochs, seeds 0..0, each rule with two optimisers" in body
     assert summary[0][0] == "MNIST MLP 2 x 256, FTP vs BP (2 epochs)"
