@@ -507,7 +507,8 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
     parts.append(f"### FTP with inject=\"every\" at every MLP depth\n\nMNIST, the MLP grid's nets and "
                  f"{mlp_base.epochs} epochs, FTP with configs/{EVERY_CONFIG} (Adam lr 1e-3, every hidden layer's "
                  f"target also gets its own projection of the output contrast), beside the grid's FTP (SGD, the "
-                 f"paper's structure). Test accuracy %:\n\n"
+                 f"paper's structure). With one hidden layer the option changes nothing, so that row compares the "
+                 f"optimisers alone. Test accuracy %:\n\n"
                  + report.markdown_table(["depth", "ftp (grid)", 'ftp, inject="every"'],
                                          [[f"MLP {n} hidden", _cell(mlp["mnist"][n]["ftp"]), _cell(every_grid[n])]
                                           for n in mlp_depths]) + "\n")
