@@ -383,6 +383,11 @@ def _hidden(n: int) -> str:
     return ",".join([str(MLP_WIDTH)] * n)
 
 
+def _every_ftp() -> dict[str, dict[str, Any]]:
+    """FTP's config for the depth goal's variant: EVERY_CONFIG (inject="every", Adam)."""
+    return {"ftp": compare.load_rule_config(compare.CONFIGS / EVERY_CONFIG)}
+
+
 def _deep_ftp(rule: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """FTP's config on the depth study's MLPs: configs/ftp-deep.toml, optionally with `rule` as its rule options."""
     ftp = compare.load_rule_config(compare.CONFIGS / "ftp-deep.toml")
@@ -421,8 +426,7 @@ def depth_headline(budget: Budget, runs: Path, grid: dict[int, dict[str, dict[st
     goal_base = dataclasses.replace(base, hidden=_hidden(deepest), epochs=budget.epochs)
     adam = _run(goal_base, budget, runs, f"depth-headline-mnist-mlp{deepest}-adam", ["bp", "ftp"],
                 {r: compare.load_rule_config(compare.CONFIGS / f) for r, f in ADAM_CONFIGS.items()})
-    every = _run(goal_base, budget, runs, f"depth-headline-mnist-mlp{deepest}-adam-every", ["ftp"],
-                 {"ftp": compare.load_rule_config(compare.CONFIGS / EVERY_CONFIG)})["ftp"]
+    every = _run(goal_base, budget, runs, f"depth-headline-mnist-mlp{deepest}-adam-every", ["ftp"], _every_ftp())["ftp"]
     if base.epochs == budget.epochs:
         return {"SGD": (grid or depth_grid("mlp", "mnist", budget, runs))[deepest], "Adam": adam}, False, every
     sgd = _run(goal_base, budget, runs, f"depth-headline-mnist-mlp{deepest}", ["bp", "ftp"], _deep_ftp())
@@ -441,9 +445,8 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
     deepest = max(mlp_depths)
     mlp_base, cnn_base = depth_configs("mnist", budget)
     # the variant at every depth of the MNIST MLP grid, at the grid's epochs, for the goal's no-divergence clause
-    every_config = {"ftp": compare.load_rule_config(compare.CONFIGS / EVERY_CONFIG)}
     every_grid = {n: _run(dataclasses.replace(mlp_base, hidden=_hidden(n)), budget, runs,
-                          f"depth-mnist-mlp{n}-adam-every", ["ftp"], every_config)["ftp"] for n in mlp_depths}
+                          f"depth-mnist-mlp{n}-adam-every", ["ftp"], _every_ftp())["ftp"] for n in mlp_depths}
 
     figure = f"depth.{budget.name}.png"
     panels = []

@@ -241,9 +241,9 @@ class FTP(Rule):
             g = g.view(n_out, c, h // k, 1, w // k, 1).expand(-1, -1, -1, k, -1, k).reshape(n_out, c * h * w)
         return g.to(device=like.device, dtype=like.dtype)
 
-    def _first_error(self, p: torch.Tensor, e: torch.Tensor, batch: int, G: torch.Tensor) -> torch.Tensor:
-        """(h_1 - t_1) / (gamma B), the first block's error before the tangent projection (G: its projection; with
-        inject="every" also a deeper block's nudge, divided by -gamma B).
+    def _contrast_error(self, p: torch.Tensor, e: torch.Tensor, batch: int, G: torch.Tensor) -> torch.Tensor:
+        """(h - t) / (gamma B) for the projected contrast through G: the first block's error before the tangent
+        projection (G the first projection), or, with inject="every", a deeper block's nudge divided by -gamma B.
 
         With s linear both gamma modes reduce to t_1 - h_1 = -gamma G e, so the error is (e / B) G: one projection,
         and the scaling is done on the B x n_out output error, not on the first map (a conv map is 18,432 values per
@@ -372,7 +372,7 @@ class FTP(Rule):
             if deep_shapes is not None and [tuple(g.shape) for g in self.G_deep or []] != deep_shapes:
                 raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} but "
                                  f"inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's outputs)")
-            err = self._first_error(p, e, batch, self.G).view_as(h1)
+            err = self._contrast_error(p, e, batch, self.G).view_as(h1)
             # t_1 = h_1 - gamma B err, built only when a second pass needs it (before the error is projected)
             t = torch.add(h1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
             ready(0, self._error(blocks, 0, h1, err, pooled), inputs[0])
@@ -382,7 +382,7 @@ class FTP(Rule):
                 u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
                 t = block.post(block.layer(u))
                 if deep_shapes is not None:  # inject="every": this block's own projected contrast joins its target
-                    nudge = self._first_error(p, e, batch, self.G_deep[l - 1]).view_as(t)
+                    nudge = self._contrast_error(p, e, batch, self.G_deep[l - 1]).view_as(t)
                     t = t.add_(nudge, alpha=-self.gamma * batch)
                 ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(deep), pooled), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
