@@ -442,7 +442,7 @@ def paper_cnn_spec(num_classes: int, activation: str = "relu", channels: int = 3
 
 
 def resnet_spec(num_classes: int, depth: int = 6, activation: str = "relu", channels: int = 16,
-                norm: str = "none") -> str:
+                norm: str = "none", head_pool: bool = True) -> str:
     """A residual CNN with `depth` 3x3 conv layers (even, >= 2; 1x1 shortcuts not counted):
 
         stem:  conv3x3(C, pad 1) [norm] act                              full resolution: FTP's first target
@@ -450,7 +450,9 @@ def resnet_spec(num_classes: int, depth: int = 6, activation: str = "relu", chan
         (depth - 2) / 2 residual blocks at 2C channels: act(conv3x3 [norm] act conv3x3 [norm] + x)
         head:  max-pool 2, flatten, dense to classes (as the paper's CNN)
 
-    Depth 2 is a plain CNN; residual blocks start at depth 4.
+    Depth 2 is a plain CNN; residual blocks start at depth 4. `head_pool=False` drops the head's max-pool, so the
+    dense layer reads the whole last map (2C x H/2 x W/2): the cnn study's second residual CNN, where a rule whose
+    hidden blocks learn from feedback alignment (FTP, DFA) has four times the features to align its head with.
     """
     if depth < 2 or depth % 2:
         raise ValueError(f"resnet depth must be an even number >= 2 (stem conv + stride-2 conv + (depth-2)/2 residual "
@@ -458,7 +460,8 @@ def resnet_spec(num_classes: int, depth: int = 6, activation: str = "relu", chan
     n = _norm_tokens(norm)
     rn = {"": "", "-bn": "bn", "-ln0": "ln0"}[n]
     res = "".join(f"-r{2 * channels}{rn}" for _ in range((depth - 2) // 2))
-    return f"c{channels}p1{n}-{activation}-c{2 * channels}s2p1{n}-{activation}{res}-p2-f-l{num_classes}"
+    pool = "-p2" if head_pool else ""
+    return f"c{channels}p1{n}-{activation}-c{2 * channels}s2p1{n}-{activation}{res}{pool}-f-l{num_classes}"
 
 
 def paper_cnn(input_shape: tuple[int, ...], num_classes: int, activation: str = "relu", channels: int = 32,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from . import compare, report
 from .analog import parse_device
 from .bench import benchmark
-from .models import build_model
+from .models import build_model, resnet_spec
 from .rules import make_rule
 from .train import TrainConfig
 
@@ -88,6 +88,13 @@ CNN_EPOCHS = {"full": 15, "small": 2}
 CNN_LONG_EPOCHS = {"full": 30, "small": 3}
 RESNET_EPOCHS = {"full": 10, "small": 1}
 RESNET_DEPTH = 6
+# The second residual CNN of the cnn study: the same 6 convs with tanh and no max-pool before the dense head. FTP's
+# hidden blocks learn by aligning the head with their feedback, and on the first residual CNN they barely move it
+# (docs/ALGORITHM.md, "Why the conv layers gain so little"); probes (Fashion-MNIST, seed 0, 2000 steps, cosine,
+# validation %: `python scripts/tune_conv_g_scale.py ... --model resnet --dataset fashion-mnist --schedule cosine
+# --steps 2000`, 2026-12-02): with the pool, relu BP 89.32 / FTP 82.66, tanh 89.36 / 84.60; without it, tanh BP 88.32 /
+# FTP 86.34 (hidden blocks frozen at init: 84.50), relu FTP diverged (nan).
+OPEN_RESNET_ACTIVATION = "tanh"
 
 
 def _grid(budget: Budget, values: dict[str, Sequence[Any]]) -> Sequence[Any]:
@@ -334,6 +341,7 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     paper, conv = "ftp-paper-cnn.toml", "ftp-conv.toml"
     epochs, res_epochs = _grid(budget, CNN_EPOCHS), _grid(budget, RESNET_EPOCHS)
     long = _grid(budget, CNN_LONG_EPOCHS)
+    open_resnet = resnet_spec(10, RESNET_DEPTH, OPEN_RESNET_ACTIVATION, head_pool=False)
     settings = [(f"paper CNN, {d}", dict(dataset=d, model="paper-cnn", epochs=epochs), f"cnn-{d}-paper", paper, 1.0)
                 for d in DATASETS]
     settings.append((f"paper CNN, fashion-mnist, {long} epochs", dict(dataset="fashion-mnist", model="paper-cnn",
@@ -341,9 +349,12 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     settings.append((f"resnet depth {RESNET_DEPTH}, fashion-mnist",
                      dict(dataset="fashion-mnist", model="resnet", depth=RESNET_DEPTH, epochs=res_epochs),
                      f"cnn-fashion-mnist-resnet{RESNET_DEPTH}", conv, 2.0))
+    settings.append((f"resnet depth {RESNET_DEPTH}, {OPEN_RESNET_ACTIVATION}, no head pool, fashion-mnist",
+                     dict(dataset="fashion-mnist", model="spec", activation=OPEN_RESNET_ACTIVATION, epochs=res_epochs,
+                          spec=open_resnet), f"cnn-fashion-mnist-resnet{RESNET_DEPTH}-open", conv, 2.0))
     cells = {}
     for label, fields, key, config, _ in settings:
-        base = TrainConfig(activation=ACTIVATION, schedule="cosine", progress=False, **fields)
+        base = TrainConfig(**{"activation": ACTIVATION, "schedule": "cosine", "progress": False, **fields})
         comparison = compare.run_compare(base, CNN_RULES, budget.seeds, runs / key, resume=True,
                                          rule_configs={"ftp": compare.load_rule_config(compare.CONFIGS / config)})
         cells[label] = _accuracies(comparison.results)
@@ -352,7 +363,9 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     parts = [f"{ACTIVATION}, cosine schedule, SGD lr 0.01 momentum 0.9, batch 64, seeds 0..{budget.seeds - 1}; "
              f"paper CNN (conv 5x5x32, max-pool 2, dense; `--model paper-cnn`) {epochs} epochs (and {long} on "
              f"Fashion-MNIST in the row that says so, as FTP fits more slowly), residual CNN "
-             f"(`--model resnet --depth {RESNET_DEPTH}`) {res_epochs} epochs. FTP projects onto the whole first conv "
+             f"(`--model resnet --depth {RESNET_DEPTH}`) {res_epochs} epochs, and the same net with "
+             f"{OPEN_RESNET_ACTIVATION} and no max-pool before its dense head (`--model spec --spec {open_resnet}`), "
+             f"where FTP's hidden blocks have four times the features to align the head with. FTP projects onto the whole first conv "
              f"map (before pooling) with G's scale from configs/{paper} on the paper CNN (where G is also equal over each "
              f"2x2 pool window and the local loss is measured after the pool: `g_block`, `compare_at`) and "
              f"configs/{conv} on the residual CNN, where each conv of a residual branch also learns from its own "
@@ -363,7 +376,8 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
                  f"paper-cnn --activation {ACTIVATION} --epochs {epochs} --schedule cosine --seeds {budget.seeds} "
                  f"--rule-config ftp=configs/{paper}` (the longer row: `--dataset fashion-mnist --epochs {long}`; the "
                  f"residual CNN: `--model resnet --depth {RESNET_DEPTH} --epochs {res_epochs} --rule-config "
-                 f"ftp=configs/{conv}`).\n")
+                 f"ftp=configs/{conv}`; the second: `--model spec --spec {open_resnet} --activation "
+                 f"{OPEN_RESNET_ACTIVATION}` in place of `--model resnet --depth {RESNET_DEPTH}`).\n")
     summary = [[f"{label}, FTP − BP", _diff(cells[label]), f"within {goal} point(s)"] for label, *_, goal in settings]
     bench_md, bench_summary = cnn_bench(budget)
     parts.append(bench_md)

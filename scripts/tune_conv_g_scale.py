@@ -3,8 +3,9 @@
     python scripts/tune_conv_g_scale.py "rule='bp'" "freeze=True" "g_scale=0.03" "share=True,g_scale=0.002" --steps 4000
 
 Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (keep the first block at its
-initialisation), `share` (one random G vector per channel, broadcast over positions), `center` (G's draw less its mean
-over each channel's positions), `lr`, and any FTP option. `--model paper-cnn` (default) or `resnet` (depth 6), ReLU,
+initialisation; an integer N: the first N blocks), `share` (one random G vector per channel, broadcast over positions), `center` (G's draw less its mean
+over each channel's positions), `lr`, `activation` (default relu), `spec` (a model spec string in place of --model),
+and any FTP option. `--model paper-cnn` (default) or `resnet` (depth 6),
 `--dataset` (default MNIST) with 5000 training images held out for validation, SGD momentum 0.9 (or
 `optimizer='adam'`), batch 64, seed 0, one thread, a constant learning rate (`--schedule cosine`: falling to 0 over
 the steps, stepped each step); prints the mean training loss, the first conv map's mean norm, the cosine between the
@@ -25,10 +26,11 @@ from ftprop.rules import make_rule
 
 
 def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedule: str = "none", rule: str = "ftp",
-        lr: float = 0.01, freeze: bool = False, share: bool = False, center: bool = False, optimizer: str = "sgd",
-        **options: object) -> None:
+        lr: float = 0.01, freeze: int = 0, share: bool = False, center: bool = False, optimizer: str = "sgd",
+        activation: str = "relu", spec: str | None = None, **options: object) -> None:
     torch.manual_seed(0)
-    model = build_model(model_name, data.input_shape, data.num_classes, activation="relu", norm=norm)
+    model = build_model("spec" if spec else model_name, data.input_shape, data.num_classes, activation=activation,
+                        norm=norm, spec=spec)
     learner, bp = make_rule(rule, **options), make_rule("bp")
     if share:  # G constant over the positions of each channel of the first map (C x H x W)
         c, h, w = model.blocks[0](model.prepare(data.x_val[:1])).shape[1:]
@@ -39,7 +41,8 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedul
         h1 = model.blocks[0](model.prepare(data.x_val[:1]))
         g = learner._projection(data.num_classes, h1[0].numel(), h1).view(data.num_classes, h1.shape[1], -1)
         learner.G = (g - g.mean(2, keepdim=True)).reshape(data.num_classes, -1)
-    params = [p for n, p in model.named_parameters() if not (freeze and n.startswith("blocks.0"))]
+    frozen = tuple(f"blocks.{i}." for i in range(int(freeze)))
+    params = [p for n, p in model.named_parameters() if not n.startswith(frozen)]
     opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
     first = model.blocks[0].layer.weight
@@ -55,8 +58,8 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedul
         out = learner.step(model, data.x_train[idx], data.y_train[idx])
         if measure:
             cosines.append(F.cosine_similarity(first.grad.flatten(), exact.flatten(), 0).item())
-        if freeze:
-            for p in model.blocks[0].parameters():
+        for block in model.blocks[:int(freeze)]:
+            for p in block.parameters():
                 p.grad = None
         opt.step()
         if sched is not None:

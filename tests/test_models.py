@@ -124,6 +124,21 @@ def test_resnet_depth_counts_3x3_convs(depth, n_res):
     assert resnet_spec(10, 4, "relu", norm="batchnorm") == "c16p1-bn-relu-c32s2p1-bn-relu-r32bn-p2-f-l10"
 
 
+def test_resnet_without_head_pool_feeds_the_whole_last_map_to_the_dense_layer():
+    """head_pool=False (the cnn study's second residual CNN) drops only the max-pool before the head: the same convs,
+    and a dense layer reading 32 x 14 x 14 features instead of 32 x 7 x 7."""
+    spec = resnet_spec(10, 6, "tanh", head_pool=False)
+    assert spec == "c16p1-tanh-c32s2p1-tanh-r32-r32-f-l10"
+    open_net, pooled = spec_model(spec, (1, 28, 28), 10, "tanh"), resnet((1, 28, 28), 10, 6, "tanh")
+    assert not any(isinstance(m, nn.MaxPool2d) for m in open_net.modules())
+    assert [m.weight.shape for m in open_net.modules() if isinstance(m, nn.Conv2d)] == \
+        [m.weight.shape for m in pooled.modules() if isinstance(m, nn.Conv2d)]
+    head = [m for m in open_net.modules() if isinstance(m, nn.Linear)]
+    assert [m.in_features for m in head] == [32 * 14 * 14]
+    assert [m.in_features for m in pooled.modules() if isinstance(m, nn.Linear)] == [32 * 7 * 7]
+    assert open_net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("activation,gain", [("tanh", 5 / 3), ("relu", 2 ** 0.5), ("gelu", 1.0)])
 def test_orthogonal_init_gives_orthogonal_weights_times_the_activations_gain(activation, gain):
     """Every layer's weight, flattened per output unit, has orthonormal rows (columns where it has fewer) times the
