@@ -174,7 +174,8 @@ def test_depth_headline_runs_at_the_budget_epochs_when_the_grid_is_shorter(tmp_p
 def test_cnn_study(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(sc, "BENCH_BATCHES", (16,))
     monkeypatch.setattr(sc, "BENCH_STEPS", 2)
-    seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (base.dataset, base.model, base.depth, rules,
+    seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (base.dataset, base.model, base.depth,
+                                                                     base.activation, rules,
                                                                      configs["ftp"]["rule"]["g_scale"]))
     timed = []  # the FTP rule options each model's step time is measured with
     real_benchmark = sc.benchmark
@@ -189,9 +190,17 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     conv_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"]["g_scale"]
     paper_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-paper-cnn.toml")["rule"]["g_scale"]
     assert paper_g != conv_g  # the paper CNN has its own G scale; residual nets keep ftp-conv.toml's
-    assert seen == [("mnist", "paper-cnn", None, ("bp", "ftp"), paper_g), ("fashion-mnist", "paper-cnn", None, ("bp", "ftp"), paper_g),
-                    ("fashion-mnist", "paper-cnn", None, ("bp", "ftp"), paper_g),  # trained longer: its own row
-                    ("fashion-mnist", "resnet", sc.RESNET_DEPTH, ("bp", "ftp"), conv_g)]
+    both = ("bp", "ftp")
+    assert seen == [("mnist", "paper-cnn", None, "relu", both, paper_g),
+                    ("fashion-mnist", "paper-cnn", None, "relu", both, paper_g),
+                    ("fashion-mnist", "paper-cnn", None, "relu", both, paper_g),  # trained longer: its own row
+                    ("fashion-mnist", "resnet", sc.RESNET_DEPTH, "relu", both, conv_g),
+                    ("fashion-mnist", "spec", None, "tanh", both, conv_g)]  # the residual CNN without its head pool
+    open_config = json.loads((tmp_path / "runs" / "small" / f"cnn-fashion-mnist-resnet{sc.RESNET_DEPTH}-open" /
+                              "ftp-seed0" / "config.json").read_text())
+    assert open_config["spec"] == "c16p1-tanh-c32s2p1-tanh-r32-r32-f-l10" and open_config["activation"] == "tanh"
+    assert f"| resnet depth {sc.RESNET_DEPTH}, tanh, no head pool, fashion-mnist |" in text
+    assert "`--model spec --spec c16p1-tanh-c32s2p1-tanh-r32-r32-f-l10 --activation tanh`" in text
     assert "configs/ftp-paper-cnn.toml on the paper CNN (where G is also equal over each 2x2 pool window" in text
     assert "and configs/ftp-conv.toml on the residual CNN" in text
     assert "| paper CNN, mnist |" in text and f"| resnet depth {sc.RESNET_DEPTH}, fashion-mnist |" in text
@@ -204,7 +213,7 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     ftp_row = next(line for line in text.splitlines() if line.startswith("| paper CNN | 16 | ftp |"))
     assert re.search(r"\| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", ftp_row)  # time / BP with its range over repeats
     summary = json.loads((docs / "results" / "cnn.small.summary.json").read_text())
-    assert [r[2] for r in summary] == ["within 1.0 point(s)"] * 3 + ["within 2.0 point(s)", "<= 1.34", "<= 1.15"]
+    assert [r[2] for r in summary] == ["within 1.0 point(s)"] * 3 + ["within 2.0 point(s)"] * 2 + ["<= 1.34", "<= 1.15"]
     long = sc.CNN_LONG_EPOCHS["small"]
     assert long != sc.CNN_EPOCHS["small"] and summary[2][0] == f"paper CNN, fashion-mnist, {long} epochs, FTP − BP"
     assert f"| paper CNN, fashion-mnist, {long} epochs |" in text
