@@ -338,7 +338,7 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     uses configs/ftp-paper-cnn.toml on the paper CNN and configs/ftp-conv.toml on the residual CNN (G's scale; on the
     paper CNN also G equal over the pool's windows with the local loss after the pool, on the residual CNN inner
     targets)."""
-    paper, conv, open_conv = "ftp-paper-cnn.toml", "ftp-conv.toml", "ftp-resnet-open.toml"
+    paper, conv = "ftp-paper-cnn.toml", "ftp-conv.toml"
     epochs, res_epochs = _grid(budget, CNN_EPOCHS), _grid(budget, RESNET_EPOCHS)
     long = _grid(budget, CNN_LONG_EPOCHS)
     open_resnet = resnet_spec(10, RESNET_DEPTH, OPEN_RESNET_ACTIVATION, head_pool=False)
@@ -351,7 +351,7 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
                      f"cnn-fashion-mnist-resnet{RESNET_DEPTH}", conv, 2.0))
     settings.append((f"resnet depth {RESNET_DEPTH}, {OPEN_RESNET_ACTIVATION}, no head pool, fashion-mnist",
                      dict(dataset="fashion-mnist", model="spec", activation=OPEN_RESNET_ACTIVATION, epochs=res_epochs,
-                          spec=open_resnet), f"cnn-fashion-mnist-resnet{RESNET_DEPTH}-open", open_conv, 2.0))
+                          spec=open_resnet), f"cnn-fashion-mnist-resnet{RESNET_DEPTH}-open", conv, 2.0))
     cells = {}
     for label, fields, key, config, _ in settings:
         base = TrainConfig(**{"activation": ACTIVATION, "schedule": "cosine", "progress": False, **fields})
@@ -365,8 +365,7 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
              f"Fashion-MNIST in the row that says so, as FTP fits more slowly), residual CNN "
              f"(`--model resnet --depth {RESNET_DEPTH}`) {res_epochs} epochs, and the same net with "
              f"{OPEN_RESNET_ACTIVATION} and no max-pool before its dense head (`--model spec --spec {open_resnet}`), "
-             f"where FTP's hidden blocks have four times the features to align the head with (FTP there with "
-             f"configs/{open_conv}: configs/{conv} at half the learning rate). FTP projects onto the whole first conv "
+             f"where FTP's hidden blocks have four times the features to align the head with. FTP projects onto the whole first conv "
              f"map (before pooling) with G's scale from configs/{paper} on the paper CNN (where G is also equal over each "
              f"2x2 pool window and the local loss is measured after the pool: `g_block`, `compare_at`) and "
              f"configs/{conv} on the residual CNN, where each conv of a residual branch also learns from its own "
@@ -378,8 +377,7 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
                  f"--rule-config ftp=configs/{paper}` (the longer row: `--dataset fashion-mnist --epochs {long}`; the "
                  f"residual CNN: `--model resnet --depth {RESNET_DEPTH} --epochs {res_epochs} --rule-config "
                  f"ftp=configs/{conv}`; the second: `--model spec --spec {open_resnet} --activation "
-                 f"{OPEN_RESNET_ACTIVATION} --rule-config ftp=configs/{open_conv}` in place of `--model resnet --depth "
-                 f"{RESNET_DEPTH}` and its config).\n")
+                 f"{OPEN_RESNET_ACTIVATION}` in place of `--model resnet --depth {RESNET_DEPTH}`).\n")
     summary = [[f"{label}, FTP − BP", _diff(cells[label]), f"within {goal} point(s)"] for label, *_, goal in settings]
     bench_md, bench_summary = cnn_bench(budget)
     parts.append(bench_md)
