@@ -3,10 +3,11 @@
     python scripts/tune_conv_g_scale.py "rule='bp'" "freeze=True" "g_scale=0.03" "share=True,g_scale=0.002" --steps 4000
 
 Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (keep the first block at its
-initialisation; an integer N: the first N blocks), `share` (one random G vector per channel, broadcast over positions), `center` (G's draw less its mean
-over each channel's positions), `lr`, `activation` (default relu), `spec` (a model spec string in place of --model),
-and any FTP option. `--model paper-cnn` (default) or `resnet` (depth 6),
-`--dataset` (default MNIST) with 5000 training images held out for validation, SGD momentum 0.9 (or
+initialisation; an integer N: the first N blocks), `share` (one random G vector per channel, broadcast over
+positions), `center` (G's draw less its mean over each channel's positions), `lr`, `activation` (default relu),
+`spec` (a model spec string in place of --model), `hidden_lr` (the hidden blocks' learning rate, when it differs from
+the output block's `lr`), and any FTP option. `--model paper-cnn` (default) or `resnet`
+(depth 6), `--dataset` (default MNIST) with 5000 training images held out for validation, SGD momentum 0.9 (or
 `optimizer='adam'`), batch 64, seed 0, one thread, a constant learning rate (`--schedule cosine`: falling to 0 over
 the steps, stepped each step); prints the mean training loss, the first conv map's mean norm, the cosine between the
 first block's weight update and BP's gradient on the same batch (taken every 50 steps, mean of the last 20; not with
@@ -27,7 +28,8 @@ from ftprop.rules import make_rule
 
 def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedule: str = "none", rule: str = "ftp",
         lr: float = 0.01, freeze: int = 0, share: bool = False, center: bool = False, optimizer: str = "sgd",
-        activation: str = "relu", spec: str | None = None, **options: object) -> None:
+        activation: str = "relu", spec: str | None = None, hidden_lr: float | None = None,
+        **options: object) -> None:
     torch.manual_seed(0)
     model = build_model("spec" if spec else model_name, data.input_shape, data.num_classes, activation=activation,
                         norm=norm, spec=spec)
@@ -42,7 +44,10 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedul
         g = learner._projection(data.num_classes, h1[0].numel(), h1).view(data.num_classes, h1.shape[1], -1)
         learner.G = (g - g.mean(2, keepdim=True)).reshape(data.num_classes, -1)
     frozen = tuple(f"blocks.{i}." for i in range(int(freeze)))
-    params = [p for n, p in model.named_parameters() if not n.startswith(frozen)]
+    head = f"blocks.{len(model.blocks) - 1}."
+    params = [{"params": [p for n, p in model.named_parameters() if not n.startswith(frozen + (head,))],
+               "lr": lr if hidden_lr is None else hidden_lr},
+              {"params": [p for n, p in model.named_parameters() if n.startswith(head)]}]
     opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
     first = model.blocks[0].layer.weight
