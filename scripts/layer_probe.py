@@ -59,14 +59,15 @@ def main() -> None:
             data = load_dataset(cfg["dataset"], cfg["data_dir"], val_size=cfg["val_size"])
         model = build_model(cfg["model"], data.input_shape, data.num_classes, cfg["hidden"], cfg["activation"],
                             cfg["norm"], cfg["init"], depth=cfg["depth"], spec=cfg["spec"])
-        model.load_state_dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+        ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
         x, y = data.x_train[:args.n_train], data.y_train[:args.n_train]
         test, train = [], []
         for f_train, f_test in zip(hidden_outputs(model, x), hidden_outputs(model, data.x_test)):
             w = ridge_readout(f_train, y, args.ridge, data.num_classes)
             test.append(accuracy(w, f_test, data.y_test))
             train.append(accuracy(w, f_train, y))
-        print(f"{run}  (epoch {torch.load(run / 'checkpoint.pt', weights_only=False)['epoch']})")
+        print(f"{run}  (epoch {ckpt['epoch']})")
         print("  layer        " + " ".join(f"{'input' if i == 0 else i:>6}" for i in range(len(test))))
         print("  test  %      " + " ".join(f"{a:6.2f}" for a in test))
         print("  train %      " + " ".join(f"{a:6.2f}" for a in train))
