@@ -95,7 +95,7 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     on CPU costs more than the arithmetic (docs/ALGORITHM.md, "What local means for a residual block").
     """
     d, v = delta.flatten(1), h.flatten(1)
-    # |h|^2 as a squared norm: one pass over h without a product map (about 1.5% of a residual CNN's step on CPU)
+    # |h|^2 as a squared norm: one pass over h and no product map (docs/ALGORITHM.md, the residual CNN's step time)
     coef = torch.linalg.vecdot(d, v).div_(torch.linalg.vector_norm(v, dim=1).square_().clamp_min_(1e-12))
     return d.addcmul_(coef.unsqueeze(1), v, value=-1).view_as(delta)
 
