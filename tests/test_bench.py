@@ -138,3 +138,14 @@ def test_ftp_measuring_after_the_pool_runs_under_the_counters():
         res = benchmark({"ftp": make_rule("ftp", compare_at="next-input")}, make, x, y, batch_size=6, rounds=0,
                         steps_per_round=1, warmup=1)
         assert res["ftp"]["flops_per_step"] > 0 and res["ftp"]["peak_memory_bytes"] > 0
+
+
+def test_machine_line_names_the_cpu_and_its_vector_instructions() -> None:
+    """Step-time ratios move with the host (docs/ALGORITHM.md: the residual CNN's BP step took 50 ms on one 2-core box
+    and 19 ms on another), so every table's machine line says which CPU and which of torch's kernels ran."""
+    import platform
+
+    from ftprop import report
+
+    line = report.machine()
+    assert line.startswith(f"{platform.machine()} (") and f", {torch.backends.cpu.get_cpu_capability()})" in line
