@@ -100,16 +100,6 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return d.addcmul_(coef.unsqueeze(1), v, value=-1).view_as(delta)
 
 
-def _tangential_error(h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
-    """`_tangential((h - t) * scale, h)` for a target t of h, computed as scale * (a h - t) with a = <t, h> / |h|^2 per
-    sample (the same vector: the radial part of h - t is (1 - a) h). The difference h - t and its scaling are never
-    formed, which saves two of the five passes over the map that building the error and projecting it take; on a
-    conv net those passes are bound by memory bandwidth (docs/ALGORITHM.md, the residual CNN's step time)."""
-    hv, tv = h.flatten(1), t.flatten(1)
-    a = torch.linalg.vecdot(tv, hv).div_(torch.linalg.vector_norm(hv, dim=1).square_().clamp_min_(1e-12))
-    return hv.mul(a.mul_(scale).unsqueeze(1)).sub_(tv, alpha=scale).view_as(h)
-
-
 def _max_pool(pre: nn.Module) -> nn.MaxPool2d | None:
     """The max-pool that a block's input ops consist of (possibly followed by flatten), else None."""
     mods = list(pre) if isinstance(pre, nn.Sequential) else [pre]
@@ -304,14 +294,6 @@ class FTP(Rule):
             err = _tangential(err, u.detach())
         return torch.autograd.grad(u, leaf, err)[0]
 
-    def _deep_error(self, blocks: list[Block], l: int, h: torch.Tensor, t: torch.Tensor, deep: float,
-                    pooled: dict[int, torch.Tensor]) -> torch.Tensor:
-        """`_error` of a deeper hidden block l from its target t: (h_l - t_l) * deep, then as `_error`; where that
-        is the plain tangent projection, in the fused form of `_tangential_error`."""
-        if self.tangent and (self.compare_at == "output" or isinstance(blocks[l + 1].pre, nn.Identity)):
-            return _tangential_error(h.detach(), t, deep)
-        return self._error(blocks, l, h, (h - t).mul_(deep), pooled)
-
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "ftp")
         inner = _InnerTargets(model) if self.inner_targets else None
@@ -359,8 +341,8 @@ class FTP(Rule):
                 if inner is not None and l in inner.records:  # the first conv's own local loss, weighted as a
                     mid, t_mid = inner.records[l]              # deeper block's; t_mid - mid has no pre ops to pass
                     held = mid.detach()
-                    pending.append((mid, _tangential_error(held, t_mid, deep) if self.tangent
-                                    else (held - t_mid).mul_(deep)))
+                    mid_err = (held - t_mid).mul_(deep)
+                    pending.append((mid, _tangential(mid_err, held) if self.tangent else mid_err))
             else:
                 d = torch.autograd.grad(outs[l], pre[l], err, retain_graph=True)[0] if self.fprime else err
                 with torch.enable_grad():
@@ -403,7 +385,7 @@ class FTP(Rule):
                 if deep_shapes is not None:  # inject="every": this block's own projected contrast joins its target
                     nudge = self._contrast_error(p, e, batch, self.G_deep[l - 1]).view_as(t)
                     t = t.add_(nudge, alpha=-self.gamma * batch)
-                ready(l, self._deep_error(blocks, l, outs[l], t, deep, pooled), u)
+                ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(deep), pooled), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
                 fill(l, err, t_input)
