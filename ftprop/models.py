@@ -283,9 +283,10 @@ SPEC_GRAMMAR = """\
 A spec is a '-'-separated list of tokens, applied in order to the input (C, H, W):
   c<C>[k<K>][s<S>][p<P>]   Conv2d to C channels, kernel K (default 3), stride S (1), zero padding P (0)
   l<N>                     Linear to N features (needs a flat input: use f first)
-  r<C>[s<S>][bn|ln|ln0]    residual block: act(conv3x3(C, stride S) [norm] act conv3x3(C) [norm] + shortcut),
+  r<C>[s<S>][bn|ln|ln0][z] residual block: act(conv3x3(C, stride S) [norm] act conv3x3(C) [norm] + shortcut),
                            shortcut = identity, or conv1x1(C, stride S) [norm] when the shape changes;
-                           act is the model's --activation
+                           act is the model's --activation; z: the branch's last conv starts at zero, so the
+                           block starts as act(shortcut(x))
   p<K>[s<S>] / ap<K>[s<S>] max / average pooling, window K, stride S (default K)
   gap                      global average pooling and flatten: (C, H, W) -> (C,)
   f                        flatten
@@ -342,8 +343,12 @@ def _int_opts(text: str, allowed: str) -> dict[str, int]:
     return opts
 
 
-def _residual(c_in: int, c_out: int, stride: int, norm: str, activation: str, init: str) -> Residual:
-    """The parametrised part of a basic residual block: conv3x3-[norm]-act-conv3x3-[norm] + shortcut."""
+def _residual(c_in: int, c_out: int, stride: int, norm: str, activation: str, init: str,
+              zero_branch: bool = False) -> Residual:
+    """The parametrised part of a basic residual block: conv3x3-[norm]-act-conv3x3-[norm] + shortcut.
+
+    `zero_branch` starts the branch's last conv at zero (Goyal et al. 2017 do it with the last norm's scale; without
+    norms the conv is what can be zeroed), so each block starts as its shortcut and the net as a shallower one."""
     def conv(ci: int, co: int, k: int, s: int) -> list[nn.Module]:
         layer = nn.Conv2d(ci, co, k, s, padding=k // 2, bias=norm != "bn")
         _init_linear(layer, activation, init)
@@ -353,7 +358,12 @@ def _residual(c_in: int, c_out: int, stride: int, norm: str, activation: str, in
             return [layer, nn.GroupNorm(1, co, affine=norm == "ln")]
         return [layer]
 
-    branch = nn.Sequential(*conv(c_in, c_out, 3, stride), ACTIVATIONS[activation](), *conv(c_out, c_out, 3, 1))
+    last = conv(c_out, c_out, 3, 1)
+    if zero_branch:
+        nn.init.zeros_(last[0].weight)
+        if last[0].bias is not None:
+            nn.init.zeros_(last[0].bias)
+    branch = nn.Sequential(*conv(c_in, c_out, 3, stride), ACTIVATIONS[activation](), *last)
     shortcut = nn.Sequential(*conv(c_in, c_out, 1, stride)) if stride != 1 or c_in != c_out else None
     return Residual(branch, shortcut)
 
@@ -402,11 +412,12 @@ def spec_model(spec: str, input_shape: tuple[int, ...], num_classes: int | None 
                     raise ValueError("a linear layer needs a flat input (add f before it)")
                 m = nn.Linear(shape[0], _positive(mt.group(1)), bias=nxt != "bn")
                 _init_linear(m, gain, head_init if gain == "linear" else init)
-            elif mt := re.fullmatch(r"r(\d+)((?:s\d+)?)(bn|ln0|ln)?", tok):
+            elif mt := re.fullmatch(r"r(\d+)((?:s\d+)?)(bn|ln0|ln)?(z?)", tok):
                 if len(shape) != 3:
                     raise ValueError("a residual block needs a (C, H, W) input")
                 stride = _positive(_int_opts(mt.group(2), "s").get("s", 1))
-                m = _residual(shape[0], _positive(mt.group(1)), stride, mt.group(3) or "none", activation, init)
+                m = _residual(shape[0], _positive(mt.group(1)), stride, mt.group(3) or "none", activation, init,
+                              zero_branch=bool(mt.group(4)))
             elif mt := re.fullmatch(r"(a?)p(\d+)(.*)", tok):
                 o = _int_opts(mt.group(3), "s")
                 k = _positive(mt.group(2))

@@ -92,6 +92,22 @@ def test_residual_tokens():
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
 
 
+def test_residual_z_starts_the_branch_at_zero_so_the_block_starts_as_its_shortcut():
+    torch.manual_seed(0)
+    net = spec_model("c4p1-tanh-r4z-r6s2bnz-r6-f-l3", (1, 8, 8), 3, activation="tanh")
+    same, down, plain = net.blocks[1], net.blocks[2], net.blocks[3]
+    last = [m for m in same.layer.branch if isinstance(m, nn.Conv2d)][-1]
+    assert not last.weight.any() and not last.bias.any()
+    assert [m for m in same.layer.branch if isinstance(m, nn.Conv2d)][0].weight.any()  # only the last conv
+    assert not down.layer.branch[3].weight.any() and isinstance(down.layer.branch[4], nn.BatchNorm2d)  # z after bn
+    assert plain.layer.branch[2].weight.any()  # without z nothing is zeroed
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), torch.tanh(x))
+    with pytest.raises(ValueError, match="unknown token"):
+        spec_model("c4p1-tanh-r4zz-f-l3", (1, 8, 8), 3)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("c4k5-relu-p2-l3", "needs a flat input"),
     ("c0-f-l3", "must be positive"),
