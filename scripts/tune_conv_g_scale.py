@@ -3,8 +3,8 @@
     python scripts/tune_conv_g_scale.py "rule='bp'" "freeze=True" "g_scale=0.03" "share=True,g_scale=0.002" --steps 4000
 
 Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (keep the first block at its
-initialisation; an integer N: the first N blocks), `share` (one random G vector per channel, broadcast over
-positions), `center` (G's draw less its mean over each channel's positions), `lr`, `activation` (default relu),
+initialisation; an integer N: the first N blocks; a tuple of indices: those blocks), `share` (one random G vector per
+channel, broadcast over positions), `center` (G's draw less its mean over each channel's positions), `lr`, `activation` (default relu),
 `spec` (a model spec string in place of --model), `hidden_lr` (the hidden blocks' learning rate, when it differs from
 the output block's `lr`), and any FTP option. `--model paper-cnn` (default) or `resnet`
 (depth 6), `--dataset` (default MNIST) with 5000 training images held out for validation, SGD momentum 0.9 (or
@@ -27,8 +27,8 @@ from ftprop.rules import make_rule
 
 
 def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedule: str = "none", rule: str = "ftp",
-        lr: float = 0.01, freeze: int = 0, share: bool = False, center: bool = False, optimizer: str = "sgd",
-        activation: str = "relu", spec: str | None = None, hidden_lr: float | None = None,
+        lr: float = 0.01, freeze: int | tuple[int, ...] = 0, share: bool = False, center: bool = False,
+        optimizer: str = "sgd", activation: str = "relu", spec: str | None = None, hidden_lr: float | None = None,
         **options: object) -> None:
     torch.manual_seed(0)
     model = build_model("spec" if spec else model_name, data.input_shape, data.num_classes, activation=activation,
@@ -43,7 +43,8 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedul
         h1 = model.blocks[0](model.prepare(data.x_val[:1]))
         g = learner._projection(data.num_classes, h1[0].numel(), h1).view(data.num_classes, h1.shape[1], -1)
         learner.G = (g - g.mean(2, keepdim=True)).reshape(data.num_classes, -1)
-    frozen = tuple(f"blocks.{i}." for i in range(int(freeze)))
+    still = tuple(freeze) if isinstance(freeze, tuple) else tuple(range(int(freeze)))
+    frozen = tuple(f"blocks.{i}." for i in still)
     head = f"blocks.{len(model.blocks) - 1}."
     params = [{"params": [p for n, p in model.named_parameters() if not n.startswith(frozen + (head,))],
                "lr": lr if hidden_lr is None else hidden_lr},
@@ -63,7 +64,7 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedul
         out = learner.step(model, data.x_train[idx], data.y_train[idx])
         if measure:
             cosines.append(F.cosine_similarity(first.grad.flatten(), exact.flatten(), 0).item())
-        for block in model.blocks[:int(freeze)]:
+        for block in (model.blocks[i] for i in still):
             for p in block.parameters():
                 p.grad = None
         opt.step()
