@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--per-call", default=None, metavar="OP",
+                    help="also list every call of OP (e.g. aten::convolution_backward) in the last round's profiled "
+                         "steps, in order, with its input shapes' second dimension (channels) and self ms")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -42,12 +45,17 @@ def main() -> None:
     best = {r: collections.defaultdict(lambda: float("inf")) for r in rules}
     calls: dict[str, dict[str, int]] = {r: {} for r in rules}
     steps = 3
+    per_call: dict[str, str] = {}
     for _ in range(args.repeats):
         for name, rule in rules.items():
             rule.step(model, x, y)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.per_call is not None) as prof:
                 for _ in range(steps):
                     rule.step(model, x, y)
+            if args.per_call is not None:
+                per_call[name] = " ".join(f"{'/'.join(str(s[1]) for s in ev.input_shapes[:2] if len(s) > 1)}:"
+                                          f"{ev.self_cpu_time_total / 1e3:.2f}"
+                                          for ev in prof.events() if ev.name == args.per_call)
             for ev in prof.key_averages():
                 best[name][ev.key] = min(best[name][ev.key], ev.self_cpu_time_total / steps / 1e3)
                 calls[name][ev.key] = ev.count // steps
@@ -56,6 +64,8 @@ def main() -> None:
     for k in keys[:args.top]:
         print(f"{k[:45]:45s}" + "".join(f" {best[r].get(k, 0.0):9.2f} {calls[r].get(k, 0):5d}" for r in rules))
     print(f"{'total':45s}" + "".join(f" {sum(best[r].values()):9.2f} {'':5s}" for r in rules))
+    for name, line in per_call.items():
+        print(f"{name} {args.per_call} per call (channels of output gradient / input: ms): {line}")
 
 
 if __name__ == "__main__":
