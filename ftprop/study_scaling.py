@@ -339,7 +339,7 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     uses configs/ftp-paper-cnn.toml on the paper CNN and configs/ftp-conv.toml on the residual CNN (G's scale; on the
     paper CNN also G equal over the pool's windows with the local loss after the pool, on the residual CNN inner
     targets)."""
-    paper, conv = "ftp-paper-cnn.toml", "ftp-conv.toml"
+    paper, conv, conv_open = "ftp-paper-cnn.toml", "ftp-conv.toml", "ftp-conv-open.toml"
     epochs, res_epochs = _grid(budget, CNN_EPOCHS), _grid(budget, RESNET_EPOCHS)
     long = _grid(budget, CNN_LONG_EPOCHS)
     open_resnet = resnet_spec(10, RESNET_DEPTH, OPEN_RESNET_ACTIVATION, head_pool=False)
@@ -352,7 +352,7 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
                      f"cnn-fashion-mnist-resnet{RESNET_DEPTH}", conv, 2.0))
     settings.append((f"resnet depth {RESNET_DEPTH}, {OPEN_RESNET_ACTIVATION}, no head pool, fashion-mnist",
                      dict(dataset="fashion-mnist", model="spec", activation=OPEN_RESNET_ACTIVATION, epochs=res_epochs,
-                          spec=open_resnet), f"cnn-fashion-mnist-resnet{RESNET_DEPTH}-open", conv, 2.0))
+                          spec=open_resnet), f"cnn-fashion-mnist-resnet{RESNET_DEPTH}-open", conv_open, 2.0))
     cells = {}
     for label, fields, key, config, _ in settings:
         base = TrainConfig(**{"activation": ACTIVATION, "schedule": "cosine", "progress": False, **fields})
@@ -370,7 +370,9 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
              f"map (before pooling) with G's scale from configs/{paper} on the paper CNN (where G is also equal over each "
              f"2x2 pool window and the local loss is measured after the pool: `g_block`, `compare_at`) and "
              f"configs/{conv} on the residual CNN, where each conv of a residual branch also learns from its own "
-             f"target (`inner_targets`, docs/ALGORITHM.md). Test accuracy %, mean ± std over seeds.\n",
+             f"target (`inner_targets`, docs/ALGORITHM.md); on the second residual CNN configs/{conv_open}, which also "
+             f"weights the local losses of the blocks above the first 0.3 against its own (`deep_weight`) and takes "
+             f"G's scale 0.05. Test accuracy %, mean ± std over seeds.\n",
              _table("setting", cells, CNN_RULES) + "\n"]
     parts += [f"![{label}](results/{key}.{budget.name}.png)\n" for label, _, key, _, _ in settings]
     parts.append(f"{_ftp_vs_bp(cells)}\n\nCommand for one row: `ftprop compare --rules bp,ftp --dataset mnist --model "
@@ -378,7 +380,8 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
                  f"--rule-config ftp=configs/{paper}` (the longer row: `--dataset fashion-mnist --epochs {long}`; the "
                  f"residual CNN: `--model resnet --depth {RESNET_DEPTH} --epochs {res_epochs} --rule-config "
                  f"ftp=configs/{conv}`; the second: `--model spec --spec {open_resnet} --activation "
-                 f"{OPEN_RESNET_ACTIVATION}` in place of `--model resnet --depth {RESNET_DEPTH}`).\n")
+                 f"{OPEN_RESNET_ACTIVATION}` in place of `--model resnet --depth {RESNET_DEPTH}` and "
+                 f"`ftp=configs/{conv_open}`).\n")
     summary = [[f"{label}, FTP − BP", _diff(cells[label]), f"within {goal} point(s)"] for label, *_, goal in settings]
     bench_md, bench_summary = cnn_bench(budget)
     parts.append(bench_md)

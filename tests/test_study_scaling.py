@@ -176,7 +176,7 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(sc, "BENCH_STEPS", 2)
     seen = spy_runs(monkeypatch, lambda base, rules, out, configs: (base.dataset, base.model, base.depth,
                                                                      base.activation, rules,
-                                                                     configs["ftp"]["rule"]["g_scale"]))
+                                                                     configs["ftp"]["rule"]))
     timed = []  # the FTP rule options each model's step time is measured with
     real_benchmark = sc.benchmark
     repeats = []  # each timing is repeated with fresh models (bench.benchmark), its rounds shared out among repeats
@@ -187,15 +187,17 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     for options, (*_, config) in zip(timed, sc.BENCH_MODELS, strict=True):  # the options that model trains with
         rule = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / config)["rule"]
         assert {k: options[k] for k in rule} == rule
-    conv_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-conv.toml")["rule"]["g_scale"]
-    paper_g = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / "ftp-paper-cnn.toml")["rule"]["g_scale"]
-    assert paper_g != conv_g  # the paper CNN has its own G scale; residual nets keep ftp-conv.toml's
+    conv, paper, conv_open = (ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / f)["rule"]
+                              for f in ("ftp-conv.toml", "ftp-paper-cnn.toml", "ftp-conv-open.toml"))
+    assert paper["g_scale"] != conv["g_scale"]  # the paper CNN has its own G scale; residual nets keep ftp-conv.toml's
+    # the open residual CNN: ftp-conv.toml with the deeper blocks' losses weighted down and a larger G
+    assert conv_open == conv | {"deep_weight": 0.3, "g_scale": 0.05}
     both = ("bp", "ftp")
-    assert seen == [("mnist", "paper-cnn", None, "relu", both, paper_g),
-                    ("fashion-mnist", "paper-cnn", None, "relu", both, paper_g),
-                    ("fashion-mnist", "paper-cnn", None, "relu", both, paper_g),  # trained longer: its own row
-                    ("fashion-mnist", "resnet", sc.RESNET_DEPTH, "relu", both, conv_g),
-                    ("fashion-mnist", "spec", None, "tanh", both, conv_g)]  # the residual CNN without its head pool
+    assert seen == [("mnist", "paper-cnn", None, "relu", both, paper),
+                    ("fashion-mnist", "paper-cnn", None, "relu", both, paper),
+                    ("fashion-mnist", "paper-cnn", None, "relu", both, paper),  # trained longer: its own row
+                    ("fashion-mnist", "resnet", sc.RESNET_DEPTH, "relu", both, conv),
+                    ("fashion-mnist", "spec", None, "tanh", both, conv_open)]  # the residual CNN without its head pool
     open_config = json.loads((tmp_path / "runs" / "small" / f"cnn-fashion-mnist-resnet{sc.RESNET_DEPTH}-open" /
                               "ftp-seed0" / "config.json").read_text())
     assert open_config["spec"] == "c16p1-tanh-c32s2p1-tanh-r32-r32-f-l10" and open_config["activation"] == "tanh"
@@ -203,6 +205,7 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     assert "`--model spec --spec c16p1-tanh-c32s2p1-tanh-r32-r32-f-l10 --activation tanh`" in text
     assert "configs/ftp-paper-cnn.toml on the paper CNN (where G is also equal over each 2x2 pool window" in text
     assert "and configs/ftp-conv.toml on the residual CNN" in text
+    assert "on the second residual CNN configs/ftp-conv-open.toml" in text and "`ftp=configs/ftp-conv-open.toml`" in text
     assert "| paper CNN, mnist |" in text and f"| resnet depth {sc.RESNET_DEPTH}, fashion-mnist |" in text
     assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
     assert "paper CNN: FTP's MACs per sample are " in text and "residual CNN depth 6: FTP's MACs per sample are " in text
