@@ -5,9 +5,9 @@
 Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (keep the first block at its
 initialisation; an integer N: the first N blocks; a tuple of indices: those blocks), `share` (one random G vector per
 channel, broadcast over positions), `center` (G's draw less its mean over each channel's positions), `lr`,
-`activation` (default relu), `spec` (a model spec string in place of --model), `hidden_lr` (the hidden blocks' learning rate, when it differs from
-the output block's `lr`), and any FTP option. `--model paper-cnn` (default) or `resnet`
-(depth 6), `--dataset` (default MNIST) with 5000 training images held out for validation, SGD momentum 0.9 (or
+`activation` (default relu), `spec` (a model spec string in place of --model), `hidden_lr` (the hidden blocks'
+learning rate, when it differs from the output block's `lr`), and any FTP option. `--model paper-cnn` (default) or
+`resnet` (depth 6), `--dataset` (default MNIST) with 5000 training images held out for validation, SGD momentum 0.9 (or
 `optimizer='adam'`), batch 64, seed 0, one thread, a constant learning rate (`--schedule cosine`: falling to 0 over
 the steps, stepped each step); prints the mean training loss, the first conv map's mean norm, the cosine between the
 first block's weight update and BP's gradient on the same batch (taken every 50 steps, mean of the last 20; not with
