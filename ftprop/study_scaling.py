@@ -353,6 +353,7 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     settings.append((f"resnet depth {RESNET_DEPTH}, {OPEN_RESNET_ACTIVATION}, no head pool, fashion-mnist",
                      dict(dataset="fashion-mnist", model="spec", activation=OPEN_RESNET_ACTIVATION, epochs=res_epochs,
                           spec=open_resnet), f"cnn-fashion-mnist-resnet{RESNET_DEPTH}-open", conv_open, 2.0))
+    open_rule = compare.load_rule_config(compare.CONFIGS / conv_open)["rule"]  # its settings, named in the text
     cells = {}
     for label, fields, key, config, _ in settings:
         base = TrainConfig(**{"activation": ACTIVATION, "schedule": "cosine", "progress": False, **fields})
@@ -371,8 +372,8 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
              f"2x2 pool window and the local loss is measured after the pool: `g_block`, `compare_at`) and "
              f"configs/{conv} on the residual CNN, where each conv of a residual branch also learns from its own "
              f"target (`inner_targets`, docs/ALGORITHM.md); on the second residual CNN configs/{conv_open}, which also "
-             f"weights the local losses of the blocks above the first 0.3 against its own (`deep_weight`) and takes "
-             f"G's scale 0.05. Test accuracy %, mean ± std over seeds.\n",
+             f"weights the local losses of the blocks above the first {open_rule['deep_weight']} against its own "
+             f"(`deep_weight`) and takes G's scale {open_rule['g_scale']}. Test accuracy %, mean ± std over seeds.\n",
              _table("setting", cells, CNN_RULES) + "\n"]
     parts += [f"![{label}](results/{key}.{budget.name}.png)\n" for label, _, key, _, _ in settings]
     parts.append(f"{_ftp_vs_bp(cells)}\n\nCommand for one row: `ftprop compare --rules bp,ftp --dataset mnist --model "
