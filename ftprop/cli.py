@@ -123,7 +123,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         rule_configs[rule.strip()] = load_rule_config(path)
     out = Path(args.out)
     comparison = run_compare(_config(args), rules, args.seeds, out, args.resume, rule_configs)
-    print(f"{comparison.describe()}\n\nMachine: {report.machine()}\n\n{comparison.table()}\n")
+    print(f"{comparison.describe()}\n\n{comparison.machine_line()}\n\n{comparison.table()}\n")
     print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {out / 'curves.png'}", file=sys.stderr)
     return 0
 

@@ -6,6 +6,7 @@ data or epoch budget: those keys are refused so comparisons stay fair.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import sys
@@ -41,6 +42,11 @@ class Comparison:
     results: dict[str, list[dict[str, Any]]]   # rule -> per-seed metrics.json contents
     histories: dict[str, list[list[dict[str, Any]]]]  # rule -> per-seed per-epoch metrics
     costs: dict[str, dict[str, Any]]           # rule -> FLOPs and peak memory of one training step (bench.benchmark)
+    machines: list[str]                        # the machine each run recorded (a resumed run may be another's)
+
+    def machine_line(self) -> str:
+        """Where the step costs were timed (now, here) and where the runs were made, which differ for reused runs."""
+        return f"Timed on: {report.machine()}. Runs made on: {report.counts_line(collections.Counter(self.machines))}."
 
     def table(self) -> str:
         return report.compare_table(self.results, self.costs)
@@ -111,6 +117,7 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
     data = load_dataset(base.dataset, base.data_dir, val_size=base.val_size, device=resolve_device(base.device))
     results: dict[str, list[dict[str, Any]]] = {r: [] for r in rules}
     histories: dict[str, list[list[dict[str, Any]]]] = {r: [] for r in rules}
+    machines: list[str] = []
     for seed in range(seeds):
         for rule in rules:
             run_dir = out / f"{rule}-seed{seed}"
@@ -127,7 +134,9 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
                     print(f"{rule} seed {seed}: {err}", file=sys.stderr)
                     summary = json.loads(done.read_text())
             results[rule].append(summary)
-            report.count_code(json.loads((run_dir / "config.json").read_text()).get("code"))
+            record = json.loads((run_dir / "config.json").read_text())
+            report.count_run(record)
+            machines.append(report.run_machine(record))
             lines = (run_dir / "metrics.jsonl").read_text().splitlines()
             histories[rule].append([json.loads(line) for line in lines if line])
             print(f"{rule} seed {seed}: test accuracy {summary['test_accuracy']}", file=sys.stderr)
@@ -140,8 +149,8 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
                                           base.norm, base.init, depth=base.depth, spec=base.spec),
                       data.x_train, data.y_train, base.batch_size, rounds=rounds, steps_per_round=TIMING_STEPS,
                       warmup=2, repeats=TIMING_REPEATS)
-    comparison = Comparison(base, configs, results, histories, costs)
-    (out / "table.md").write_text(f"{comparison.describe()}\n\nMachine: {report.machine()}\n\n{comparison.table()}\n")
+    comparison = Comparison(base, configs, results, histories, costs, machines)
+    (out / "table.md").write_text(f"{comparison.describe()}\n\n{comparison.machine_line()}\n\n{comparison.table()}\n")
     (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rules": rules,
                                                   "rule_configs": {r: dataclasses.asdict(c) for r, c in configs.items()},
                                                   "results": results, "step_costs": costs}, indent=2) + "\n")

@@ -61,18 +61,38 @@ def code_version() -> str:
     return f"ftprop {__version__}"
 
 
-# Code versions of the runs a study's tables are built from (count_code), read back for its RESULTS.md header.
-RUN_CODES: collections.Counter[str] = collections.Counter()
+# Where the runs a study's tables are built from came from (count_run): their code versions and machines, read
+# back for its RESULTS.md header. A study reuses finished runs, which another checkout or machine may have made, so
+# the header lists what the runs recorded rather than the machine that assembles the section.
+RUN_SOURCES: dict[str, collections.Counter[str]] = {"code": collections.Counter(), "machine": collections.Counter()}
 
 
-def count_code(code: str | None) -> None:
-    """Note the code version of one run a table uses; runs made before versions were recorded count as such."""
-    RUN_CODES[code or "not recorded (older run)"] += 1
+def count_run(record: dict[str, Any]) -> None:
+    """Note the code version and machine one run recorded (its config.json or summary); runs made before these
+    were recorded count as such."""
+    RUN_SOURCES["code"][record.get("code") or "not recorded (older run)"] += 1
+    RUN_SOURCES["machine"][run_machine(record)] += 1
 
 
-def codes_line() -> str:
-    """'git abc1234 (12 runs), ...', most runs first: the code versions noted since RUN_CODES was last cleared."""
-    return ", ".join(f"{code} ({n} run{'s' if n > 1 else ''})" for code, n in RUN_CODES.most_common())
+def clear_runs() -> None:
+    """Forget the runs noted so far (a study starts afresh)."""
+    for seen in RUN_SOURCES.values():
+        seen.clear()
+
+
+def counts_line(seen: collections.Counter[str]) -> str:
+    """'git abc1234 (12 runs), ...': counted values, most runs first."""
+    return ", ".join(f"{value} ({n} run{'s' if n > 1 else ''})" for value, n in seen.most_common())
+
+
+def runs_line(field: str) -> str:
+    """The values of `field` ("code" or "machine") noted since the last clear_runs, as counts_line writes them."""
+    return counts_line(RUN_SOURCES[field])
+
+
+def run_machine(record: dict[str, Any]) -> str:
+    """The machine a run's config.json or summary recorded, or that it was made before machines were recorded."""
+    return record.get("machine") or "not recorded (older run)"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -276,14 +276,15 @@ def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
     for name in names:
         b = BUDGETS[budget]
         started = datetime.datetime.now(datetime.timezone.utc)
-        report.RUN_CODES.clear()
+        report.clear_runs()
         body, summary = STUDIES[name].run(b, runs / b.name, figures)
         (figures / f"{name}.{b.name}.summary.json").write_text(json.dumps(summary) + "\n")
         header = (f"## {STUDIES[name].title}\n\nStudy `{name}`, budget `{b.name}` (each setting line below gives its "
-                  f"epochs and seeds); machine: {report.machine()}; section generated "
-                  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC from the runs in "
-                  f"results/runs/{b.name} (study started {started:%H:%M}; finished runs are reused); code: "
-                  f"{report.codes_line() or report.code_version()}. "
+                  f"epochs and seeds); section generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
+                  f"UTC (study started {started:%H:%M}) on {report.machine()}, which also measured any step-time "
+                  f"table below; runs read from results/runs/{b.name}, where finished runs are reused, made on: "
+                  f"{report.runs_line('machine') or report.machine()}; code: "
+                  f"{report.runs_line('code') or report.code_version()}. "
                   f"Rerun: `ftprop reproduce {name} --budget {b.name}`.\n\n")
         (figures / f"{name}.{b.name}.md").write_text(header + body)
     return assemble(docs)

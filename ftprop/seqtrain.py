@@ -123,7 +123,7 @@ def train_sequences(cfg: SeqConfig, data: SeqData | None = None) -> tuple[dict[s
                "history": history, "diverged": diverged, "best_epoch": best[1] if best else None,
                "test": history[best[1] - 1]["test"] if best else None,
                "seconds_per_epoch": sorted(h["seconds"] for h in history)[len(history) // 2] if history else None,
-               "code": report.code_version()}
+               "code": report.code_version(), "machine": report.machine()}
     return summary, model
 
 

@@ -61,7 +61,7 @@ def _run(cfg: SeqConfig, seeds: int, bench_rounds: int, where: Path) -> tuple[di
                 models[rule] = cfg.build(data)
                 models[rule].load_state_dict(state)
     if saved and list(saved["runs"]) == RULES:
-        _count_codes(saved)
+        _count_runs(saved)
         return saved, models, data
     done = {r: runs for r, runs in saved["runs"].items() if r in RULES and r in models} if saved else {}
     results, trained = run_sequences(cfg, RULES, seeds, bench_rounds, data, done)
@@ -70,15 +70,15 @@ def _run(cfg: SeqConfig, seeds: int, bench_rounds: int, where: Path) -> tuple[di
     where.mkdir(parents=True, exist_ok=True)
     torch.save({rule: m.state_dict() for rule, m in models.items()}, models_path)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
-    _count_codes(results)
+    _count_runs(results)
     return results, models, data
 
 
-def _count_codes(results: dict[str, Any]) -> None:
-    """Note the code version of every run a task's table is built from (report.count_code)."""
+def _count_runs(results: dict[str, Any]) -> None:
+    """Note the code version and machine of every run a task's table is built from (report.count_run)."""
     for runs in results["runs"].values():
         for run in runs:
-            report.count_code(run.get("code"))
+            report.count_run(run)
 
 
 def plot_curves(results: dict[str, Any], path: Path, title: str) -> None:

@@ -264,7 +264,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
     distributed.broadcast_model(model, ctx)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(dataclasses.asdict(cfg) | {"resolved_rule_options": rule.options(), "code": report.code_version()},
+        _write_json(dataclasses.asdict(cfg) | {"resolved_rule_options": rule.options(), "code": report.code_version(),
+                                               "machine": report.machine()},
                     out / "config.json")
         # Start the per-epoch logs afresh, or (resuming) cut them back to the checkpoint: a crash between a log
         # write and the checkpoint must not leave an epoch logged twice.

@@ -54,7 +54,7 @@ def test_compare_prints_table_and_writes_plot(capsys, tmp_path):
 
 def _runs_columns(out: str) -> list[list[str]]:
     """The compare table's rows without its step time / BP, which is timed anew each time the table is made."""
-    lines = [line for line in out.split("Machine")[1].splitlines() if line.startswith("|")]
+    lines = [line for line in out.split("Runs made on")[1].splitlines() if line.startswith("|")]
     drop = [c.strip() for c in lines[0].split("|")].index("step time / BP")
     return [[c for i, c in enumerate(line.split("|")) if i != drop] for line in lines]
 

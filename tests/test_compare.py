@@ -30,12 +30,16 @@ def test_resume_reuses_a_run_that_diverged_instead_of_training_it_again(tmp_path
     base = TrainConfig(hidden="16", epochs=3, progress=False)
     compare.run_compare(dataclasses.replace(base, epochs=1), ["bp"], 1, tmp_path, resume=True)
     run = tmp_path / "bp-seed0"  # make it the record of a 3-epoch run that diverged in its second epoch
-    config = json.loads((run / "config.json").read_text()) | {"epochs": 3}
+    config = json.loads((run / "config.json").read_text()) | {"epochs": 3, "machine": "another box"}
     summary = json.loads((run / "metrics.json").read_text()) | {"diverged": "loss became nan at epoch 2, step 5"}
     (run / "config.json").write_text(json.dumps(config))
     (run / "metrics.json").write_text(json.dumps(summary))
     monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("a diverged run was trained again"))
-    assert compare.run_compare(base, ["bp"], 1, tmp_path, resume=True).results["bp"] == [summary]
+    reused = compare.run_compare(base, ["bp"], 1, tmp_path, resume=True)
+    assert reused.results["bp"] == [summary]
+    # the table names where the reused run was made, apart from the machine timing the step now
+    assert reused.machines == ["another box"]
+    assert "Runs made on: another box (1 run)." in (tmp_path / "table.md").read_text()
 
 
 def _summary(acc: float, seconds: float) -> dict:

@@ -27,13 +27,18 @@ def test_reproduce_writes_sections_and_results(tmp_path, tiny):
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("intro\n") and readme.endswith("rest\n") and "old" not in readme
     assert "| mnist, 1024-128 relu |" in readme and "step time FTP / BP" in readme
-    # the header names the code behind the section's runs: all trained now, at this checkout's version
+    # the header names the code and machine behind the section's runs: all trained now, here, at this version
     runs = sorted((tmp_path / "runs" / "small").glob("*/*-seed*/config.json"))
     assert f"code: {report.code_version()} ({len(runs)} runs). " in text
-    # a reused run from before versions were recorded is counted as such, not passed off as today's code
+    assert f"made on: {report.machine()} ({len(runs)} runs); " in text
+    # a reused run from before versions were recorded is counted as such, not passed off as today's code, and a run
+    # another machine made is named with that machine, not with the one assembling the section
     json.dump({k: v for k, v in json.loads(runs[0].read_text()).items() if k != "code"}, runs[0].open("w"))
+    json.dump(json.loads(runs[1].read_text()) | {"machine": "elsewhere"}, runs[1].open("w"))
     text = rep.reproduce(["mlp"], "small", tmp_path / "runs", docs).read_text()
     assert f"code: {report.code_version()} ({len(runs) - 1} runs), not recorded (older run) (1 run). " in text
+    assert f"made on: {report.machine()} ({len(runs) - 1} runs), elsewhere (1 run); " in text
+    assert f") on {report.machine()}, which also measured any step-time table below; " in text
     # a full-budget section, once present, wins over the small one
     (docs / "results" / "mlp.full.md").write_text("## full section\n")
     assert "full section" in rep.assemble(docs).read_text() and "budget `small`" not in (docs / "RESULTS.md").read_text()

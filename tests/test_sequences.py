@@ -413,7 +413,7 @@ def test_training_is_reproducible_and_keeps_the_best_epoch():
     a, model = train_sequences(cfg)
     b, _ = train_sequences(cfg)
     assert json.loads(json.dumps(a)) == a  # summaries go to results.json as they are
-    assert a["code"] == report.code_version()
+    assert a["code"] == report.code_version() and a["machine"] == report.machine()
     assert [h["val"] for h in a["history"]] == [h["val"] for h in b["history"]]
     best = min(a["history"], key=lambda h: h["val"]["loss"])
     assert a["best_epoch"] == best["epoch"] and a["test"] == best["test"] and "accuracy" in a["test"]

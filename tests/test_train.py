@@ -45,6 +45,7 @@ def test_run_directory_contents(small_mnist, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["rule"] == "ftp" and config["resolved_rule_options"]["gamma"] == 0.1
     assert config["code"] == report.code_version()  # runs record the code that made them
+    assert config["machine"] == report.machine()  # and the machine
     assert (run / "checkpoint.pt").exists() and not list(run.glob("*.tmp"))
 
 
