@@ -4,7 +4,9 @@
 
 Each argument is one setting (Python keyword syntax): `rule` (default ftp), `freeze` (keep the first block at its
 initialisation; an integer N: the first N blocks; a tuple of indices: those blocks), `share` (one random G vector per
-channel, broadcast over positions), `center` (G's draw less its mean over each channel's positions), `lr`,
+channel, broadcast over positions), `center` (G's draw less its mean over each channel's positions), `classmean`
+(G's row k: the first map's mean over class-k training images at initialisation less its mean over all, averaged
+over `g_block` patches, at RMS g_scale: a fixed feedback a filter bank can follow), `lr`,
 `activation` (default relu), `spec` (a model spec string in place of --model), `hidden_lr` (the hidden blocks'
 learning rate, when it differs from the output block's `lr`), and any FTP option. `--model paper-cnn` (default) or
 `resnet` (depth 6), `--dataset` (default MNIST) with 5000 training images held out for validation, SGD momentum 0.9 (or
@@ -28,6 +30,7 @@ from ftprop.rules import make_rule
 
 def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedule: str = "none", rule: str = "ftp",
         lr: float = 0.01, freeze: int | tuple[int, ...] = 0, share: bool = False, center: bool = False,
+        classmean: bool = False,
         optimizer: str = "sgd", activation: str = "relu", spec: str | None = None, hidden_lr: float | None = None,
         **options: object) -> None:
     torch.manual_seed(0)
@@ -43,6 +46,19 @@ def run(data, tag: str, steps: int, model_name: str, norm: str = "none", schedul
         h1 = model.blocks[0](model.prepare(data.x_val[:1]))
         g = learner._projection(data.num_classes, h1[0].numel(), h1).view(data.num_classes, h1.shape[1], -1)
         learner.G = (g - g.mean(2, keepdim=True)).reshape(data.num_classes, -1)
+    if classmean:  # no random draw: the direction that separates each class's maps at initialisation
+        with torch.no_grad():
+            h1 = torch.cat([model.blocks[0](model.prepare(xb)) for xb in data.x_train[:10_000].split(1000)])
+        k = learner.g_block
+        if k > 1:  # one value per k x k patch, as g_block's draw has
+            h1 = F.avg_pool2d(h1, k)
+        labels = data.y_train[:10_000]
+        means = torch.stack([h1[labels == c].mean(0) for c in range(data.num_classes)])
+        g = means - means.mean(0, keepdim=True)
+        if k > 1:
+            g = g.repeat_interleave(k, -2).repeat_interleave(k, -1)
+        g = g.flatten(1)
+        learner.G = g * (learner.g_scale / g.pow(2).mean().sqrt())
     still = tuple(freeze) if isinstance(freeze, tuple) else tuple(range(int(freeze)))
     frozen = tuple(f"blocks.{i}." for i in still)
     head = f"blocks.{len(model.blocks) - 1}."
