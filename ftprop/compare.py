@@ -136,7 +136,7 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
             results[rule].append(summary)
             record = json.loads((run_dir / "config.json").read_text())
             report.count_run(record)
-            machines.append(report.run_machine(record))
+            machines.append(report.recorded(record, "machine"))
             lines = (run_dir / "metrics.jsonl").read_text().splitlines()
             histories[rule].append([json.loads(line) for line in lines if line])
             print(f"{rule} seed {seed}: test accuracy {summary['test_accuracy']}", file=sys.stderr)

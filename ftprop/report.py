@@ -70,8 +70,8 @@ RUN_SOURCES: dict[str, collections.Counter[str]] = {"code": collections.Counter(
 def count_run(record: dict[str, Any]) -> None:
     """Note the code version and machine one run recorded (its config.json or summary); runs made before these
     were recorded count as such."""
-    RUN_SOURCES["code"][record.get("code") or "not recorded (older run)"] += 1
-    RUN_SOURCES["machine"][run_machine(record)] += 1
+    for field, seen in RUN_SOURCES.items():
+        seen[recorded(record, field)] += 1
 
 
 def clear_runs() -> None:
@@ -90,9 +90,10 @@ def runs_line(field: str) -> str:
     return counts_line(RUN_SOURCES[field])
 
 
-def run_machine(record: dict[str, Any]) -> str:
-    """The machine a run's config.json or summary recorded, or that it was made before machines were recorded."""
-    return record.get("machine") or "not recorded (older run)"
+def recorded(record: dict[str, Any], field: str) -> str:
+    """The code version or machine (`field`) a run's config.json or summary recorded, or that it was made before
+    that was recorded."""
+    return record.get(field) or "not recorded (older run)"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
