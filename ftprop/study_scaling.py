@@ -96,6 +96,11 @@ RESNET_DEPTH = 6
 # FTP 86.34 (hidden blocks frozen at init: 84.50), relu FTP diverged (nan). Over the study's 10 epochs FTP's loss rose
 # while the rate was high and the gap came back to -5.16 (3 seeds, 2026-12-02).
 OPEN_RESNET_ACTIVATION = "tanh"
+# The third residual CNN of the cnn study: the paper CNN's stem (conv 5x5x32, relu, max-pool 2), three residual blocks
+# of 32 channels that start as their shortcut (`z`), the dense head; seven convs. FTP does best on the paper CNN, so
+# this net starts from it (docs/ALGORITHM.md, "Residual blocks on top of the paper CNN's stem"); trained for
+# CNN_LONG_EPOCHS, as FTP fits more slowly.
+STEM_RESNET_SPEC = "c32k5-relu-p2-r32z-r32z-r32z-f-l10"
 
 
 def _grid(budget: Budget, values: dict[str, Sequence[Any]]) -> Sequence[Any]:
@@ -339,7 +344,7 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     uses configs/ftp-paper-cnn.toml on the paper CNN and configs/ftp-conv.toml on the residual CNN (G's scale; on the
     paper CNN also G equal over the pool's windows with the local loss after the pool, on the residual CNN inner
     targets)."""
-    paper, conv, conv_open = "ftp-paper-cnn.toml", "ftp-conv.toml", "ftp-conv-open.toml"
+    paper, conv, conv_open, stem = "ftp-paper-cnn.toml", "ftp-conv.toml", "ftp-conv-open.toml", "ftp-paper-stem.toml"
     epochs, res_epochs = _grid(budget, CNN_EPOCHS), _grid(budget, RESNET_EPOCHS)
     long = _grid(budget, CNN_LONG_EPOCHS)
     open_resnet = resnet_spec(10, RESNET_DEPTH, OPEN_RESNET_ACTIVATION, head_pool=False)
@@ -353,7 +358,10 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
     settings.append((f"resnet depth {RESNET_DEPTH}, {OPEN_RESNET_ACTIVATION}, no head pool, fashion-mnist",
                      dict(dataset="fashion-mnist", model="spec", activation=OPEN_RESNET_ACTIVATION, epochs=res_epochs,
                           spec=open_resnet), f"cnn-fashion-mnist-resnet{RESNET_DEPTH}-open", conv_open, 2.0))
-    open_rule = compare.load_rule_config(compare.CONFIGS / conv_open)["rule"]  # its settings, named in the text
+    settings.append((f"paper CNN stem + 3 residual blocks, fashion-mnist, {long} epochs",
+                     dict(dataset="fashion-mnist", model="spec", spec=STEM_RESNET_SPEC, epochs=long),
+                     f"cnn-fashion-mnist-pstem-{long}ep", stem, 2.0))
+    open_rule, stem_rule = (compare.load_rule_config(compare.CONFIGS / c)["rule"] for c in (conv_open, stem))
     cells = {}
     for label, fields, key, config, _ in settings:
         base = TrainConfig(**{"activation": ACTIVATION, "schedule": "cosine", "progress": False, **fields})
@@ -373,7 +381,9 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
              f"configs/{conv} on the residual CNN, where each conv of a residual branch also learns from its own "
              f"target (`inner_targets`, docs/ALGORITHM.md); on the second residual CNN configs/{conv_open}, which also "
              f"weights the local losses of the blocks above the first {open_rule['deep_weight']} against its own "
-             f"(`deep_weight`) and takes G's scale {open_rule['g_scale']}. Test accuracy %, mean ± std over seeds.\n",
+             f"(`deep_weight`) and takes G's scale {open_rule['g_scale']}; on the third (`--model spec --spec "
+             f"{STEM_RESNET_SPEC}`, {long} epochs) configs/{stem}: the paper CNN's config with inner targets and the "
+             f"blocks' losses weighted {stem_rule['deep_weight']}. Test accuracy %, mean ± std over seeds.\n",
              _table("setting", cells, CNN_RULES) + "\n"]
     parts += [f"![{label}](results/{key}.{budget.name}.png)\n" for label, _, key, _, _ in settings]
     parts.append(f"{_ftp_vs_bp(cells)}\n\nCommand for one row: `ftprop compare --rules bp,ftp --dataset mnist --model "
@@ -382,7 +392,8 @@ def study_cnn(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list
                  f"residual CNN: `--model resnet --depth {RESNET_DEPTH} --epochs {res_epochs} --rule-config "
                  f"ftp=configs/{conv}`; the second: `--model spec --spec {open_resnet} --activation "
                  f"{OPEN_RESNET_ACTIVATION}` in place of `--model resnet --depth {RESNET_DEPTH}` and "
-                 f"`ftp=configs/{conv_open}`).\n")
+                 f"`ftp=configs/{conv_open}`; the third: `--model spec --spec {STEM_RESNET_SPEC} --epochs {long} "
+                 f"--rule-config ftp=configs/{stem}`).\n")
     summary = [[f"{label}, FTP − BP", _diff(cells[label]), f"within {goal} point(s)"] for label, *_, goal in settings]
     bench_md, bench_summary = cnn_bench(budget)
     parts.append(bench_md)

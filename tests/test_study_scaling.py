@@ -187,17 +187,21 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     for options, (*_, config) in zip(timed, sc.BENCH_MODELS, strict=True):  # the options that model trains with
         rule = ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / config)["rule"]
         assert {k: options[k] for k in rule} == rule
-    conv, paper, conv_open = (ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / f)["rule"]
-                              for f in ("ftp-conv.toml", "ftp-paper-cnn.toml", "ftp-conv-open.toml"))
+    conv, paper, conv_open, stem = (ftprop.compare.load_rule_config(ftprop.compare.CONFIGS / f)["rule"]
+                                    for f in ("ftp-conv.toml", "ftp-paper-cnn.toml", "ftp-conv-open.toml",
+                                              "ftp-paper-stem.toml"))
     assert paper["g_scale"] != conv["g_scale"]  # the paper CNN has its own G scale; residual nets keep ftp-conv.toml's
     # the open residual CNN: ftp-conv.toml with the deeper blocks' losses weighted down and a larger G
     assert conv_open == conv | {"deep_weight": 0.3, "g_scale": 0.05}
+    # the residual blocks on the paper CNN's stem: the paper CNN's config with inner targets, the blocks weighted down
+    assert stem == paper | {"inner_targets": True, "deep_weight": 0.1}
     both = ("bp", "ftp")
     assert seen == [("mnist", "paper-cnn", None, "relu", both, paper),
                     ("fashion-mnist", "paper-cnn", None, "relu", both, paper),
                     ("fashion-mnist", "paper-cnn", None, "relu", both, paper),  # trained longer: its own row
                     ("fashion-mnist", "resnet", sc.RESNET_DEPTH, "relu", both, conv),
-                    ("fashion-mnist", "spec", None, "tanh", both, conv_open)]  # the residual CNN without its head pool
+                    ("fashion-mnist", "spec", None, "tanh", both, conv_open),  # the residual CNN without its head pool
+                    ("fashion-mnist", "spec", None, "relu", both, stem)]  # residual blocks on the paper CNN's stem
     open_config = json.loads((tmp_path / "runs" / "small" / f"cnn-fashion-mnist-resnet{sc.RESNET_DEPTH}-open" /
                               "ftp-seed0" / "config.json").read_text())
     assert open_config["spec"] == "c16p1-tanh-c32s2p1-tanh-r32-r32-f-l10" and open_config["activation"] == "tanh"
@@ -216,13 +220,19 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     ftp_row = next(line for line in text.splitlines() if line.startswith("| paper CNN | 16 | ftp |"))
     assert re.search(r"\| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", ftp_row)  # time / BP with its range over repeats
     summary = json.loads((docs / "results" / "cnn.small.summary.json").read_text())
-    assert [r[2] for r in summary] == ["within 1.0 point(s)"] * 3 + ["within 2.0 point(s)"] * 2 + ["<= 1.34", "<= 1.15"]
+    assert [r[2] for r in summary] == ["within 1.0 point(s)"] * 3 + ["within 2.0 point(s)"] * 3 + ["<= 1.34", "<= 1.15"]
     long = sc.CNN_LONG_EPOCHS["small"]
     assert long != sc.CNN_EPOCHS["small"] and summary[2][0] == f"paper CNN, fashion-mnist, {long} epochs, FTP − BP"
     assert f"| paper CNN, fashion-mnist, {long} epochs |" in text
     for rule in ("bp", "ftp"):  # both rules of that row trained for its epochs
         config = tmp_path / "runs" / "small" / f"cnn-fashion-mnist-paper-{long}ep" / f"{rule}-seed0" / "config.json"
         assert json.loads(config.read_text())["epochs"] == long
+    stem_config = json.loads((tmp_path / "runs" / "small" / f"cnn-fashion-mnist-pstem-{long}ep" / "ftp-seed0" /
+                              "config.json").read_text())
+    assert stem_config["spec"] == sc.STEM_RESNET_SPEC and stem_config["epochs"] == long
+    assert stem_config["rule_options"] == stem and stem_config["activation"] == "relu"
+    assert f"| paper CNN stem + 3 residual blocks, fashion-mnist, {long} epochs |" in text
+    assert f"`--model spec --spec {sc.STEM_RESNET_SPEC} --epochs {long} --rule-config ftp=configs/ftp-paper-stem.toml`" in text
 
 
 def test_robustness_is_computed():
