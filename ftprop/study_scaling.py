@@ -72,10 +72,14 @@ ADAM_CONFIGS = {"bp": "bp-adam.toml", "ftp": "ftp-deep-adam.toml"}
 # sequences study reports `ftp:inject=final`): the paper's structure projects onto the first layer only, and the
 # per-layer read-outs of its runs show layers beyond the third adding nothing (docs/ALGORITHM.md, "Depth").
 EVERY_CONFIG = "ftp-deep-adam-every.toml"
-# cnn study, step times: (label, model, depth, goal, the FTP config that model trains with in the study, whose rule
-# options are what is timed) at these batch sizes, `BENCH_STEPS` steps per timing round
-BENCH_MODELS = (("paper CNN", "paper-cnn", None, 1.34, "ftp-paper-cnn.toml"),
-                ("residual CNN depth 6", "resnet", 6, 1.15, "ftp-conv.toml"))
+# cnn study, step times: (label, the model's build_model arguments (its `ftprop bench` flags), goal, the FTP config
+# that model trains with in the study, whose rule options are what is timed) at these batch sizes, `BENCH_STEPS` steps
+# per timing round. The residual CNNs' goal applies to both: the plain one and the one on the paper CNN's stem.
+STEM_RESNET_SPEC = "c32k5-relu-p2-r32z-r32z-r32z-f-l10"  # the cnn study's third residual CNN (below)
+BENCH_MODELS = (("paper CNN", dict(model="paper-cnn"), 1.34, "ftp-paper-cnn.toml"),
+                ("residual CNN depth 6", dict(model="resnet", depth=6), 1.15, "ftp-conv.toml"),
+                ("paper CNN stem + 3 residual blocks", dict(model="spec", spec=STEM_RESNET_SPEC), 1.15,
+                 "ftp-paper-stem.toml"))
 BENCH_BATCHES = (64, 256)
 BENCH_STEPS = 20
 # cnn study: the paper CNN on both datasets and a residual CNN on Fashion-MNIST, BP against FTP. Conv nets cost 10-40x
@@ -99,8 +103,7 @@ OPEN_RESNET_ACTIVATION = "tanh"
 # The third residual CNN of the cnn study: the paper CNN's stem (conv 5x5x32, relu, max-pool 2), three residual blocks
 # of 32 channels that start as their shortcut (`z`), the dense head; seven convs. FTP does best on the paper CNN, so
 # this net starts from it (docs/ALGORITHM.md, "Residual blocks on top of the paper CNN's stem"); trained for
-# CNN_LONG_EPOCHS, as FTP fits more slowly.
-STEM_RESNET_SPEC = "c32k5-relu-p2-r32z-r32z-r32z-f-l10"
+# CNN_LONG_EPOCHS, as FTP fits more slowly. Its spec: STEM_RESNET_SPEC (above).
 
 
 def _grid(budget: Budget, values: dict[str, Sequence[Any]]) -> Sequence[Any]:
@@ -568,17 +571,17 @@ def study_depth(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
 
 
 def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
-    """FTP / BP step time of the paper CNN and the residual CNN (depth 6) on MNIST at BENCH_BATCHES."""
+    """FTP / BP step time of the paper CNN and the residual CNNs on MNIST at BENCH_BATCHES."""
     data = compare.load_dataset("mnist")
     rows, summary, macs = [], [], []
     rounds, repeats = budget.rounds_per_repeat, budget.bench_repeats
-    for label, model, depth, goal, config in BENCH_MODELS:
+    for label, model, goal, config in BENCH_MODELS:
         ftp_entries = []  # FTP's benchmark entry per batch size
         ftp_options = compare.load_rule_config(compare.CONFIGS / config).get("rule", {})
         for batch in BENCH_BATCHES:
             res = benchmark({"bp": make_rule("bp"), "ftp": make_rule("ftp", **ftp_options)},
-                            lambda: build_model(model, data.input_shape, data.num_classes, activation="relu",
-                                                depth=depth),
+                            lambda: build_model(model["model"], data.input_shape, data.num_classes, activation="relu",
+                                                **{k: v for k, v in model.items() if k != "model"}),
                             data.x_train, data.y_train, batch, rounds=rounds, steps_per_round=BENCH_STEPS,
                             warmup=min(5, BENCH_STEPS), repeats=repeats)
             for rule, r in res.items():
@@ -595,14 +598,15 @@ def cnn_bench(budget: Budget) -> tuple[str, list[list[str]]]:
         summary.append([f"step time FTP / BP, {label}, batch {' and '.join(map(str, BENCH_BATCHES))}",
                         f"{' and '.join(map(report.ratio_cell, ftp_entries))} ({verdict} the goal at "
                         f"the median over repeats)", f"<= {goal}"])
+    flags = [" ".join(f"--{k} {v}" for k, v in model.items()) + f" --config configs/{config}"
+             for _, model, _, config in BENCH_MODELS]
     text = ("### Step time of the convolutional models (MNIST)\n\nGoals: FTP / BP <= 1.34 on the paper CNN (the "
-            "published MAC ratio) and <= 1.15 on the residual CNN.\n\n"
+            "published MAC ratio) and <= 1.15 on the residual CNNs.\n\n"
             + report.markdown_table(["model", "batch", "rule", "step ms (median)", "IQR ms", "time / BP",
                                      "MMAC / sample", "peak MiB allocated in a step"], rows)
             + f"\n\n{report.bench_method(repeats, rounds, BENCH_STEPS)}. FTP with "
             "the rule options of the config each model trains with in the study above. "
-            "Command: `ftprop bench --rules bp,ftp --dataset mnist --model paper-cnn --config "
-            f"configs/{BENCH_MODELS[0][4]} --activation relu --batch-size 64 --rounds {rounds} --repeats "
-            f"{repeats}` (and "
-            f"`--model resnet --depth 6 --config configs/{BENCH_MODELS[1][4]}`, batch 256).\n\n" + " ".join(macs) + "\n")
+            f"Command: `ftprop bench --rules bp,ftp --dataset mnist {flags[0]} --activation relu --batch-size 64 "
+            f"--rounds {rounds} --repeats {repeats}` (the other models: "
+            + ", ".join(f"`{f}`" for f in flags[1:]) + "; batch 256).\n\n" + " ".join(macs) + "\n")
     return text, summary

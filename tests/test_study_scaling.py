@@ -213,14 +213,17 @@ def test_cnn_study(tmp_path, tiny, monkeypatch):
     assert "| paper CNN, mnist |" in text and f"| resnet depth {sc.RESNET_DEPTH}, fashion-mnist |" in text
     assert "| paper CNN | 16 | ftp |" in text and "| residual CNN depth 6 | 16 | bp |" in text
     assert "paper CNN: FTP's MACs per sample are " in text and "residual CNN depth 6: FTP's MACs per sample are " in text
-    assert text.count("so the goal (") == 2 and "lies above that floor." in text  # the paper CNN's 1.34
+    assert "| paper CNN stem + 3 residual blocks | 16 | ftp |" in text  # the residual net on the paper CNN's stem
+    assert text.count("so the goal (") == 3 and "lies above that floor." in text  # the paper CNN's 1.34
+    assert (f"`--model spec --spec {sc.STEM_RESNET_SPEC} --config configs/ftp-paper-stem.toml`" in text
+            and "`--model resnet --depth 6 --config configs/ftp-conv.toml`" in text)  # each timed model's command
     small = rep.BUDGETS["small"]
     assert set(repeats) == {(small.bench_repeats, small.rounds_per_repeat)} and small.bench_repeats > 1
     assert f"{small.bench_repeats} repeats, each with fresh models" in text and f"--repeats {small.bench_repeats}`" in text
     ftp_row = next(line for line in text.splitlines() if line.startswith("| paper CNN | 16 | ftp |"))
     assert re.search(r"\| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", ftp_row)  # time / BP with its range over repeats
     summary = json.loads((docs / "results" / "cnn.small.summary.json").read_text())
-    assert [r[2] for r in summary] == ["within 1.0 point(s)"] * 3 + ["within 2.0 point(s)"] * 3 + ["<= 1.34", "<= 1.15"]
+    assert [r[2] for r in summary] == ["within 1.0 point(s)"] * 3 + ["within 2.0 point(s)"] * 3 + ["<= 1.34"] + ["<= 1.15"] * 2
     long = sc.CNN_LONG_EPOCHS["small"]
     assert long != sc.CNN_EPOCHS["small"] and summary[2][0] == f"paper CNN, fashion-mnist, {long} epochs, FTP − BP"
     assert f"| paper CNN, fashion-mnist, {long} epochs |" in text
