@@ -72,10 +72,14 @@ ADAM_CONFIGS = {"bp": "bp-adam.toml", "ftp": "ftp-deep-adam.toml"}
 # sequences study reports `ftp:inject=final`): the paper's structure projects onto the first layer only, and the
 # per-layer read-outs of its runs show layers beyond the third adding nothing (docs/ALGORITHM.md, "Depth").
 EVERY_CONFIG = "ftp-deep-adam-every.toml"
+# The cnn study's third residual CNN: the paper CNN's stem (conv 5x5x32, relu, max-pool 2), three residual blocks of 32
+# channels that start as their shortcut (`z`), the dense head; seven convs. FTP does best on the paper CNN, so this net
+# starts from it (docs/ALGORITHM.md, "Residual blocks on top of the paper CNN's stem"); trained for CNN_LONG_EPOCHS,
+# as FTP fits more slowly.
+STEM_RESNET_SPEC = "c32k5-relu-p2-r32z-r32z-r32z-f-l10"
 # cnn study, step times: (label, the model's build_model arguments (its `ftprop bench` flags), goal, the FTP config
 # that model trains with in the study, whose rule options are what is timed) at these batch sizes, `BENCH_STEPS` steps
 # per timing round. The residual CNNs' goal applies to both: the plain one and the one on the paper CNN's stem.
-STEM_RESNET_SPEC = "c32k5-relu-p2-r32z-r32z-r32z-f-l10"  # the cnn study's third residual CNN (below)
 BENCH_MODELS = (("paper CNN", dict(model="paper-cnn"), 1.34, "ftp-paper-cnn.toml"),
                 ("residual CNN depth 6", dict(model="resnet", depth=6), 1.15, "ftp-conv.toml"),
                 ("paper CNN stem + 3 residual blocks", dict(model="spec", spec=STEM_RESNET_SPEC), 1.15,
@@ -100,10 +104,6 @@ RESNET_DEPTH = 6
 # FTP 86.34 (hidden blocks frozen at init: 84.50), relu FTP diverged (nan). Over the study's 10 epochs FTP's loss rose
 # while the rate was high and the gap came back to -5.16 (3 seeds, 2026-12-02).
 OPEN_RESNET_ACTIVATION = "tanh"
-# The third residual CNN of the cnn study: the paper CNN's stem (conv 5x5x32, relu, max-pool 2), three residual blocks
-# of 32 channels that start as their shortcut (`z`), the dense head; seven convs. FTP does best on the paper CNN, so
-# this net starts from it (docs/ALGORITHM.md, "Residual blocks on top of the paper CNN's stem"); trained for
-# CNN_LONG_EPOCHS, as FTP fits more slowly. Its spec: STEM_RESNET_SPEC (above).
 
 
 def _grid(budget: Budget, values: dict[str, Sequence[Any]]) -> Sequence[Any]:
