@@ -19,7 +19,7 @@ from .bench import alignment_overhead, benchmark
 from .compare import load_rule_config, run_compare
 from .data import DATASETS, Dataset, DatasetError, cache_dir, fetch, load_dataset
 from .hardware import ROUNDINGS
-from .models import ACTIVATIONS, build_model
+from .models import ACTIVATIONS, MEMORY_FORMATS
 from .rules import RULES, make_rule, parse_options
 from .train import TrainConfig, TrainingDiverged, resolve_device, train
 
@@ -41,6 +41,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation", help=f"one of {', '.join(ACTIVATIONS)} (default {d.activation})")
     p.add_argument("--norm", help=f"none or layernorm; CNN models also batchnorm (default {d.norm})")
     p.add_argument("--init", help=f"auto, xavier, kaiming, orthogonal or torch (default {d.init})")
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS, help="how conv feature maps are stored: channels_last "
+                   "pools about 10x faster on CPU (same function; default contiguous)")
     p.add_argument("--epochs", type=int, help=f"(default {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     p.add_argument("--optimizer", help=f"sgd or adam (default {d.optimizer})")
@@ -139,8 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     data = load_dataset(cfg.dataset, cfg.data_dir, device=device)
     if cfg.log_alignment:
         return _bench_alignment(args, cfg, data)
-    make = lambda: build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation,  # noqa: E731
-                               cfg.norm, cfg.init, depth=cfg.depth, spec=cfg.spec)
+    make = lambda: cfg.build_model(data.input_shape, data.num_classes)  # noqa: E731
     results = benchmark(rules, make, data.x_train, data.y_train, cfg.batch_size, rounds=args.rounds,
                         steps_per_round=args.steps, repeats=args.repeats)
     if args.json:

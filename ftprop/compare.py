@@ -18,7 +18,6 @@ from typing import Any
 from . import report
 from .bench import benchmark
 from .data import load_dataset
-from .models import build_model
 from .rules import make_rule
 from .train import TrainConfig, TrainingDiverged, resolve_device, train
 
@@ -145,8 +144,7 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
     # --analog): the benchmark runs the float model, whose time is not what those runs cost.
     rounds = 0 if base.quant or base.analog else TIMING_ROUNDS
     costs = benchmark({r: make_rule(r, **c.rule_options) for r, c in configs.items()},
-                      lambda: build_model(base.model, data.input_shape, data.num_classes, base.hidden, base.activation,
-                                          base.norm, base.init, depth=base.depth, spec=base.spec),
+                      lambda: base.build_model(data.input_shape, data.num_classes),
                       data.x_train, data.y_train, base.batch_size, rounds=rounds, steps_per_round=TIMING_STEPS,
                       warmup=2, repeats=TIMING_REPEATS)
     comparison = Comparison(base, configs, results, histories, costs, machines)

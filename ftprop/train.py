@@ -30,7 +30,7 @@ from . import distributed, pipeline, report
 from .data import Dataset, batches, load_dataset, shift_images
 from .diagnostics import alignment, rng_state
 from .hardware import attach as attach_hardware, check_hardware
-from .models import Net, build_model, parse_hidden
+from .models import MEMORY_FORMATS, Net, build_model, parse_hidden
 from .rules import Rule, make_rule
 
 OPTIMIZERS = ("sgd", "adam")
@@ -72,6 +72,7 @@ class TrainConfig:
     log_alignment: int = 0            # every N steps, log each layer's angle to the BP gradient (0: off)
     label_noise: float = 0.0          # fraction of TRAINING labels replaced by another class (noisy_labels)
     shift: int = 0                    # training images translated by up to this many pixels each way (0: off)
+    memory_format: str = "contiguous"  # "channels_last": conv maps stored N x H x W x C (faster pooling on CPU)
 
     def __post_init__(self) -> None:
         if isinstance(self.hidden, (list, tuple)):
@@ -92,13 +93,21 @@ class TrainConfig:
         if self.shift < 0:
             raise ValueError(f"shift must be >= 0 pixels, got {self.shift}")
         check_hardware(self.quant, self.rounding, self.analog)
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"unknown memory_format {self.memory_format!r}; choose one of {', '.join(MEMORY_FORMATS)}")
+
+    def build_model(self, input_shape: tuple[int, ...], num_classes: int) -> Net:
+        """This config's model for data of `input_shape` and `num_classes`, on the CPU (initialised from the global
+        RNG: seed it first)."""
+        return build_model(self.model, input_shape, num_classes, self.hidden, self.activation, self.norm, self.init,
+                           depth=self.depth, spec=self.spec, memory_format=self.memory_format)
 
     def model_label(self) -> str:
         """The net in words, for table headers and plot titles."""
         arch = {"mlp": f"mlp {self.hidden.replace(',', '-')}", "resnet": f"resnet depth {self.depth or 6}",
                 "spec": f"spec {self.spec}"}.get(self.model, self.model)
-        extras = "".join(f", {k} {v}" for k, v in (("norm", self.norm), ("quant", self.quant), ("analog", self.analog))
-                         if v and v != "none")
+        extras = "".join(f", {k} {v}" for k, v in (("norm", self.norm), ("quant", self.quant), ("analog", self.analog),
+                                                   ("memory", self.memory_format)) if v and v not in ("none", "contiguous"))
         return f"{arch} {self.activation}{extras}"
 
     @classmethod
@@ -223,8 +232,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
     run_dir = Path(cfg.out) if cfg.out else None
     out = run_dir if ctx.main else None  # the directory this process writes: only rank 0 writes
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation, cfg.norm,
-                        cfg.init, depth=cfg.depth, spec=cfg.spec).to(device)
+    model = cfg.build_model(data.input_shape, data.num_classes).to(device)
     rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
     pipelined = pipeline.enabled(rule)  # the rule steps each block's parameter group itself, inside rule.step
     opt = make_optimizer(cfg, pipeline.param_groups(model) if pipelined else model.parameters())

@@ -2,6 +2,7 @@
 
     python scripts/profile_step.py --model resnet --depth 6 --batch-size 256
     python scripts/profile_step.py --model resnet --depth 6 --rules bp,ftp,ftp:inner_targets=True
+    python scripts/profile_step.py --model spec --spec c32k5-relu-p2-r32z-r32z-r32z-f-l10 --batch-size 64
 
 Builds the model (ReLU, seed 0) on random MNIST-shaped data, one thread; for each of `--repeats` rounds it runs
 every rule once (warm-up), then profiles 3 of its steps, the rules alternating (one torch thread unless
@@ -25,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet")
     ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--spec", default=None, help="with --model spec: the model's spec string (ftprop.models)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--rules", default="bp,ftp")
     ap.add_argument("--repeats", type=int, default=4)
@@ -36,11 +38,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.model, (1, 28, 28), 10, activation="relu", depth=args.depth)
+    model = build_model(args.model, (1, 28, 28), 10, activation="relu", depth=args.depth, spec=args.spec)
     rules = {}
     for entry in args.rules.split(","):  # NAME or NAME:KEY=VALUE:... (ftprop.rules.rule_variant)
         name, options = rule_variant(entry)
-        rules[entry] = make_rule(name, **({"g_scale": 0.03} if name == "ftp" else {}), **options)
+        rules[entry] = make_rule(name, **({"g_scale": 0.03} if name == "ftp" else {}) | options)
     x, y = torch.randn(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,))
     best = {r: collections.defaultdict(lambda: float("inf")) for r in rules}
     calls: dict[str, dict[str, int]] = {r: {} for r in rules}

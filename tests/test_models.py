@@ -205,12 +205,19 @@ def test_train_config_builds_cnn_models(small_mnist, tmp_path):
 
 
 def test_cli_model_flags(capsys):
+    import dataclasses
+
     from ftprop.cli import _config, main, parser
 
     cfg = _config(parser().parse_args(["train", "--model", "resnet", "--depth", "4", "--norm", "batchnorm"]))
     assert (cfg.model, cfg.depth, cfg.spec) == ("resnet", 4, None)
     cfg = _config(parser().parse_args(["compare", "--model", "spec", "--spec", "c8k5-relu-p2-f-l10"]))
     assert (cfg.model, cfg.depth, cfg.spec) == ("spec", None, "c8k5-relu-p2-f-l10")
+    cfg = _config(parser().parse_args(["bench", "--model", "paper-cnn", "--memory-format", "channels_last"]))
+    assert cfg.memory_format == "channels_last" and "memory channels_last" in cfg.model_label()
+    assert cfg.build_model((1, 28, 28), 10).blocks[0].layer.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="unknown memory_format 'nhwc'"):
+        dataclasses.replace(cfg, memory_format="nhwc")
     fast = ["--epochs", "1", "--val-size", "59000", "--no-progress"]
     assert main(["train", "--model", "resnet", "--depth", "3", *fast]) == 2
     assert "even number >= 2" in capsys.readouterr().err
@@ -480,6 +487,45 @@ def test_ftp_next_input_max_pool_shortcut_equals_the_generic_jacobian(monkeypatc
         grads.append([p.grad for p in net.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("spec,options", [
+    ("c4k3-relu-p2-f-l3", dict(compare_at="next-input", g_block=2)),
+    ("c4k3-relu-p2-f-l3", dict(compare_at="output", tangent=False)),
+    ("c4k3-relu-p2-r4bn-r4-f-l3", dict(compare_at="next-input", inner_targets=True, deep_weight=0.1)),
+    ("c4k3-tanh-r4s2-r4-gap-l3", dict(inject="every", target_nonlin="tanh")),
+])
+def test_ftp_on_a_channels_last_model_equals_the_contiguous_one(spec, options):
+    """The same net stored channels-last (N x H x W x C) gets the same FTP update: G's columns follow the maps'
+    logical order whatever their layout, the pooled positions are gathered per channel and the tangent projection
+    sums each sample's values in either order. The maps really are channels-last, so the layout-aware paths run."""
+    torch.manual_seed(0)
+    net = randomize(spec_model(spec, (1, 8, 8), 3).double())
+    x, y = batch(7, shape=(1, 8, 8))
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = copy.deepcopy(net).to(memory_format=fmt)
+        h1 = model.blocks[0](x)
+        assert h1.is_contiguous() == (fmt == torch.contiguous_format)
+        assert h1.is_contiguous(memory_format=torch.channels_last) == (fmt == torch.channels_last)
+        make_rule("ftp", gamma=0.3, g_scale=0.5, **options).step(model, x, y)
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_last_is_a_build_option_with_the_same_function():
+    """build_model's memory_format changes where conv maps live, not the net: same initial weights, same outputs."""
+    torch.manual_seed(0)
+    plain = build_model("paper-cnn", (1, 28, 28), 10, activation="relu")
+    torch.manual_seed(0)
+    cl = build_model("paper-cnn", (1, 28, 28), 10, activation="relu", memory_format="channels_last")
+    x = torch.randn(5, 1, 28, 28)
+    assert cl.blocks[0](x).is_contiguous(memory_format=torch.channels_last) and not cl.blocks[0](x).is_contiguous()
+    torch.testing.assert_close(cl(x), plain(x))
+    assert all(torch.equal(a, b) for a, b in zip(cl.parameters(), plain.parameters()))
+    with pytest.raises(ValueError, match="unknown memory format 'nhwc'; choose one of: contiguous, channels_last"):
+        build_model("paper-cnn", (1, 28, 28), 10, memory_format="nhwc")
 
 
 def test_ftp_compare_at_next_input_changes_nothing_without_pooling():

@@ -82,6 +82,24 @@ class _InnerTargets:
             h.remove()
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether a map is stored channels-last (N, H, W, C in memory) rather than in PyTorch's default order."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t` stored in `ref`'s memory order (no copy when it already is). An error map in another order than the map it
+    is paired with makes every elementwise kernel that combines them fall back to a strided loop (the ReLU backwards of
+    a residual CNN's FTP step took 2.5x as long), and `_rows` would pair its values with the wrong ones of `ref`."""
+    return t.contiguous(memory_format=torch.channels_last if _channels_last(ref) else torch.contiguous_format)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """One row per sample, its values in memory order: a view of a contiguous or channels-last map (per-sample sums
+    do not depend on the order, and flattening a channels-last map in logical order would copy it)."""
+    return t.permute(0, 2, 3, 1).flatten(1) if _channels_last(t) else t.flatten(1)
+
+
 def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per sample, the part of `delta` orthogonal to `h`.
 
@@ -91,13 +109,16 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     grow without bound and the net diverges. Removing the radial component
     lets local learning rotate a representation but not inflate it, as a
     LayerNorm'd block would, without changing the network's forward function.
-    Overwrites `delta` (every caller passes an error made for it): one map fewer to allocate per block and step, which
+    Overwrites `delta` (every caller passes an error made for it; one stored in another order than `h` is first
+    copied into h's): one map fewer to allocate per block and step, which
     on CPU costs more than the arithmetic (docs/ALGORITHM.md, "What local means for a residual block").
     """
-    d, v = delta.flatten(1), h.flatten(1)
+    delta = _like(delta, h)
+    d, v = _rows(delta), _rows(h)
     # |h|^2 as a squared norm: one pass over h and no product map (docs/ALGORITHM.md, the residual CNN's step time)
     coef = torch.linalg.vecdot(d, v).div_(torch.linalg.vector_norm(v, dim=1).square_().clamp_min_(1e-12))
-    return d.addcmul_(coef.unsqueeze(1), v, value=-1).view_as(delta)
+    d.addcmul_(coef.unsqueeze(1), v, value=-1)
+    return delta
 
 
 def _max_pool(pre: nn.Module) -> nn.MaxPool2d | None:
@@ -258,6 +279,17 @@ class FTP(Rule):
         scale = 1.0 if self.gamma_mode == "step" else self.gamma
         return (s_p - s_first).mul_(scale / (self.gamma * batch))
 
+    def _contrast_map(self, p: torch.Tensor, e: torch.Tensor, batch: int, G: torch.Tensor, like: torch.Tensor
+                      ) -> torch.Tensor:
+        """`_contrast_error` shaped like the map `like` and stored in its memory order. G's columns follow the map's
+        logical order (C, H, W); for a channels-last map they are permuted to (H, W, C) first, so that the product
+        lands in the map's order: a copy of G (outputs x |h|) instead of one of the error (batch x |h|)."""
+        if not _channels_last(like):
+            return self._contrast_error(p, e, batch, G).view_as(like)
+        n, c, hh, ww = like.shape
+        G = G.view(-1, c, hh, ww).permute(0, 2, 3, 1).reshape(G.shape[0], -1)
+        return self._contrast_error(p, e, batch, G).view(n, hh, ww, c).permute(0, 3, 1, 2)
+
     def _error(self, blocks: list[Block], l: int, h: torch.Tensor, err: torch.Tensor,
                pooled: dict[int, torch.Tensor]) -> torch.Tensor:
         """Hidden block l's error from err = (h_l - t_l) / (gamma B): the gradient of its local loss with respect to
@@ -277,7 +309,7 @@ class FTP(Rule):
         if self.compare_at == "output" or isinstance(nxt, nn.Identity):
             return _tangential(err, h.detach()) if self.tangent else err
         if l in pooled:
-            idx = pooled[l]
+            idx = pooled[l]  # flatten(2) is a view in either layout, so the scatter below fills the map in place
             err = err.flatten(2).gather(2, idx)
             if self.tangent:
                 err = _tangential(err, h.detach().flatten(2).gather(2, idx))  # against the pooled map
@@ -373,7 +405,7 @@ class FTP(Rule):
             if deep_shapes is not None and [tuple(g.shape) for g in self.G_deep or []] != deep_shapes:
                 raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} but "
                                  f"inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's outputs)")
-            err = self._contrast_error(p, e, batch, self.G).view_as(h1)
+            err = self._contrast_map(p, e, batch, self.G, h1)
             # t_1 = h_1 - gamma B err, built only when a second pass needs it (before the error is projected)
             t = torch.add(h1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
             ready(0, self._error(blocks, 0, h1, err, pooled), inputs[0])
@@ -383,7 +415,7 @@ class FTP(Rule):
                 u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
                 t = block.post(block.layer(u))
                 if deep_shapes is not None:  # inject="every": this block's own projected contrast joins its target
-                    nudge = self._contrast_error(p, e, batch, self.G_deep[l - 1]).view_as(t)
+                    nudge = self._contrast_map(p, e, batch, self.G_deep[l - 1], t)
                     t = t.add_(nudge, alpha=-self.gamma * batch)
                 ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(deep), pooled), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
