@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--model", default="resnet")
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--spec", default=None, help="with --model spec: the model's spec string (ftprop.models)")
+    ap.add_argument("--memory-format", default="contiguous", help="contiguous or channels_last (ftprop.models)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--rules", default="bp,ftp")
     ap.add_argument("--repeats", type=int, default=4)
@@ -38,7 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.model, (1, 28, 28), 10, activation="relu", depth=args.depth, spec=args.spec)
+    model = build_model(args.model, (1, 28, 28), 10, activation="relu", depth=args.depth, spec=args.spec,
+                        memory_format=args.memory_format)
     rules = {}
     for entry in args.rules.split(","):  # NAME or NAME:KEY=VALUE:... (ftprop.rules.rule_variant)
         name, options = rule_variant(entry)
