@@ -499,7 +499,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidde
     memory_format="channels_last" stores the conv weights, and so every feature map computed from them, as N x H x W
     x C (MLPs have none to change). Same function, other speed: on the CPU build of torch 2.13 a max-pool over a map
     in the default layout runs about 10x slower than over a channels-last one (docs/ALGORITHM.md, "Channels-last
-    feature maps"). Random draws and initialisation do not depend on it.
+    feature maps"). Initialisation does not depend on it; dropout masks do, as torch draws them in memory order (same
+    distribution, other samples).
     """
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"unknown memory format {memory_format!r}; choose one of: {', '.join(MEMORY_FORMATS)}")

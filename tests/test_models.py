@@ -318,6 +318,23 @@ def test_every_parameter_gets_a_finite_gradient(name, model):
     assert out.logits.shape == (6, 3) and torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("model", ["paper-cnn-bn", "resnet4-bn", "resnet6-ln"])
+@pytest.mark.parametrize("name", APPLICABLE)
+def test_every_rule_gives_the_same_update_on_channels_last_maps(name, model):
+    """--memory-format channels_last is safe with every rule: the same net stored channels-last gets the same update
+    (models without dropout, whose masks torch draws in memory order)."""
+    torch.manual_seed(0)
+    net = randomize(MODELS[model]().double())
+    x, y = batch()
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model_copy = copy.deepcopy(net).to(memory_format=fmt)
+        make_rule(name).step(model_copy, x, y)
+        grads.append([p.grad for p in model_copy.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("model", ["paper-cnn", "resnet4-bn", "resnet6-ln", "projection"])
 def test_fa_with_the_forward_kernels_as_feedback_is_bp(model):
     """B = W for every Linear and Conv2d (shortcuts included) turns FA into BP exactly: the transposed convolution
