@@ -318,21 +318,25 @@ def test_every_parameter_gets_a_finite_gradient(name, model):
     assert out.logits.shape == (6, 3) and torch.isfinite(out.loss)
 
 
+def assert_same_update_in_both_layouts(net: nn.Module, make, x: torch.Tensor, y: torch.Tensor
+                                       ) -> tuple[nn.Module, nn.Module]:
+    """One step of a fresh rule from `make` on a copy of `net` in the default layout and on one stored channels-last;
+    asserts equal gradients and returns both copies."""
+    copies = [copy.deepcopy(net).to(memory_format=fmt) for fmt in (torch.contiguous_format, torch.channels_last)]
+    for model in copies:
+        make().step(model, x, y)
+    for a, b in zip(*(model.parameters() for model in copies)):
+        torch.testing.assert_close(a.grad, b.grad)
+    return copies[0], copies[1]
+
+
 @pytest.mark.parametrize("model", ["paper-cnn-bn", "resnet4-bn", "resnet6-ln"])
 @pytest.mark.parametrize("name", APPLICABLE)
 def test_every_rule_gives_the_same_update_on_channels_last_maps(name, model):
     """--memory-format channels_last is safe with every rule: the same net stored channels-last gets the same update
     (models without dropout, whose masks torch draws in memory order)."""
     torch.manual_seed(0)
-    net = randomize(MODELS[model]().double())
-    x, y = batch()
-    grads = []
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        model_copy = copy.deepcopy(net).to(memory_format=fmt)
-        make_rule(name).step(model_copy, x, y)
-        grads.append([p.grad for p in model_copy.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    assert_same_update_in_both_layouts(randomize(MODELS[model]().double()), lambda: make_rule(name), *batch())
 
 
 @pytest.mark.parametrize("model", ["paper-cnn", "resnet4-bn", "resnet6-ln", "projection"])
@@ -517,18 +521,12 @@ def test_ftp_on_a_channels_last_model_equals_the_contiguous_one(spec, options):
     logical order whatever their layout, the pooled positions are gathered per channel and the tangent projection
     sums each sample's values in either order. The maps really are channels-last, so the layout-aware paths run."""
     torch.manual_seed(0)
-    net = randomize(spec_model(spec, (1, 8, 8), 3).double())
     x, y = batch(7, shape=(1, 8, 8))
-    grads = []
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        model = copy.deepcopy(net).to(memory_format=fmt)
-        h1 = model.blocks[0](x)
-        assert h1.is_contiguous() == (fmt == torch.contiguous_format)
-        assert h1.is_contiguous(memory_format=torch.channels_last) == (fmt == torch.channels_last)
-        make_rule("ftp", gamma=0.3, g_scale=0.5, **options).step(model, x, y)
-        grads.append([p.grad for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    plain, cl = assert_same_update_in_both_layouts(randomize(spec_model(spec, (1, 8, 8), 3).double()),
+                                                   lambda: make_rule("ftp", gamma=0.3, g_scale=0.5, **options), x, y)
+    h1, h1_cl = plain.blocks[0](x), cl.blocks[0](x)
+    assert h1.is_contiguous() and not h1.is_contiguous(memory_format=torch.channels_last)
+    assert h1_cl.is_contiguous(memory_format=torch.channels_last) and not h1_cl.is_contiguous()
 
 
 def test_channels_last_is_a_build_option_with_the_same_function():
