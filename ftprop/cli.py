@@ -319,7 +319,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--csv", help="ett: an ETT-format CSV (default $FTPROP_ETT, else ../shared/data/ett/ETTh1.csv)")
     q.add_argument("--lookback", type=int, help="forecasting look-back (default: ett 96, sunspots 24, co2 104)")
     q.add_argument("--horizon", type=int, help="forecasting horizon (ett: 96, 192, 336 or 720; default 96)")
-    q.add_argument("--cell", default="gru", help="gru or elman (default gru)")
+    q.add_argument("--cell", default="gru", help="gru, elman or mingru (elementwise recurrence; default gru)")
     q.add_argument("--hidden", type=int, default=64, help="units per recurrent layer (default 64)")
     q.add_argument("--layers", type=int, default=1, help="stacked recurrent layers (default 1)")
     q.add_argument("--epochs", type=int, default=10, help="(default 10)")

@@ -16,6 +16,10 @@ Cells:
 - `GRUCell`, the original gated recurrent unit (Cho et al. 2014), with the reset gate applied before the recurrent
   matmul: u = sigmoid(W_u x + U_u h + b_u) (update), r = sigmoid(W_r x + U_r h + b_r) (reset),
   n = tanh(W_n x + U_n (r * h) + b_n), h' = u * h + (1 - u) * n.
+- `MinGRUCell`, the minimal GRU of Feng et al. (2024): gate and candidate read the input only,
+  z = sigmoid(W_z x + b_z), n = W_n x + b_n, h' = (1 - z) * h + z * n. The recurrence is elementwise, so a unit's
+  state depends on its own past alone and dh'/dh = diag(1 - z) exactly: forward-only temporal credit through the
+  unit's own carry (FTP's inject="final", e-prop) is then the exact credit in time, not an approximation.
 
 Recurrent matrices start orthogonal (Saxe et al. 2014): a norm-preserving start lets signals (activations forward,
 errors or targets carried in time) survive many steps, which long-term-dependency tasks need from every rule.
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CELLS = ("elman", "gru")
+CELLS = ("elman", "gru", "mingru")
 
 
 def _orthogonal_blocks(weight: torch.Tensor, blocks: int) -> None:
@@ -84,6 +88,24 @@ class GRUCell(nn.Module):
         H = self.hidden_size
         gate = F.linear(x, self.inp.weight[:H], self.inp.bias[:H]) + F.linear(h, self.rec_gates.weight[:H])
         return torch.sigmoid(gate)
+
+
+class MinGRUCell(nn.Module):
+    """The minimal GRU of Feng et al. (2024) (module docstring); inp computes the gate and candidate in one matmul.
+    No recurrent matrix: units mix only through the layers above and the readout."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.inp = nn.Linear(input_size, 2 * hidden_size)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        gz, n = self.inp(x).chunk(2, dim=1)
+        return torch.lerp(h, n, torch.sigmoid(gz))  # (1 - z) * h + z * n
+
+    def carry(self, x: torch.Tensor, h: torch.Tensor, h_new: torch.Tensor) -> torch.Tensor:
+        """dh'/dh = 1 - z = sigmoid(-gate), exactly: this cell's state has no other path to its past."""
+        return torch.sigmoid(-F.linear(x, self.inp.weight[:self.hidden_size], self.inp.bias[:self.hidden_size]))
 
 
 class RecurrentNet(nn.Module):
@@ -145,6 +167,6 @@ def build_recurrent(cell: str, input_size: int, hidden: int, outputs: int, layer
         raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}")
     if hidden < 1 or layers < 1 or outputs < 1:
         raise ValueError(f"hidden, layers and outputs must be >= 1, got {hidden}, {layers}, {outputs}")
-    kind = ElmanCell if cell == "elman" else GRUCell
+    kind = {"elman": ElmanCell, "gru": GRUCell, "mingru": MinGRUCell}[cell]
     cells = [kind(input_size if l == 0 else hidden, hidden) for l in range(layers)]
     return RecurrentNet(cells, nn.Linear(hidden, outputs), horizon, channels, subtract_last)

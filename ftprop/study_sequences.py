@@ -1,9 +1,10 @@
 """The `sequences` study (issue 5), for `ftprop reproduce`: BPTT, FTP and DFA through time on recurrent nets.
 
 Tasks: the adding problem at T = 50 and 100, the temporal-order problem (4 classes, T = 100), ETTh1 forecasting at
-horizon 96 (with the linear look-back-to-horizon baseline) and the statsmodels co2 series. Every task trains the same
-GRU (1 x 64, Adam lr 1e-3, batch 64) with every rule on the same data and seeds, and measures the cost per training
-sequence in the same process. Each task's results (results.json) and its seed-0 models (models.pt) are kept in the
+horizon 96 (with the linear look-back-to-horizon baseline) and the statsmodels co2 series, each on a GRU (1 x 64,
+Adam lr 1e-3, batch 64); then the adding problem again on a minGRU of the same size, whose elementwise recurrence
+makes the forward-only temporal credit of inject="final" exact. Every task trains every rule on the same data and
+seeds, and measures the cost per training sequence in the same process. Each task's results (results.json) and its seed-0 models (models.pt) are kept in the
 runs directory and reused when the configuration is unchanged. Plots: learning curves per task, and predicted vs
 true ETTh1 series. Whether each goal holds is computed from the numbers, never typed.
 """
@@ -36,6 +37,12 @@ SETUPS: list[tuple[str, SeqConfig, str]] = [
     ("order-T100", SeqConfig(task="order", T=100, classes=4, epochs=30), "FTP against BPTT (no numeric goal)"),
     ("etth1-96", SeqConfig(task="ett", horizon=96, epochs=20), "FTP test MSE within 10% of BPTT's"),
     ("co2", SeqConfig(task="co2", epochs=30), "FTP against BPTT and the linear baseline (no numeric goal)"),
+    # the adding problem on an elementwise recurrence, where a unit's own carry is its whole path in time, so that
+    # inject="final" has BPTT's exact temporal credit and only its random projection differs (docs/ALGORITHM.md)
+    ("adding-T50-mingru", SeqConfig(task="adding", T=50, epochs=30, cell="mingru"),
+     "FTP test MSE < 0.05 and <= 2x BPTT's"),
+    ("adding-T100-mingru", SeqConfig(task="adding", T=100, epochs=30, cell="mingru"),
+     "FTP test MSE < 0.05 and <= 2x BPTT's"),
 ]
 
 
@@ -175,8 +182,10 @@ def study_sequences(budget: Budget, runs: Path, figures: Path) -> tuple[str, lis
     for key, base, goal in SETUPS:
         cfg = base if budget.name == "full" else dataclasses.replace(base, epochs=min(base.epochs, budget.epochs))
         results, models, data = _run(cfg, seeds, budget.bench_rounds, runs / f"sequences-{key}")
+        net = f"{cfg.cell} {cfg.layers} x {cfg.hidden}"
+        title = f"{results['data']}, {net}"
         curves = f"sequences-{key}.{budget.name}.png"
-        plot_curves(results, figures / curves, results["data"])
+        plot_curves(results, figures / curves, title)
         plots = f"![learning curves](results/{curves})\n"
         if cfg.task == "ett":
             forecast = f"sequences-{key}-forecast.{budget.name}.png"
@@ -184,10 +193,11 @@ def study_sequences(budget: Budget, runs: Path, figures: Path) -> tuple[str, lis
             plots += f"\n![predicted vs true, test set](results/{forecast})\n"
         verdict = _verdict(key, results)
         command = (f"ftprop sequences --task {cfg.task} --rules {','.join(RULES)} --cell {cfg.cell} "
-                   f"--hidden {cfg.hidden} --epochs {cfg.epochs} --seeds {seeds}"
+                   f"--hidden {cfg.hidden}" + (f" --layers {cfg.layers}" if cfg.layers != 1 else "")
+                   + f" --epochs {cfg.epochs} --seeds {seeds}"
                    + (f" --T {cfg.T}" if cfg.task in ("adding", "order") else "")
                    + (f" --horizon {cfg.horizon}" if cfg.horizon else ""))
-        parts.append(f"### {results['data']}\n\nGoal: {goal}. Result: {verdict}.\n\n{cfg.cell} 1 x {cfg.hidden}, "
+        parts.append(f"### {title}\n\nGoal: {goal}. Result: {verdict}.\n\n{net}, "
                      f"Adam lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, seeds 0..{seeds - 1}; test "
                      f"figures at each run's best validation epoch; cost per training sequence measured in the same "
                      f"process ({budget.bench_rounds} interleaved rounds).\n\n{results_table(results)}\n\n"
@@ -196,5 +206,5 @@ def study_sequences(budget: Budget, runs: Path, figures: Path) -> tuple[str, lis
             f"{rule} {report.mean_std([_metric(r, results['classification']) for r in rs if not r['diverged']])[0]:.4g}"
             if any(not r["diverged"] for r in rs) else f"{rule} diverged" for rule, rs in results["runs"].items())
         unit = "test accuracy %" if results["classification"] else "test MSE"
-        summary.append([results["data"], f"{unit}: {figures_by_rule} ({verdict})", goal])
+        summary.append([title, f"{unit}: {figures_by_rule} ({verdict})", goal])
     return "\n".join(parts), summary

@@ -396,6 +396,45 @@ def test_gru_cell_matches_its_equations():
     assert isinstance(build_recurrent("elman", 3, 4, 1).cells[0], ElmanCell)
 
 
+
+def test_mingru_cell_matches_its_equations_and_its_carry_is_its_exact_jacobian():
+    """minGRU: z = sigmoid(W_z x + b_z), n = W_n x + b_n, h' = (1 - z) h + z n; dh'/dh (autograd, the full matrix)
+    is diagonal and its diagonal is `carry`."""
+    torch.manual_seed(0)
+    c = build_recurrent("mingru", 3, 4, 1).double().cells[0]
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    wz, wn = c.inp.weight.chunk(2)
+    bz, bn = c.inp.bias.chunk(2)
+    z = torch.sigmoid(x @ wz.T + bz)
+    assert torch.allclose(c(x, h), (1 - z) * h + z * (x @ wn.T + bn))
+    for b in range(2):
+        jac = torch.autograd.functional.jacobian(lambda s: c(x[b:b + 1], s.unsqueeze(0))[0], h[b])
+        assert torch.allclose(jac, torch.diag(c.carry(x[b:b + 1], h[b:b + 1], c(x[b:b + 1], h[b:b + 1]))[0]))
+
+
+@pytest.mark.parametrize("classification", [False, True])
+def test_ftp_final_on_a_mingru_is_bptt_when_its_feedback_is_the_readout(classification):
+    """On an elementwise recurrence the unit's own carry is the whole path from step t to the end, so inject="final"
+    credits every step exactly as BPTT does: with G set to what BPTT sends into the final state (V for
+    cross-entropy, 2 V / outputs for the mean squared error) the two updates are equal. A random G is then the only
+    approximation left (DFA's, in space; none in time)."""
+    net, x, y = _tiny("mingru", outputs=3)
+    if classification:
+        y = torch.tensor([0, 2, 1, 1, 0])
+    make_sequence_rule("bptt").step(net, x, y)
+    exact = _grads(net)
+    rule = make_sequence_rule("ftp", inject="final", gamma=0.3)
+    rule.G = net.readout.weight.detach() * (1.0 if classification else 2.0 / 3)
+    rule.step(net, x, y)
+    for name, g in _grads(net).items():
+        assert torch.allclose(g, exact[name]), name
+    net, x, y = _tiny("gru", outputs=3)  # a full recurrent matrix: the diagonal carry leaves paths out
+    make_sequence_rule("bptt").step(net, x, y)
+    exact = _grads(net)
+    rule.G = net.readout.weight.detach() * 2.0 / 3
+    rule.step(net, x, y)
+    assert not torch.allclose(net.cells[0].inp.weight.grad, exact["cells.0.inp.weight"])
+
 # --- training loop, baseline, CLI -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("inject", ["every", "final"])
@@ -486,6 +525,7 @@ def test_sequences_study_writes_tables_and_plots_and_reuses_runs(tmp_path, monke
     assert [(c.rule, c.rule_options) for c in trained] == [("ftp", {"inject": "final"})]
     assert text.count("| ftp |") == 1 and text.count("| ftp:inject=final |") == 1 and text.count("| dfa |") == 1
     assert "| linear (least squares) |" in text and "Goal: goal E" in text
+    assert ", gru 1 x 4\n\nGoal: goal E" in text  # the heading names the net: one task may run on several cells
     assert "ftp/BPTT MSE ratio" in text and "ftp:inject=final/BPTT MSE ratio" in text
     for png in ("sequences-etth1-96.small.png", "sequences-etth1-96-forecast.small.png"):
         assert (docs / "results" / png).stat().st_size > 10_000 and f"results/{png}" in text
