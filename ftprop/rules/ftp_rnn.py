@@ -14,7 +14,8 @@ cross-entropy, z - y for MSE), batch size B:
     or, inject="final": the projected contrast is the target of the final state, the one the readout reads, and
                    each earlier step shares in it as far as the unit's own state survives to the end:
                    tau^1_t = h^1_t + kappa_t c,  kappa_t = prod_{s=t+1..T} k_s,  k_s = cell_1.carry (per unit: the
-                   GRU's update gate, the Elman cell's diagonal of dh_s/dh_{s-1}); deeper layers get the second
+                   GRU's update gate, the Elman cell's diagonal of dh_s/dh_{s-1}, the minGRU's 1 - z, which
+                   is all of dh_s/dh_{s-1} there); deeper layers get the second
                    pass of their step alone, tau^l_t = cell_l(tau^{l-1}_t, h^l_{t-1})
     local loss:    L^l_t = |h^l_t - tau^l_t|^2 / (2 gamma B), inputs of cell_l at step t detached
                    -> error at the cell's output  (h^l_t - tau^l_t) / (gamma B), optionally with its radial part
