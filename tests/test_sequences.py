@@ -13,7 +13,7 @@ import torch
 
 from ftprop import cli, report, seqtrain
 from ftprop.data import DatasetError
-from ftprop.recurrent import ElmanCell, build_recurrent
+from ftprop.recurrent import CELLS, ElmanCell, build_recurrent
 from ftprop.rules import SEQUENCE_RULES, make_sequence_rule
 from ftprop.rules._recurrent import local_unroll, sequence_loss
 from ftprop.seqtrain import SeqConfig, linear_baseline, train_sequences
@@ -344,9 +344,10 @@ def test_ftp_update_is_a_sum_of_one_step_gradients_on_a_stacked_gru(inject):
             assert torch.allclose(p.grad, got[name]), name
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("name", list(SEQUENCE_RULES))
-def test_every_rule_fills_every_grad_and_keeps_its_state(name):
-    net, x, y = _tiny("gru", layers=2)
+def test_every_rule_fills_every_grad_and_keeps_its_state(name, cell):
+    net, x, y = _tiny(cell, layers=2)
     rule = make_sequence_rule(name)
     rule.step(net, x, y)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
