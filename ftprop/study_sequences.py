@@ -3,9 +3,9 @@
 Tasks: the adding problem at T = 50 and 100, the temporal-order problem (4 classes, T = 100), ETTh1 forecasting at
 horizon 96 (with the linear look-back-to-horizon baseline) and the statsmodels co2 series, each on a GRU (1 x 64,
 Adam lr 1e-3, batch 64); then the adding problem and ETTh1 again on a minGRU of the same size, whose elementwise
-recurrence makes the forward-only temporal credit of inject="final" exact. Every task trains every rule on the same data and
-seeds, and measures the cost per training sequence in the same process. Each task's results (results.json) and its seed-0 models (models.pt) are kept in the
-runs directory and reused when the configuration is unchanged. Plots: learning curves per task, and predicted vs
+recurrence makes the forward-only temporal credit of inject="final" exact. Every task trains every rule on the same
+data and seeds, and measures the cost per training sequence in the same process. Each task's results (results.json)
+and its seed-0 models (models.pt) are kept in the runs directory and reused when the configuration is unchanged. Plots: learning curves per task, and predicted vs
 true ETTh1 series. Whether each goal holds is computed from the numbers, never typed.
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ SETUPS: list[tuple[str, SeqConfig, str]] = [
      "FTP test MSE < 0.05 and <= 2x BPTT's"),
     ("adding-T100-mingru", SeqConfig(task="adding", T=100, epochs=30, cell="mingru"),
      "FTP test MSE < 0.05 and <= 2x BPTT's"),
-    ("etth1-96-mingru", SeqConfig(task="ett", horizon=96, epochs=20, cell="mingru"), "FTP test MSE within 10% of BPTT's"),
+    ("etth1-96-mingru", SeqConfig(task="ett", horizon=96, epochs=20, cell="mingru"),
+     "FTP test MSE within 10% of BPTT's"),
 ]
 
 

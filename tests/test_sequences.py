@@ -397,7 +397,6 @@ def test_gru_cell_matches_its_equations():
     assert isinstance(build_recurrent("elman", 3, 4, 1).cells[0], ElmanCell)
 
 
-
 def test_mingru_cell_matches_its_equations_and_its_carry_is_its_exact_jacobian():
     """minGRU: z = sigmoid(W_z x + b_z), n = W_n x + b_n, h' = (1 - z) h + z n; dh'/dh (autograd, the full matrix)
     is diagonal and its diagonal is `carry`."""
@@ -435,6 +434,7 @@ def test_ftp_final_on_a_mingru_is_bptt_when_its_feedback_is_the_readout(classifi
     rule.G = net.readout.weight.detach() * 2.0 / 3
     rule.step(net, x, y)
     assert not torch.allclose(net.cells[0].inp.weight.grad, exact["cells.0.inp.weight"])
+
 
 # --- training loop, baseline, CLI -----------------------------------------------------------------------------------
 
