@@ -30,9 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CELLS = ("elman", "gru", "mingru")
-
-
 def _orthogonal_blocks(weight: torch.Tensor, blocks: int) -> None:
     """Each (H x H) block of a stacked recurrent matrix (blocks * H, H) orthogonal."""
     with torch.no_grad():
@@ -108,6 +105,9 @@ class MinGRUCell(nn.Module):
         return torch.sigmoid(-F.linear(x, self.inp.weight[:self.hidden_size], self.inp.bias[:self.hidden_size]))
 
 
+CELLS: dict[str, type[nn.Module]] = {"elman": ElmanCell, "gru": GRUCell, "mingru": MinGRUCell}
+
+
 class RecurrentNet(nn.Module):
     """Stacked cells and a linear readout from the last layer's final state (module docstring)."""
 
@@ -167,6 +167,5 @@ def build_recurrent(cell: str, input_size: int, hidden: int, outputs: int, layer
         raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}")
     if hidden < 1 or layers < 1 or outputs < 1:
         raise ValueError(f"hidden, layers and outputs must be >= 1, got {hidden}, {layers}, {outputs}")
-    kind = {"elman": ElmanCell, "gru": GRUCell, "mingru": MinGRUCell}[cell]
-    cells = [kind(input_size if l == 0 else hidden, hidden) for l in range(layers)]
+    cells = [CELLS[cell](input_size if l == 0 else hidden, hidden) for l in range(layers)]
     return RecurrentNet(cells, nn.Linear(hidden, outputs), horizon, channels, subtract_last)

@@ -344,7 +344,7 @@ def test_ftp_update_is_a_sum_of_one_step_gradients_on_a_stacked_gru(inject):
             assert torch.allclose(p.grad, got[name]), name
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("name", list(SEQUENCE_RULES))
 def test_every_rule_fills_every_grad_and_keeps_its_state(name, cell):
     net, x, y = _tiny(cell, layers=2)
