@@ -510,6 +510,79 @@ def test_ftp_next_input_max_pool_shortcut_equals_the_generic_jacobian(monkeypatc
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("spec", ["c2k3-relu-p2-r2-r2-f-l3", "c2k3-relu-p2-f-l3"])
+@pytest.mark.parametrize("options", [dict(), dict(inner_targets=True, deep_weight=0.3), dict(tangent=False),
+                                     dict(target_nonlin="tanh", update_input="t"), dict(memory_format="channels_last")])
+def test_ftp_on_the_pooled_grid_equals_the_full_map(monkeypatch, spec, options):
+    """With G equal over the windows of the max-pool that reads h_1 (g_block = the pool's size) and the local loss
+    after the pool, FTP works on the pooled grid: pool(t_1) = pool(h_1) + the grid's contrast, and the first block's
+    error is that contrast at the pooled positions. Same gradients as building t_1 and its error on the full map
+    and pooling them, with or without a second pass (two residual blocks, or the dense head right after the pool)."""
+    from ftprop.rules import ftp
+
+    torch.manual_seed(0)
+    layout = torch.channels_last if options.pop("memory_format", None) else torch.contiguous_format
+    model = randomize(spec_model(spec, (1, 8, 8), 3).double()).to(memory_format=layout)
+    x, y = batch(7, shape=(1, 8, 8))
+    grads = []
+    for on_grid in (True, False):
+        if not on_grid:
+            monkeypatch.setattr(ftp, "_windows", lambda pool: None)
+        net = copy.deepcopy(model)
+        make_rule("ftp", gamma=0.3, g_scale=0.5, g_block=2, compare_at="next-input", **options).step(net, x, y)
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_ftp_pooled_grid_is_cut_only_where_the_windows_are_g_blocks_patches():
+    """The pooled grid needs the pool's windows to be exactly G's k x k patches: kernel = stride = g_block, no
+    padding, no dilation. Otherwise (or with another g_block) FTP pools the full map as the forward pass does."""
+    from ftprop.rules.ftp import _windows
+
+    assert _windows(nn.MaxPool2d(2)) == 2 and _windows(nn.MaxPool2d((3, 3), stride=3)) == 3
+    for pool in (nn.MaxPool2d(3, stride=2), nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, dilation=2),
+                 nn.MaxPool2d((2, 3)), None):
+        assert _windows(pool) is None
+
+
+def test_ftp_pooled_grid_follows_a_new_g():
+    """The grid is cut from G once and kept; a G loaded (or drawn) later is cut anew, so the update is the one a rule
+    that started with that G makes."""
+    torch.manual_seed(0)
+    model = randomize(spec_model("c2k3-relu-p2-r2-f-l3", (1, 8, 8), 3).double())
+    x, y = batch(7, shape=(1, 8, 8))
+    opts = dict(gamma=0.3, g_scale=0.5, g_block=2, compare_at="next-input")
+    first, other = make_rule("ftp", **opts), make_rule("ftp", seed=1, **opts)
+    first.step(copy.deepcopy(model), x, y)
+    other.step(copy.deepcopy(model), x, y)
+    nets = [copy.deepcopy(model) for _ in range(2)]
+    first.load_state_dict(other.state_dict())
+    first.step(nets[0], x, y)
+    make_rule("ftp", seed=1, **opts).step(nets[1], x, y)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+
+
+@pytest.mark.parametrize("tangent", [False, True])
+def test_ftp_next_input_through_a_flatten_needs_no_jacobian(monkeypatch, tangent):
+    """Input ops that only reshape a sample (flatten) leave a local loss as it is: compare_at="next-input" measures it
+    on the block's own output, and gives what the generic Jacobian through the flatten gives."""
+    from ftprop.rules import ftp
+
+    torch.manual_seed(0)
+    model = randomize(spec_model("c2k3-relu-r2-f-l3", (1, 8, 8), 3).double())
+    x, y = batch(7, shape=(1, 8, 8))
+    grads = []
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(ftp, "_reshapes_only", lambda pre: isinstance(pre, nn.Identity))
+        net = copy.deepcopy(model)
+        make_rule("ftp", gamma=0.3, g_scale=0.5, tangent=tangent, compare_at="next-input").step(net, x, y)
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("spec,options", [
     ("c4k3-relu-p2-f-l3", dict(compare_at="next-input", g_block=2)),
     ("c4k3-relu-p2-f-l3", dict(compare_at="output", tangent=False)),

@@ -129,19 +129,47 @@ def _max_pool(pre: nn.Module) -> nn.MaxPool2d | None:
     return None
 
 
-def _pool_with_positions(pooled: dict[int, torch.Tensor]) -> Callable[[int, Block, torch.Tensor], torch.Tensor]:
+def _after_pool(pre: nn.Module, u: torch.Tensor) -> torch.Tensor:
+    """The rest of a block's input ops (a flatten, or nothing) applied to the output `u` of their max-pool (iterated:
+    slicing an nn.Sequential builds a new one, which costs more than the flatten)."""
+    for i, m in enumerate(pre if isinstance(pre, nn.Sequential) else ()):
+        if i:
+            u = m(u)
+    return u
+
+
+def _reshapes_only(pre: nn.Module) -> bool:
+    """Whether a block's input ops only rearrange each sample's values (identity, flatten): a local loss measured
+    after them is the one measured before, so compare_at="next-input" needs no Jacobian there."""
+    mods = list(pre) if isinstance(pre, nn.Sequential) else [pre]
+    return all(isinstance(m, nn.Identity) or (isinstance(m, nn.Flatten) and m.start_dim != 0) for m in mods)
+
+
+def _pool_with_positions(pooled: dict[int, tuple[torch.Tensor, torch.Tensor]]
+                         ) -> Callable[[int, Block, torch.Tensor], torch.Tensor]:
     """A first pass's `run_pre` that, where a block's input ops are a max-pool (then flatten), runs the pool with its
-    indices and records them, flattened per channel, as pooled[l - 1]: the positions of h_{l-1} it passes on. The pool
-    with indices costs what the pool alone does, so compare_at="next-input" need not run it again."""
+    indices and records (pooled map, positions flattened per channel) as pooled[l - 1]: the values and positions of
+    h_{l-1} it passes on. The pool with indices costs what the pool alone does, so compare_at="next-input" need not
+    run it again, and the pooled values need no gather."""
     def run_pre(l: int, block: Block, h: torch.Tensor) -> torch.Tensor:
         pool = _max_pool(block.pre) if l > 0 else None
         if pool is None:
             return block.pre(h)
         u, idx = F.max_pool2d(h, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
                               return_indices=True)
-        pooled[l - 1] = idx.flatten(2)
-        return block.pre[1:](u) if isinstance(block.pre, nn.Sequential) else u
+        pooled[l - 1] = (u.detach(), idx.flatten(2))
+        return _after_pool(block.pre, u)
     return run_pre
+
+
+def _windows(pool: nn.MaxPool2d | None) -> int | None:
+    """k when the pool's windows are the k x k patches that tile its input (kernel = stride = k, no padding, no
+    dilation), else None."""
+    if pool is None:
+        return None
+    k, stride, pad, dil = (v if isinstance(v, tuple) else (v, v) for v in
+                           (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.dilation))
+    return k[0] if k[0] == k[1] and stride == k and pad == (0, 0) and dil == (1, 1) else None
 
 
 # g * f'(a) written in terms of h = f(a), for the activations where that is possible: the fused kernels autograd
@@ -217,6 +245,7 @@ class FTP(Rule):
         # Set by the training loop when pipeline=True (ftprop.pipeline.wire): called with a block's index as soon as
         # its gradients are final, to update it while the next targets are computed. Not an option, not state.
         self.block_ready: Callable[[int], None] | None = None
+        self._grid: tuple[torch.Tensor, torch.Tensor] | None = None  # (G, G on the pooled grid): see `_pooled_grid`
 
     def options(self) -> dict[str, Any]:
         opts = super().options()
@@ -291,7 +320,7 @@ class FTP(Rule):
         return self._contrast_error(p, e, batch, G).view(n, hh, ww, c).permute(0, 3, 1, 2)
 
     def _error(self, blocks: list[Block], l: int, h: torch.Tensor, err: torch.Tensor,
-               pooled: dict[int, torch.Tensor]) -> torch.Tensor:
+               pooled: dict[int, tuple[torch.Tensor, torch.Tensor]], on_grid: bool = False) -> torch.Tensor:
         """Hidden block l's error from err = (h_l - t_l) / (gamma B): the gradient of its local loss with respect to
         h_l, P(err) with P the tangent projection when `tangent` is on.
 
@@ -301,18 +330,19 @@ class FTP(Rule):
         positions the pool passes on; the others cannot change the output, yet on a conv map their errors would still
         move the shared filters. (Not pre(h_l) - pre(t_l): a max over a window of h + noise exceeds the max of h on
         average, so that difference pushes every passed position up.) No parameter lies on the path, so no gradient
-        crosses a layer. With an identity `pre` (MLPs) both settings are the same. Behind a max-pool, J is a selection:
-        `pooled[l]` holds the positions the first pass's pool passed on (`_pool_with_positions`), the error is gathered
-        there and J^T adds it back; other input ops take J and J^T from autograd.
+        crosses a layer. With a `pre` that only reshapes (identity in MLPs, flatten) both settings are the same.
+        Behind a max-pool, J is a selection: `pooled[l]` holds the values and positions the first pass's pool passed
+        on (`_pool_with_positions`), the error is gathered there and J^T adds it back (`on_grid`: err is already the
+        pooled map's, one value per window); other input ops take J and J^T from autograd.
         """
         nxt = blocks[l + 1].pre
-        if self.compare_at == "output" or isinstance(nxt, nn.Identity):
+        if self.compare_at == "output" or _reshapes_only(nxt):
             return _tangential(err, h.detach()) if self.tangent else err
         if l in pooled:
-            idx = pooled[l]  # flatten(2) is a view in either layout, so the scatter below fills the map in place
-            err = err.flatten(2).gather(2, idx)
+            u, idx = pooled[l]  # flatten(2) is a view in either layout, so the scatter below fills the map in place
+            err = err.flatten(2) if on_grid else err.flatten(2).gather(2, idx)
             if self.tangent:
-                err = _tangential(err, h.detach().flatten(2).gather(2, idx))  # against the pooled map
+                err = _tangential(err, u.flatten(2))  # against the pooled map
             return torch.zeros_like(h).flatten(2).scatter_add_(2, idx, err).view_as(h)
         with torch.enable_grad():
             # a view, not the leaf itself: torch.utils.flop_counter's module hooks (ftprop bench, cost) make
@@ -344,7 +374,7 @@ class FTP(Rule):
 
         # First pass: each block sees a detached input, so its graph is local to it. With closed-form local
         # gradients no graph is needed at all: FTP has no backward pass to prepare for.
-        pooled: dict[int, torch.Tensor] = {}  # block l -> the positions of h_l that the next block's max-pool passes on
+        pooled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block l -> what the next block's max-pool passes on
         run_pre = _pool_with_positions(pooled) if self.compare_at == "next-input" else None
         with torch.set_grad_enabled(derivatives is None and torch.is_grad_enabled()):
             inputs, pre, outs = local_forward(model, x, run_pre)
@@ -405,14 +435,23 @@ class FTP(Rule):
             if deep_shapes is not None and [tuple(g.shape) for g in self.G_deep or []] != deep_shapes:
                 raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} but "
                                  f"inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's outputs)")
-            err = self._contrast_map(p, e, batch, self.G, h1)
-            # t_1 = h_1 - gamma B err, built only when a second pass needs it (before the error is projected)
-            t = torch.add(h1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
-            ready(0, self._error(blocks, 0, h1, err, pooled), inputs[0])
+            on_grid = 0 in pooled and _windows(_max_pool(blocks[1].pre)) == self.g_block
+            if on_grid:  # G is equal over the windows of the max-pool that reads h_1: work on the pooled grid
+                u1 = pooled[0][0]
+                err = self._contrast_map(p, e, batch, self._pooled_grid(h1), u1)
+                # pool(t_1) = pool(h_1) - gamma B err exactly: adding one number to every value of a window adds it
+                # to their max (rounding is monotone, so in floating point too), and the full map t_1 is never built
+                t = torch.add(u1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
+            else:
+                err = self._contrast_map(p, e, batch, self.G, h1)
+                # t_1 = h_1 - gamma B err, built only when a second pass needs it (before the error is projected)
+                t = torch.add(h1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
+            ready(0, self._error(blocks, 0, h1, err, pooled, on_grid), inputs[0])
             # Second pass: the target travels forward through the network's own weights.
             for l in range(1, len(blocks) - 1):
                 block = blocks[l]
-                u = block.pre(t)  # the layer's input on the target path: pre_l(t_{l-1})
+                # the layer's input on the target path: pre_l(t_{l-1}), its pool already applied when on the grid
+                u = _after_pool(block.pre, t) if l == 1 and on_grid else block.pre(t)
                 t = block.post(block.layer(u))
                 if deep_shapes is not None:  # inject="every": this block's own projected contrast joins its target
                     nudge = self._contrast_map(p, e, batch, self.G_deep[l - 1], t)
@@ -424,6 +463,16 @@ class FTP(Rule):
         if pending:
             torch.autograd.backward(*zip(*pending))
         return StepOutput(loss, z.detach() if derivatives is None else z)
+
+    def _pooled_grid(self, h1: torch.Tensor) -> torch.Tensor:
+        """G's entries one per g_block x g_block patch of the first map (n_out x C*H/k*W/k): the projection onto the
+        pooled grid. Kept with the G it was cut from (a strided copy costs as much as a pass over a map) and cut
+        again whenever G is another tensor (drawn, loaded or set)."""
+        if self._grid is None or self._grid[0] is not self.G:
+            k, (c, hh, ww) = self.g_block, h1.shape[1:]
+            grid = self.G.view(-1, c, hh // k, k, ww // k, k)[:, :, :, 0, :, 0].reshape(self.G.shape[0], -1)
+            self._grid = (self.G, grid)
+        return self._grid[1]
 
     def _draw_projections(self, n_out: int, outs: list[torch.Tensor]) -> None:
         """G onto the first block's output and, with inject="every", G_l onto each deeper hidden block's, in that
