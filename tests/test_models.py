@@ -535,6 +535,24 @@ def test_ftp_on_the_pooled_grid_equals_the_full_map(monkeypatch, spec, options):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_ftp_tangential_gap_is_the_projected_gap(layout):
+    """scale * P(h - t), computed as scale * (<t, h>/|h|^2 h - t) without building h - t, is the projection of the
+    scaled gap written out per sample, also for a sample whose h is zero (nothing to project against), and it comes
+    back in h's memory order."""
+    from ftprop.rules.ftp import _tangential_gap
+
+    torch.manual_seed(0)
+    h = torch.randn(5, 3, 4, 4, dtype=torch.float64).to(memory_format=layout)
+    h[2] = 0
+    t = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    gap = _tangential_gap(h, t, 0.7)
+    rest = [0, 1, 3, 4]
+    torch.testing.assert_close(gap[rest], local_error(h[rest], t[rest], 1 / 0.7, 1, tangent=True))
+    torch.testing.assert_close(gap[2], -0.7 * t[2])
+    assert gap.is_contiguous(memory_format=layout)
+
+
 def test_ftp_pooled_grid_is_cut_only_where_the_windows_are_g_blocks_patches():
     """The pooled grid needs the pool's windows to be exactly G's k x k patches: kernel = stride = g_block, no
     padding, no dilation. Otherwise (or with another g_block) FTP pools the full map as the forward pass does."""

@@ -121,6 +121,23 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+def _tangential_gap(h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * P(h - t), `_tangential` of the scaled gap between h and its target t, in h's memory order.
+
+    P removes each sample's component along h, so P(h) = 0 and scale * P(h - t) = scale * (c h - t) with
+    c = <t, h> / |h|^2 per sample: the gap h - t is never built, one pass fewer over two maps per block and step
+    than projecting it (the tangent projections are most of what FTP adds to a residual CNN's step: docs/ALGORITHM.md,
+    "The stem residual net's step time").
+    Equal to `_tangential((h - t) * scale, h)` up to rounding.
+    """
+    t = _like(t, h)
+    u, v = _rows(t), _rows(h)
+    coef = torch.linalg.vecdot(u, v).div_(torch.linalg.vector_norm(v, dim=1).square_().clamp_min_(1e-12))
+    gap = torch.mul(t, -scale)
+    _rows(gap).addcmul_(coef.mul_(scale).unsqueeze(1), v)
+    return gap
+
+
 def _max_pool(pre: nn.Module) -> nn.MaxPool2d | None:
     """The max-pool that a block's input ops consist of (possibly followed by flatten), else None."""
     mods = list(pre) if isinstance(pre, nn.Sequential) else [pre]
@@ -148,7 +165,7 @@ def _reshapes_only(pre: nn.Module) -> bool:
 def _pool_with_positions(pooled: dict[int, tuple[torch.Tensor, torch.Tensor]]
                          ) -> Callable[[int, Block, torch.Tensor], torch.Tensor]:
     """A first pass's `run_pre` that, where a block's input ops are a max-pool (then flatten), runs the pool with its
-    indices and records (pooled map, positions flattened per channel) as pooled[l - 1]: the values and positions of
+    indices and records (pooled map, positions) as pooled[l - 1]: the values and positions of
     h_{l-1} it passes on. The pool with indices costs what the pool alone does, so compare_at="next-input" need not
     run it again, and the pooled values need no gather."""
     def run_pre(l: int, block: Block, h: torch.Tensor) -> torch.Tensor:
@@ -157,7 +174,7 @@ def _pool_with_positions(pooled: dict[int, tuple[torch.Tensor, torch.Tensor]]
             return block.pre(h)
         u, idx = F.max_pool2d(h, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
                               return_indices=True)
-        pooled[l - 1] = (u.detach(), idx.flatten(2))
+        pooled[l - 1] = (u.detach(), idx)
         return _after_pool(block.pre, u)
     return run_pre
 
@@ -319,6 +336,15 @@ class FTP(Rule):
         G = G.view(-1, c, hh, ww).permute(0, 2, 3, 1).reshape(G.shape[0], -1)
         return self._contrast_error(p, e, batch, G).view(n, hh, ww, c).permute(0, 3, 1, 2)
 
+    def _gap_error(self, blocks: list[Block], l: int, h: torch.Tensor, t: torch.Tensor, scale: float,
+                   pooled: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """`_error` of err = scale (h_l - t_l): hidden block l's error from its target, scale being its local loss's
+        weight / (gamma B). Where the loss is measured on h_l itself, with the tangent projection, the gap is
+        projected without being built (`_tangential_gap`)."""
+        if self.tangent and (self.compare_at == "output" or _reshapes_only(blocks[l + 1].pre)):
+            return _tangential_gap(h, t, scale)
+        return self._error(blocks, l, h, (h - t).mul_(scale), pooled)
+
     def _error(self, blocks: list[Block], l: int, h: torch.Tensor, err: torch.Tensor,
                pooled: dict[int, tuple[torch.Tensor, torch.Tensor]], on_grid: bool = False) -> torch.Tensor:
         """Hidden block l's error from err = (h_l - t_l) / (gamma B): the gradient of its local loss with respect to
@@ -339,11 +365,13 @@ class FTP(Rule):
         if self.compare_at == "output" or _reshapes_only(nxt):
             return _tangential(err, h.detach()) if self.tangent else err
         if l in pooled:
-            u, idx = pooled[l]  # flatten(2) is a view in either layout, so the scatter below fills the map in place
-            err = err.flatten(2) if on_grid else err.flatten(2).gather(2, idx)
+            u, idx = pooled[l]
+            err = err.flatten(2) if on_grid else err.flatten(2).gather(2, idx.flatten(2))  # a view in either layout
             if self.tangent:
                 err = _tangential(err, u.flatten(2))  # against the pooled map
-            return torch.zeros_like(h).flatten(2).scatter_add_(2, idx, err).view_as(h)
+            pool = _max_pool(nxt)  # J^T: the pool's own backward (BP's kernel), each error back to its position
+            return torch.ops.aten.max_pool2d_with_indices_backward(err.view(u.shape), h, pool.kernel_size, pool.stride,
+                                                                   pool.padding, pool.dilation, pool.ceil_mode, idx)
         with torch.enable_grad():
             # a view, not the leaf itself: torch.utils.flop_counter's module hooks (ftprop bench, cost) make
             # autograd.grad with respect to a module's leaf input raise
@@ -387,6 +415,7 @@ class FTP(Rule):
         loss, p, e = output_error(z, y)
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # autograd roots and their gradients, not yet run
         due: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (block, error, layer input on the target path)
+        mid_errs: dict[int, torch.Tensor] = {}  # inner_targets: block l -> the error of its branch's first conv
 
         def fill(l: int, err: torch.Tensor, t_input: torch.Tensor | None) -> None:
             """Block l's gradients from its error (`_error`), or dCE/dz for the output block."""
@@ -400,11 +429,8 @@ class FTP(Rule):
                     block.layer.bias.grad = d.sum(0)
             elif output or self.update_input == "h":
                 pending.append((outs[l] if self.fprime or output else pre[l], err))
-                if inner is not None and l in inner.records:  # the first conv's own local loss, weighted as a
-                    mid, t_mid = inner.records[l]              # deeper block's; t_mid - mid has no pre ops to pass
-                    held = mid.detach()
-                    mid_err = (held - t_mid).mul_(deep)
-                    pending.append((mid, _tangential(mid_err, held) if self.tangent else mid_err))
+                if l in mid_errs:  # the first conv's own local loss
+                    pending.append((inner.records[l][0], mid_errs.pop(l)))
             else:
                 d = torch.autograd.grad(outs[l], pre[l], err, retain_graph=True)[0] if self.fprime else err
                 with torch.enable_grad():
@@ -456,7 +482,11 @@ class FTP(Rule):
                 if deep_shapes is not None:  # inject="every": this block's own projected contrast joins its target
                     nudge = self._contrast_map(p, e, batch, self.G_deep[l - 1], t)
                     t = t.add_(nudge, alpha=-self.gamma * batch)
-                ready(l, self._error(blocks, l, outs[l], (outs[l] - t).mul_(deep), pooled), u)
+                if inner is not None and l in inner.records:  # the branch's first conv: its own target, recorded
+                    mid, t_mid = inner.records[l]              # by this pass, its loss weighted as a deeper block's
+                    held = mid.detach()                        # (no pre ops lie between it and the next conv)
+                    mid_errs[l] = _tangential_gap(held, t_mid, deep) if self.tangent else (held - t_mid).mul_(deep)
+                ready(l, self._gap_error(blocks, l, outs[l].detach(), t, deep, pooled), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
                 fill(l, err, t_input)
