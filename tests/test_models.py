@@ -512,7 +512,8 @@ def test_ftp_next_input_max_pool_shortcut_equals_the_generic_jacobian(monkeypatc
 
 @pytest.mark.parametrize("spec", ["c2k3-relu-p2-r2-r2-f-l3", "c2k3-relu-p2-f-l3"])
 @pytest.mark.parametrize("options", [dict(), dict(inner_targets=True, deep_weight=0.3), dict(tangent=False),
-                                     dict(target_nonlin="tanh", update_input="t"), dict(memory_format="channels_last")])
+                                     dict(target_nonlin="tanh", update_input="t"), dict(memory_format="channels_last"),
+                                     dict(memory_format="channels_last", tangent=False)])
 def test_ftp_on_the_pooled_grid_equals_the_full_map(monkeypatch, spec, options):
     """With G equal over the windows of the max-pool that reads h_1 (g_block = the pool's size) and the local loss
     after the pool, FTP works on the pooled grid: pool(t_1) = pool(h_1) + the grid's contrast, and the first block's
