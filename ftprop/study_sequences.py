@@ -6,7 +6,8 @@ Adam lr 1e-3, batch 64); then the adding problem and ETTh1 again on a minGRU of 
 recurrence makes the forward-only temporal credit of inject="final" exact. Every task trains every rule on the same
 data and seeds, and measures the cost per training sequence in the same process. Each task's results (results.json)
 and its seed-0 models (models.pt) are kept in the runs directory and reused when the configuration is unchanged.
-Plots: learning curves per task, and predicted vs true ETTh1 series. Whether each goal holds is computed from the numbers, never typed.
+Plots: learning curves per task, and predicted vs true ETTh1 series. Whether each goal holds is computed from the
+numbers, never typed.
 """
 from __future__ import annotations
 

@@ -115,10 +115,14 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """
     delta = _like(delta, h)
     d, v = _rows(delta), _rows(h)
-    # |h|^2 as a squared norm: one pass over h and no product map (docs/ALGORITHM.md, the residual CNN's step time)
-    coef = torch.linalg.vecdot(d, v).div_(torch.linalg.vector_norm(v, dim=1).square_().clamp_min_(1e-12))
-    d.addcmul_(coef.unsqueeze(1), v, value=-1)
+    d.addcmul_(_radial(d, v).unsqueeze(1), v, value=-1)
     return delta
+
+
+def _radial(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per row, <d, v> / |v|^2 (0 where v is 0): the coefficient of d's component along v. |v|^2 as a squared norm:
+    one pass over v and no product map (docs/ALGORITHM.md, the residual CNN's step time)."""
+    return torch.linalg.vecdot(d, v).div_(torch.linalg.vector_norm(v, dim=1).square_().clamp_min_(1e-12))
 
 
 def _tangential_gap(h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -131,10 +135,9 @@ def _tangential_gap(h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Ten
     Equal to `_tangential((h - t) * scale, h)` up to rounding.
     """
     t = _like(t, h)
-    u, v = _rows(t), _rows(h)
-    coef = torch.linalg.vecdot(u, v).div_(torch.linalg.vector_norm(v, dim=1).square_().clamp_min_(1e-12))
+    v = _rows(h)
     gap = torch.mul(t, -scale)
-    _rows(gap).addcmul_(coef.mul_(scale).unsqueeze(1), v)
+    _rows(gap).addcmul_(_radial(_rows(t), v).mul_(scale).unsqueeze(1), v)
     return gap
 
 
@@ -336,12 +339,17 @@ class FTP(Rule):
         G = G.view(-1, c, hh, ww).permute(0, 2, 3, 1).reshape(G.shape[0], -1)
         return self._contrast_error(p, e, batch, G).view(n, hh, ww, c).permute(0, 3, 1, 2)
 
+    def _on_output(self, blocks: list[Block], l: int) -> bool:
+        """Whether hidden block l's local loss is measured on h_l itself: compare_at="output", or next input ops
+        that only reshape (identity, flatten), where measuring after them is the same loss."""
+        return self.compare_at == "output" or _reshapes_only(blocks[l + 1].pre)
+
     def _gap_error(self, blocks: list[Block], l: int, h: torch.Tensor, t: torch.Tensor, scale: float,
                    pooled: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """`_error` of err = scale (h_l - t_l): hidden block l's error from its target, scale being its local loss's
         weight / (gamma B). Where the loss is measured on h_l itself, with the tangent projection, the gap is
         projected without being built (`_tangential_gap`)."""
-        if self.tangent and (self.compare_at == "output" or _reshapes_only(blocks[l + 1].pre)):
+        if self.tangent and self._on_output(blocks, l):
             return _tangential_gap(h, t, scale)
         return self._error(blocks, l, h, (h - t).mul_(scale), pooled)
 
@@ -361,9 +369,9 @@ class FTP(Rule):
         on (`_pool_with_positions`), the error is gathered there and J^T adds it back (`on_grid`: err is already the
         pooled map's, one value per window); other input ops take J and J^T from autograd.
         """
-        nxt = blocks[l + 1].pre
-        if self.compare_at == "output" or _reshapes_only(nxt):
+        if self._on_output(blocks, l):
             return _tangential(err, h.detach()) if self.tangent else err
+        nxt = blocks[l + 1].pre
         if l in pooled:
             u, idx = pooled[l]
             err = err.flatten(2) if on_grid else err.flatten(2).gather(2, idx.flatten(2))  # a view in either layout
@@ -462,16 +470,13 @@ class FTP(Rule):
                 raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} but "
                                  f"inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's outputs)")
             on_grid = 0 in pooled and _windows(_max_pool(blocks[1].pre)) == self.g_block
-            if on_grid:  # G is equal over the windows of the max-pool that reads h_1: work on the pooled grid
-                u1 = pooled[0][0]
-                err = self._contrast_map(p, e, batch, self._pooled_grid(h1), u1)
-                # pool(t_1) = pool(h_1) - gamma B err exactly: adding one number to every value of a window adds it
-                # to their max (rounding is monotone, so in floating point too), and the full map t_1 is never built
-                t = torch.add(u1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
-            else:
-                err = self._contrast_map(p, e, batch, self.G, h1)
-                # t_1 = h_1 - gamma B err, built only when a second pass needs it (before the error is projected)
-                t = torch.add(h1, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
+            # On the grid (G equal over the windows of the max-pool that reads h_1) the contrast and the target live on
+            # the pooled map: pool(t_1) = pool(h_1) - gamma B err exactly, since adding one number to every value of a
+            # window adds it to their max (rounding is monotone, so in floating point too); the full t_1 is never built
+            start, G = (pooled[0][0], self._pooled_grid(h1)) if on_grid else (h1, self.G)
+            err = self._contrast_map(p, e, batch, G, start)
+            # t_1 = h_1 - gamma B err (or its pool), built only when a second pass needs it (before err is projected)
+            t = torch.add(start, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
             ready(0, self._error(blocks, 0, h1, err, pooled, on_grid), inputs[0])
             # Second pass: the target travels forward through the network's own weights.
             for l in range(1, len(blocks) - 1):
