@@ -26,7 +26,7 @@ import functools
 import math
 import re
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -560,10 +560,7 @@ class TwoPass:
         self._patched: list[tuple[nn.Module, Any]] = []
         self._targets: list[tuple[nn.Module, Callable]] = []
         seen: set[int] = set()
-        stack = [model]
-        while stack:  # a plain walk: named_modules() would cost more than the rest of a small step's overhead
-            m = stack.pop()
-            stack.extend(c for c in m._modules.values() if c is not None)
+        for m in submodules(model):
             if not isinstance(m, _STATEFUL):
                 continue
             if isinstance(m, _UNSUPPORTED_TWO_PASS) and m.training and m.p > 0:
@@ -633,6 +630,17 @@ class TwoPass:
 
 def _names(model: nn.Module, module: nn.Module) -> str:
     return " and ".join(n for n, m in model.named_modules(remove_duplicate=False) if m is module)
+
+
+def submodules(*roots: nn.Module) -> Iterator[nn.Module]:
+    """Every module under `roots`, roots included (one reached twice is yielded twice): a plain walk, for checks
+    made every step, where `modules()` (named_modules) would cost more than the rest of a small step's overhead."""
+    stack = list(roots)
+    while stack:
+        m = stack.pop()
+        if m is not None:  # a child slot may hold None
+            yield m
+            stack.extend(m._modules.values())
 
 
 def two_pass(model: nn.Module, rule: str = "") -> TwoPass:

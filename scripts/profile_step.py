@@ -18,6 +18,7 @@ import collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ftprop import runtime
 from ftprop.models import build_model
 from ftprop.rules import make_rule, rule_variant
 
@@ -37,6 +38,7 @@ def main() -> None:
                     help="also list every call of OP (e.g. aten::convolution_backward) in the last round's profiled "
                          "steps, in order, with its input shapes' second dimension (channels) and self ms")
     args = ap.parse_args()
+    runtime.keep_freed_memory()  # as the ftprop commands do: a step's time then does not depend on malloc's history
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(args.model, (1, 28, 28), 10, activation="relu", depth=args.depth, spec=args.spec,

@@ -552,6 +552,94 @@ def test_ftp_tangential_gap_is_the_projected_gap(layout):
     torch.testing.assert_close(gap[rest], local_error(h[rest], t[rest], 1 / 0.7, 1, tangent=True))
     torch.testing.assert_close(gap[2], -0.7 * t[2])
     assert gap.is_contiguous(memory_format=layout)
+    unit = _tangential_gap(h, t, -1.0)  # the unit error of a folded loss weight: t - c h in one kernel
+    torch.testing.assert_close(unit, gap / -0.7)
+    t_kept = t.clone()
+    written = _tangential_gap(h, t_kept, 0.7, overwrite=True)
+    torch.testing.assert_close(written, gap)
+    if layout == torch.contiguous_format:  # same order as h: written into t itself, no map allocated
+        assert written.data_ptr() == t_kept.data_ptr()
+
+
+@pytest.mark.parametrize("spec, options", [
+    ("c2k3-relu-p2-r2-r2-f-l3", dict()),
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(inner_targets=True, deep_weight=0.3, g_block=2, compare_at="next-input")),
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(inner_targets=True, tangent=False)),
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(update_input="t", target_nonlin="tanh")),
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(fprime=False, inject="every", deep_weight=2.0)),
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(inner_targets=True, memory_format="channels_last")),
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(inner_targets=True, pipeline=True)),
+    ("c2k3-relu-p2-c2k3-relu-p2-f-l3", dict(compare_at="next-input")),
+    ("c2k3-relu-p2-c2k3-relu-p2-f-l3", dict(compare_at="next-input", tangent=False)),
+    ("c2k3-relu-p2-r2z-bn-d0.2-f-l3", dict(compare_at="next-input")),
+])
+def test_ftp_folded_loss_weight_gives_the_weighted_gradients(monkeypatch, spec, options):
+    """Blocks 2..L-1 built with unit errors and their gradients scaled by -deep_weight / (gamma B) after the backward
+    (`_folded`) get the gradients of errors built with that weight: backward is linear in the error it starts from."""
+    from ftprop.rules import ftp
+
+    torch.manual_seed(0)
+    layout = torch.channels_last if options.pop("memory_format", None) else torch.contiguous_format
+    model = randomize(spec_model(spec, SHAPE, 3).double()).to(memory_format=layout)
+    x, y = batch(7)
+    assert make_rule("ftp", **options)._folded(list(model.blocks))  # folded in the first run
+    got = []
+    for fold in (True, False):
+        if not fold:
+            monkeypatch.setattr(ftp.FTP, "_folded", lambda self, blocks: None)
+        net = copy.deepcopy(model)
+        rule = make_rule("ftp", gamma=0.3, g_scale=0.5, **options)
+        torch.manual_seed(3)  # the same dropout masks
+        rule.step(net, x, y)
+        got.append([p.grad for p in net.parameters()])
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_ftp_folds_the_loss_weight_only_where_nothing_sees_the_errors():
+    """The weight is folded into the gradients only when no hook could see the errors or gradients of blocks
+    2..L-1 (hardware simulation quantizes them), no parameter belongs to two blocks, the weight is positive and the
+    parameters are not float16."""
+    torch.manual_seed(0)
+
+    def fresh(**options):
+        """(blocks, the parameters of blocks 2..L-1, rule) for a new net"""
+        blocks = list(spec_model("c2k3-relu-p2-r2-r2-f-l3", SHAPE, 3).blocks)
+        return blocks, [p for b in blocks[1:-1] for p in b.parameters()], make_rule("ftp", **options)
+
+    blocks, deep, rule = fresh()
+    assert {l: {id(p) for p in ps} for l, ps in rule._folded(blocks).items()} == {
+        l: {id(p) for p in blocks[l].parameters()} for l in (1, 2)}
+    blocks[2].layer.branch[0].register_forward_hook(lambda m, i, o: None)
+    assert rule._folded(blocks) is None
+    blocks, deep, rule = fresh()
+    deep[0].register_hook(lambda g: g)
+    assert rule._folded(blocks) is None
+    blocks, deep, rule = fresh()
+    deep[-1].register_post_accumulate_grad_hook(lambda p: None)
+    assert rule._folded(blocks) is None
+    blocks, deep, rule = fresh()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert rule._folded(blocks) is None
+    finally:
+        handle.remove()
+    assert rule._folded(blocks) is not None
+    blocks[-1].register_parameter("tied", deep[0])  # also the output block's: its gradient has two weights
+    assert rule._folded(blocks) is None
+    blocks, deep, rule = fresh()
+    shared = nn.Conv2d(2, 2, 3, padding=1)
+    blocks[1].layer.branch[0] = shared
+    blocks[2].layer.branch[2] = shared  # in two hidden blocks: a pipelined step would scale it twice
+    assert rule._folded(blocks) is None
+    blocks[2].layer.branch[2] = nn.Conv2d(2, 2, 3, padding=1)
+    blocks[1].layer.branch[2] = shared  # twice in one block: one weight, scaled once
+    assert sum(p is shared.weight for p in rule._folded(blocks)[1]) == 1
+    assert fresh(pipeline=True)[2]._folded(blocks) is not None  # each block scaled after its own backward
+    assert fresh(deep_weight=0.0)[2]._folded(blocks) is None
+    blocks, deep, rule = fresh()
+    assert rule._folded([b.half() for b in blocks]) is None
+    assert rule._folded(fresh()[0][::3]) is None  # no hidden block above the first
 
 
 def test_ftp_pooled_grid_is_cut_only_where_the_windows_are_g_blocks_patches():

@@ -36,10 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Block, Net, Residual, two_pass
+from ..models import Block, Net, Residual, submodules, two_pass
 from ._common import begin_step, local_forward, output_error
 from .base import Rule, StepOutput
 
+# torch's hooks on every module (torch.nn.modules.module.register_module_forward_hook and the like)
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
 G_DISTS = ("gaussian", "uniform", "sparse", "orthogonal")
 NONLINS = ("tanh", "linear")
 
@@ -125,20 +128,31 @@ def _radial(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(d, v).div_(torch.linalg.vector_norm(v, dim=1).square_().clamp_min_(1e-12))
 
 
-def _tangential_gap(h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+def _tangential_gap(h: torch.Tensor, t: torch.Tensor, scale: float, overwrite: bool = False) -> torch.Tensor:
     """scale * P(h - t), `_tangential` of the scaled gap between h and its target t, in h's memory order.
 
-    P removes each sample's component along h, so P(h) = 0 and scale * P(h - t) = scale * (c h - t) with
+    P removes each sample's component along h, so P(h) = 0 and scale * P(h - t) = -scale * (t - c h) with
     c = <t, h> / |h|^2 per sample: the gap h - t is never built, one pass fewer over two maps per block and step
     than projecting it (the tangent projections are most of what FTP adds to a residual CNN's step: docs/ALGORITHM.md,
-    "The stem residual net's step time").
+    "The stem residual net's step time"). t - c h is one kernel; scale = -1, the unit error of a folded loss weight
+    (`_folded`), needs no other, and `overwrite` writes it into t itself (a target no later step reads).
     Equal to `_tangential((h - t) * scale, h)` up to rounding.
     """
     t = _like(t, h)
     v = _rows(h)
-    gap = torch.mul(t, -scale)
-    _rows(gap).addcmul_(_radial(_rows(t), v).mul_(scale).unsqueeze(1), v)
-    return gap
+    c = _radial(_rows(t), v).unsqueeze(1)
+    if overwrite:
+        gap = t
+        _rows(gap).addcmul_(c, v, value=-1)
+    else:  # written through a view of a map laid out as h is (empty_like keeps t's, which is h's)
+        gap = torch.empty_like(t)
+        torch.addcmul(_rows(t), c, v, value=-1, out=_rows(gap))
+    return gap if scale == -1 else gap.mul_(-scale)
+
+
+def _scaled_gap(h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (h - t): one kernel for the unit error of a folded loss weight (scale = -1, `_folded`)."""
+    return torch.sub(t, h) if scale == -1 else (h - t).mul_(scale)
 
 
 def _max_pool(pre: nn.Module) -> nn.MaxPool2d | None:
@@ -347,11 +361,12 @@ class FTP(Rule):
     def _gap_error(self, blocks: list[Block], l: int, h: torch.Tensor, t: torch.Tensor, scale: float,
                    pooled: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """`_error` of err = scale (h_l - t_l): hidden block l's error from its target, scale being its local loss's
-        weight / (gamma B). Where the loss is measured on h_l itself, with the tangent projection, the gap is
-        projected without being built (`_tangential_gap`)."""
+        weight / (gamma B), or -1 where that weight is applied to the gradients instead (`_folded`). Where the loss
+        is measured on h_l itself, with the tangent projection, the gap is projected without being built
+        (`_tangential_gap`)."""
         if self.tangent and self._on_output(blocks, l):
             return _tangential_gap(h, t, scale)
-        return self._error(blocks, l, h, (h - t).mul_(scale), pooled)
+        return self._error(blocks, l, h, _scaled_gap(h, t, scale), pooled)
 
     def _error(self, blocks: list[Block], l: int, h: torch.Tensor, err: torch.Tensor,
                pooled: dict[int, tuple[torch.Tensor, torch.Tensor]], on_grid: bool = False) -> torch.Tensor:
@@ -394,16 +409,58 @@ class FTP(Rule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "ftp")
+        folded = self._folded(list(model.blocks))  # before FTP's own taps are hooked in
         inner = _InnerTargets(model) if self.inner_targets else None
         try:
             with two_pass(model, "ftp") as passes:
-                return self._step(model, x, y, passes, inner)
+                return self._step(model, x, y, passes, inner, folded)
         finally:
             if inner is not None:
                 inner.remove()
 
-    def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes, inner: _InnerTargets | None  # noqa: ANN001
-              ) -> StepOutput:
+    def _folded(self, blocks: list[Block]) -> dict[int, list[torch.Tensor]] | None:
+        """Per hidden block l = 2..L-1, its parameters, when these blocks' local loss weight w / (gamma B) can be
+        applied to their gradients after the backward instead of to their errors before it; else None.
+
+        Backward is linear in the error it starts from, so the gradients are the same up to rounding, and the error of
+        such a block is one kernel, t - c h (`_tangential_gap` with scale -1), instead of two: on the stem residual
+        net about 0.1 ms per block at batch 64 (docs/ALGORITHM.md, "The stem residual net's step time"). Not done
+        where anything could see those errors or gradients on their way (module, global module or parameter hooks:
+        hardware simulation quantizes the errors, so their scale matters), where a parameter belongs to two blocks
+        (its gradient would mix weights), in float16 (unit errors make gradients gamma B / w times larger), or with
+        w = 0. Checked every step, as `_closed_form_derivatives` is: a model may gain hooks between steps.
+        """
+        if not self.deep_weight > 0 or len(blocks) < 3 or any(
+                getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS):
+            return None
+        owner: dict[int, int] = {}
+        folded: dict[int, list[torch.Tensor]] = {}
+        for l, block in enumerate(blocks):
+            hidden = 0 < l < len(blocks) - 1
+            params: dict[int, torch.Tensor] = {}
+            for m in submodules(block):
+                if hidden and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+                    return None
+                for p in m._parameters.values():
+                    if p is None:
+                        continue
+                    if owner.setdefault(id(p), l) != l:
+                        return None
+                    if hidden:
+                        if p.dtype == torch.float16 or p._backward_hooks or p._post_accumulate_grad_hooks:
+                            return None
+                        params[id(p)] = p
+            if hidden:
+                folded[l] = list(params.values())
+        return folded
+
+    @staticmethod
+    def _unfold(params: list[torch.Tensor], weight: float) -> None:
+        """The folded loss weight (`_folded`) applied to the gradients its unit errors gave."""
+        torch._foreach_mul_([q.grad for q in params if q.grad is not None], weight)
+
+    def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes, inner: _InnerTargets | None,  # noqa: ANN001
+              folded: dict[int, list[torch.Tensor]] | None) -> StepOutput:
         blocks = list(model.blocks)  # a plain list: indexing or slicing the ModuleList costs 4-20 us a time
         batch = x.shape[0]
         derivatives = _closed_form_derivatives(blocks)  # None unless every block is Linear + a pointwise activation
@@ -420,6 +477,9 @@ class FTP(Rule):
         passes.replay()  # from here on: the first pass's dropout masks and batch-norm statistics
 
         deep = self.deep_weight / (self.gamma * batch)  # hidden blocks 2..L-1: their local loss's weight / (gamma B)
+        if derivatives is not None:  # no backward to fold the weight into
+            folded = None
+        scale = deep if folded is None else -1.0  # what their errors are built with (`_folded`)
         loss, p, e = output_error(z, y)
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # autograd roots and their gradients, not yet run
         due: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (block, error, layer input on the target path)
@@ -454,6 +514,8 @@ class FTP(Rule):
             if pending:
                 torch.autograd.backward(*zip(*pending))
                 pending.clear()
+            if folded and l in folded:
+                self._unfold(folded[l], -deep)
             if self.block_ready is not None:
                 self.block_ready(l)
 
@@ -490,13 +552,16 @@ class FTP(Rule):
                 if inner is not None and l in inner.records:  # the branch's first conv: its own target, recorded
                     mid, t_mid = inner.records[l]              # by this pass, its loss weighted as a deeper block's
                     held = mid.detach()                        # (no pre ops lie between it and the next conv)
-                    mid_errs[l] = _tangential_gap(held, t_mid, deep) if self.tangent else (held - t_mid).mul_(deep)
-                ready(l, self._gap_error(blocks, l, outs[l].detach(), t, deep, pooled), u)
+                    mid_errs[l] = _tangential_gap(held, t_mid, scale, overwrite=True) if self.tangent else \
+                        _scaled_gap(held, t_mid, scale)  # t_mid has done its work: the branch's second conv read it
+                ready(l, self._gap_error(blocks, l, outs[l].detach(), t, scale, pooled), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
                 fill(l, err, t_input)
         if pending:
             torch.autograd.backward(*zip(*pending))
+        if folded and not self.pipeline:
+            self._unfold([q for params in folded.values() for q in params], -deep)
         return StepOutput(loss, z.detach() if derivatives is None else z)
 
     def _pooled_grid(self, h1: torch.Tensor) -> torch.Tensor:
