@@ -423,8 +423,8 @@ class FTP(Rule):
         applied to their gradients after the backward instead of to their errors before it; else None.
 
         Backward is linear in the error it starts from, so the gradients are the same up to rounding, and the error of
-        such a block is one kernel, t - c h (`_tangential_gap` with scale -1), instead of two: on the stem residual
-        net about 0.1 ms per block at batch 64 (docs/ALGORITHM.md, "The stem residual net's step time"). Not done
+        such a block is one kernel, t - c h (`_tangential_gap` with scale -1), instead of two: one pass over two maps
+        fewer per error (docs/ALGORITHM.md, "The folded loss weight"). Not done
         where anything could see those errors or gradients on their way (module, global module or parameter hooks:
         hardware simulation quantizes the errors, so their scale matters), where a parameter belongs to two blocks
         (its gradient would mix weights), in float16 (unit errors make gradients gamma B / w times larger), or with
