@@ -642,6 +642,80 @@ def test_ftp_folds_the_loss_weight_only_where_nothing_sees_the_errors():
     assert rule._folded(fresh()[0][::3]) is None  # no hidden block above the first
 
 
+LOW_RANK_CASES = [
+    ("f-l8-tanh-l6-tanh-l3", dict()),
+    ("f-l8-tanh-l6-tanh-l3", dict(gamma_mode="multiplier", update_input="t")),
+    ("c2k3-relu-c2k3-relu-f-l3", dict(inject="every")),
+    ("c2k3-relu-f-l5-relu-l3", dict(compare_at="next-input")),
+    ("c2k3-relu-r2-r2-f-l3", dict(inner_targets=True)),
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(inner_targets=True, deep_weight=0.3, g_block=2, compare_at="next-input")),
+    ("c2k3-relu-p2-c2k3-relu-f-l3", dict(g_block=2, compare_at="next-input", tangent=False)),
+    ("c2k3-relu-p2-r2bn-d0.2-f-l3", dict(g_block=2, compare_at="next-input")),
+]
+
+
+@pytest.mark.parametrize("spec, options", LOW_RANK_CASES)
+def test_ftp_second_pass_first_op_at_rank_k_equals_running_it(monkeypatch, spec, options):
+    """With a linear contrast, t_1 - h_1 = -gamma B (e / B) G has rank K, so block 2's first linear op (its layer, or
+    its residual branch's first conv) on the target path is its first-pass output plus the op applied to G's K rows
+    (`_LowRankFirst`): the same gradients as running the op on the batch's targets, and the op is left as it was."""
+    from ftprop.rules import ftp
+
+    torch.manual_seed(0)
+    model = randomize(spec_model(spec, SHAPE, 3).double())
+    x, y = batch(7)
+    op = make_rule("ftp", **options)._low_rank_op(list(model.blocks))
+    assert op is not None  # the op is run at rank K in the first run
+    got = []
+    for low_rank in (True, False):
+        if not low_rank:
+            monkeypatch.setattr(ftp.FTP, "_low_rank_op", lambda self, blocks: None)
+        net = copy.deepcopy(model)
+        rule = make_rule("ftp", gamma=0.3, g_scale=0.5, **options)
+        torch.manual_seed(3)  # the same dropout masks
+        rule.step(net, x, y)
+        got.append([p.grad for p in net.parameters()])
+        assert not any("forward" in m.__dict__ for m in net.modules())  # nothing patched remains
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_ftp_second_pass_first_op_runs_at_rank_k_only_where_it_is_exact():
+    """Not with a tanh contrast (t_1 - h_1 is then not of rank K), not behind a max-pool whose windows are not G's
+    patches (pooling is not linear), not where a hook on block 2 would watch the op run."""
+    def rule_op(spec, **options):
+        return make_rule("ftp", **options)._low_rank_op(list(spec_model(spec, SHAPE, 3).blocks))
+
+    assert isinstance(rule_op("c2k3-relu-r2-r2-f-l3"), nn.Conv2d)
+    assert rule_op("c2k3-relu-r2-r2-f-l3", target_nonlin="tanh") is None
+    assert rule_op("c2k3-relu-p2-r2-r2-f-l3") is None  # loss on the full map: the second pass pools t_1 itself
+    assert rule_op("c2k3-relu-p2-r2-r2-f-l3", compare_at="next-input") is None  # g_block 1: not the pool's windows
+    assert rule_op("c2k3-relu-f-l3") is None  # no second pass
+    blocks = list(spec_model("c2k3-relu-r2-r2-f-l3", SHAPE, 3).blocks)
+    blocks[1].post.register_forward_hook(lambda m, i, o: None)
+    assert make_rule("ftp")._low_rank_op(blocks) is None
+
+
+def test_ftp_second_pass_first_op_used_twice_runs_as_usual(monkeypatch):
+    """An op that the first pass calls twice (one module in blocks 2 and 3) has no one first-pass output to start
+    from: the second pass runs it on the targets, and the gradients are those of the unpatched step."""
+    from ftprop.rules import ftp
+
+    torch.manual_seed(0)
+    model = randomize(spec_model("c2k3p1-relu-c2k3p1-relu-c2k3p1-relu-f-l3", SHAPE, 3).double())
+    model.blocks[2].layer = model.blocks[1].layer
+    x, y = batch(7)
+    got = []
+    for low_rank in (True, False):
+        if not low_rank:
+            monkeypatch.setattr(ftp.FTP, "_low_rank_op", lambda self, blocks: None)
+        net = copy.deepcopy(model)
+        make_rule("ftp", gamma=0.3, g_scale=0.5).step(net, x, y)
+        got.append([p.grad for p in net.parameters()])
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_ftp_pooled_grid_is_cut_only_where_the_windows_are_g_blocks_patches():
     """The pooled grid needs the pool's windows to be exactly G's k x k patches: kernel = stride = g_block, no
     padding, no dilation. Otherwise (or with another g_block) FTP pools the full map as the forward pass does."""

@@ -85,6 +85,48 @@ class _InnerTargets:
             h.remove()
 
 
+class _LowRankFirst:
+    """Block 2's first linear op (its layer, or the first module of its residual branch) on the target path as its
+    first-pass output plus the op applied to the contrast's rows, for one FTP step.
+
+    With a linear contrast, t_1 - h_1 = -gamma B (e / B) G has rank <= K (the classes), so for a linear op L with
+    bias b, L(t_1) + b = (L(h_1) + b) - gamma B (e / B) L(G): L runs on the K rows of G instead of the B samples of the
+    batch (docs/ALGORITHM.md, "The second pass's first op at rank K"). While installed, the op's `forward` is replaced
+    (as `two_pass` does for dropout and batch norm): the first pass runs the op and records its output; once `arm`ed,
+    the op's next call returns the low-rank sum and ignores its input, which FTP has made pre_2(h_1 + delta) with
+    delta = -gamma B (e / B) G; every later call runs the op again. A module called twice in the first pass (used
+    twice) is never armed.
+    """
+
+    def __init__(self, op: nn.Linear | nn.Conv2d) -> None:
+        self.op = op
+        self.out: torch.Tensor | None = None
+        self.calls = 0
+        self.low_rank: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        op.forward = self._forward
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.low_rank is not None:
+            coeffs, rows, alpha = self.low_rank
+            self.low_rank = None
+            linear = self.op._conv_forward(rows, self.op.weight, None) if isinstance(self.op, nn.Conv2d) \
+                else F.linear(rows, self.op.weight)
+            return torch.addmm(self.out.flatten(1), coeffs, linear.flatten(1), alpha=alpha).view_as(self.out)
+        out = type(self.op).forward(self.op, x)
+        self.calls += 1
+        self.out = out.detach() if self.calls == 1 else None
+        return out
+
+    def arm(self, coeffs: torch.Tensor, rows: torch.Tensor, alpha: float) -> None:
+        """The next call returns out + alpha coeffs op(rows) (rows: the op's inputs for the K rows of G)."""
+        if self.out is not None and self.out.is_contiguous():  # a channels-last map would be copied to its rows
+            self.low_rank = (coeffs, rows, alpha)
+        self.calls = 2  # recorded once: no later call records again
+
+    def remove(self) -> None:
+        del self.op.__dict__["forward"]
+
+
 def _channels_last(t: torch.Tensor) -> bool:
     """Whether a map is stored channels-last (N, H, W, C in memory) rather than in PyTorch's default order."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
@@ -409,14 +451,37 @@ class FTP(Rule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "ftp")
-        folded = self._folded(list(model.blocks))  # before FTP's own taps are hooked in
+        blocks = list(model.blocks)
+        folded = self._folded(blocks)  # before FTP's own taps are hooked in
+        op = self._low_rank_op(blocks)
+        first = _LowRankFirst(op) if op is not None else None
         inner = _InnerTargets(model) if self.inner_targets else None
         try:
             with two_pass(model, "ftp") as passes:
-                return self._step(model, x, y, passes, inner, folded)
+                return self._step(model, x, y, passes, inner, folded, first)
         finally:
             if inner is not None:
                 inner.remove()
+            if first is not None:
+                first.remove()
+
+    def _low_rank_op(self, blocks: list[Block]) -> nn.Linear | nn.Conv2d | None:
+        """Block 2's first linear op when the second pass can run it at rank K (`_LowRankFirst`): a linear contrast,
+        a second pass, block 2's input ops only reshaping h_1 or being the max-pool whose windows are G's patches (the
+        second pass then starts from the pooled grid), and no hook in block 2 that would watch the op run."""
+        if self.target_nonlin != "linear" or len(blocks) < 3 or any(
+                getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS):
+            return None
+        block = blocks[1]
+        grid = self.compare_at == "next-input" and _windows(_max_pool(block.pre)) == self.g_block
+        if not (grid or _reshapes_only(block.pre)) or any(
+                m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                for m in submodules(block)):
+            return None
+        op = block.layer
+        if isinstance(op, Residual) and isinstance(op.branch, nn.Sequential) and len(op.branch):
+            op = op.branch[0]
+        return op if type(op) in (nn.Linear, nn.Conv2d) and "forward" not in op.__dict__ else None
 
     def _folded(self, blocks: list[Block]) -> dict[int, list[torch.Tensor]] | None:
         """Per hidden block l = 2..L-1, its parameters, when these blocks' local loss weight w / (gamma B) can be
@@ -460,7 +525,7 @@ class FTP(Rule):
         torch._foreach_mul_([q.grad for q in params if q.grad is not None], weight)
 
     def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes, inner: _InnerTargets | None,  # noqa: ANN001
-              folded: dict[int, list[torch.Tensor]] | None) -> StepOutput:
+              folded: dict[int, list[torch.Tensor]] | None, first: _LowRankFirst | None) -> StepOutput:
         blocks = list(model.blocks)  # a plain list: indexing or slicing the ModuleList costs 4-20 us a time
         batch = x.shape[0]
         derivatives = _closed_form_derivatives(blocks)  # None unless every block is Linear + a pointwise activation
@@ -539,6 +604,10 @@ class FTP(Rule):
             err = self._contrast_map(p, e, batch, G, start)
             # t_1 = h_1 - gamma B err (or its pool), built only when a second pass needs it (before err is projected)
             t = torch.add(start, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
+            if first is not None and (on_grid or _reshapes_only(blocks[1].pre)):  # block 2's first op at rank K
+                rows = G.view(G.shape[0], *start.shape[1:])  # G's rows as maps (or vectors) like start's samples
+                rows = _after_pool(blocks[1].pre, rows) if on_grid else blocks[1].pre(rows)
+                first.arm(e / batch, rows, -self.gamma * batch)
             ready(0, self._error(blocks, 0, h1, err, pooled, on_grid), inputs[0])
             # Second pass: the target travels forward through the network's own weights.
             for l in range(1, len(blocks) - 1):
