@@ -561,6 +561,24 @@ def test_ftp_tangential_gap_is_the_projected_gap(layout):
         assert written.data_ptr() == t_kept.data_ptr()
 
 
+def assert_same_ftp_grads_without(monkeypatch, method: str, model: nn.Module, x, y, **options) -> None:
+    """FTP's gradients on `model` equal those of a step in which `FTP.<method>` finds nothing to do (returns None):
+    a rewrite of the step that must change nothing but rounding."""
+    from ftprop.rules import ftp
+
+    got = []
+    for rewritten in (True, False):
+        if not rewritten:
+            monkeypatch.setattr(ftp.FTP, method, lambda self, blocks: None)
+        net = copy.deepcopy(model)
+        torch.manual_seed(3)  # the same dropout masks
+        make_rule("ftp", **{"gamma": 0.3, "g_scale": 0.5} | options).step(net, x, y)
+        got.append([p.grad for p in net.parameters()])
+        assert not any("forward" in m.__dict__ for m in net.modules())  # nothing patched remains
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("spec, options", [
     ("c2k3-relu-p2-r2-r2-f-l3", dict()),
     ("c2k3-relu-p2-r2-r2-f-l3", dict(inner_targets=True, deep_weight=0.3, g_block=2, compare_at="next-input")),
@@ -576,24 +594,11 @@ def test_ftp_tangential_gap_is_the_projected_gap(layout):
 def test_ftp_folded_loss_weight_gives_the_weighted_gradients(monkeypatch, spec, options):
     """Blocks 2..L-1 built with unit errors and their gradients scaled by -deep_weight / (gamma B) after the backward
     (`_folded`) get the gradients of errors built with that weight: backward is linear in the error it starts from."""
-    from ftprop.rules import ftp
-
     torch.manual_seed(0)
     layout = torch.channels_last if options.pop("memory_format", None) else torch.contiguous_format
     model = randomize(spec_model(spec, SHAPE, 3).double()).to(memory_format=layout)
-    x, y = batch(7)
     assert make_rule("ftp", **options)._folded(list(model.blocks))  # folded in the first run
-    got = []
-    for fold in (True, False):
-        if not fold:
-            monkeypatch.setattr(ftp.FTP, "_folded", lambda self, blocks: None)
-        net = copy.deepcopy(model)
-        rule = make_rule("ftp", gamma=0.3, g_scale=0.5, **options)
-        torch.manual_seed(3)  # the same dropout masks
-        rule.step(net, x, y)
-        got.append([p.grad for p in net.parameters()])
-    for a, b in zip(*got, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_same_ftp_grads_without(monkeypatch, "_folded", model, *batch(7), **options)
 
 
 def test_ftp_folds_the_loss_weight_only_where_nothing_sees_the_errors():
@@ -659,25 +664,10 @@ def test_ftp_second_pass_first_op_at_rank_k_equals_running_it(monkeypatch, spec,
     """With a linear contrast, t_1 - h_1 = -gamma B (e / B) G has rank K, so block 2's first linear op (its layer, or
     its residual branch's first conv) on the target path is its first-pass output plus the op applied to G's K rows
     (`_LowRankFirst`): the same gradients as running the op on the batch's targets, and the op is left as it was."""
-    from ftprop.rules import ftp
-
     torch.manual_seed(0)
     model = randomize(spec_model(spec, SHAPE, 3).double())
-    x, y = batch(7)
-    op = make_rule("ftp", **options)._low_rank_op(list(model.blocks))
-    assert op is not None  # the op is run at rank K in the first run
-    got = []
-    for low_rank in (True, False):
-        if not low_rank:
-            monkeypatch.setattr(ftp.FTP, "_low_rank_op", lambda self, blocks: None)
-        net = copy.deepcopy(model)
-        rule = make_rule("ftp", gamma=0.3, g_scale=0.5, **options)
-        torch.manual_seed(3)  # the same dropout masks
-        rule.step(net, x, y)
-        got.append([p.grad for p in net.parameters()])
-        assert not any("forward" in m.__dict__ for m in net.modules())  # nothing patched remains
-    for a, b in zip(*got, strict=True):
-        torch.testing.assert_close(a, b)
+    assert make_rule("ftp", **options)._low_rank_op(list(model.blocks)) is not None  # run at rank K in the first run
+    assert_same_ftp_grads_without(monkeypatch, "_low_rank_op", model, *batch(7), **options)
 
 
 def test_ftp_second_pass_first_op_runs_at_rank_k_only_where_it_is_exact():
@@ -699,21 +689,11 @@ def test_ftp_second_pass_first_op_runs_at_rank_k_only_where_it_is_exact():
 def test_ftp_second_pass_first_op_used_twice_runs_as_usual(monkeypatch):
     """An op that the first pass calls twice (one module in blocks 2 and 3) has no one first-pass output to start
     from: the second pass runs it on the targets, and the gradients are those of the unpatched step."""
-    from ftprop.rules import ftp
-
     torch.manual_seed(0)
     model = randomize(spec_model("c2k3p1-relu-c2k3p1-relu-c2k3p1-relu-f-l3", SHAPE, 3).double())
     model.blocks[2].layer = model.blocks[1].layer
-    x, y = batch(7)
-    got = []
-    for low_rank in (True, False):
-        if not low_rank:
-            monkeypatch.setattr(ftp.FTP, "_low_rank_op", lambda self, blocks: None)
-        net = copy.deepcopy(model)
-        make_rule("ftp", gamma=0.3, g_scale=0.5).step(net, x, y)
-        got.append([p.grad for p in net.parameters()])
-    for a, b in zip(*got, strict=True):
-        torch.testing.assert_close(a, b)
+    assert make_rule("ftp")._low_rank_op(list(model.blocks)) is model.blocks[1].layer
+    assert_same_ftp_grads_without(monkeypatch, "_low_rank_op", model, *batch(7))
 
 
 def test_ftp_pooled_grid_is_cut_only_where_the_windows_are_g_blocks_patches():
