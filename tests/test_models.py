@@ -696,6 +696,17 @@ def test_ftp_second_pass_first_op_used_twice_runs_as_usual(monkeypatch):
     assert_same_ftp_grads_without(monkeypatch, "_low_rank_op", model, *batch(7))
 
 
+def test_ftp_second_pass_first_op_changed_in_place_runs_as_usual(monkeypatch):
+    """An in-place activation after the op overwrites the output the first pass recorded: the second pass then runs
+    the op on the targets, and the gradients are those of the unpatched step."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3), nn.ReLU(inplace=True),  # then a block
+                        nn.Conv2d(2, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).double()  # that reads t_2
+    model = from_sequential(seq)
+    assert make_rule("ftp")._low_rank_op(list(model.blocks)) is seq[2]
+    assert_same_ftp_grads_without(monkeypatch, "_low_rank_op", model, *batch(7))
+
+
 def test_ftp_pooled_grid_is_cut_only_where_the_windows_are_g_blocks_patches():
     """The pooled grid needs the pool's windows to be exactly G's k x k patches: kernel = stride = g_block, no
     padding, no dilation. Otherwise (or with another g_block) FTP pools the full map as the forward pass does."""

@@ -101,6 +101,7 @@ class _LowRankFirst:
     def __init__(self, op: nn.Linear | nn.Conv2d) -> None:
         self.op = op
         self.out: torch.Tensor | None = None
+        self.version = 0  # the output's version counter when recorded
         self.calls = 0
         self.low_rank: tuple[torch.Tensor, torch.Tensor, float] | None = None
         op.forward = self._forward
@@ -115,11 +116,14 @@ class _LowRankFirst:
         out = type(self.op).forward(self.op, x)
         self.calls += 1
         self.out = out.detach() if self.calls == 1 else None
+        self.version = out._version
         return out
 
     def arm(self, coeffs: torch.Tensor, rows: torch.Tensor, alpha: float) -> None:
-        """The next call returns out + alpha coeffs op(rows) (rows: the op's inputs for the K rows of G)."""
-        if self.out is not None and self.out.is_contiguous():  # a channels-last map would be copied to its rows
+        """The next call returns out + alpha coeffs op(rows) (rows: the op's inputs for the K rows of G). Not when
+        the recorded output was changed in place since (an in-place activation after the op), nor for a channels-last
+        output, whose rows would be copies."""
+        if self.out is not None and self.out._version == self.version and self.out.is_contiguous():
             self.low_rank = (coeffs, rows, alpha)
         self.calls = 2  # recorded once: no later call records again
 
