@@ -43,6 +43,15 @@ from .base import Rule, StepOutput
 # torch's hooks on every module (torch.nn.modules.module.register_module_forward_hook and the like)
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
+
+
+def _hooked(m: nn.Module | None = None) -> bool:
+    """Whether a hook could watch or change what runs through module m (any module: torch's global hooks, when m is
+    None): the step rewrites that change what a module computes or carries (`FTP._folded`, `FTP._low_rank_op`) are
+    not made there."""
+    if m is None:
+        return any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 G_DISTS = ("gaussian", "uniform", "sparse", "orthogonal")
 NONLINS = ("tanh", "linear")
 
@@ -115,7 +124,7 @@ class _LowRankFirst:
             return torch.addmm(self.out.flatten(1), coeffs, linear.flatten(1), alpha=alpha).view_as(self.out)
         out = type(self.op).forward(self.op, x)
         self.calls += 1
-        self.out = out.detach() if self.calls == 1 else None
+        self.out = out.detach() if self.calls == 1 else None  # any later call: no one output to start from
         self.version = out._version
         return out
 
@@ -125,7 +134,6 @@ class _LowRankFirst:
         output, whose rows would be copies."""
         if self.out is not None and self.out._version == self.version and self.out.is_contiguous():
             self.low_rank = (coeffs, rows, alpha)
-        self.calls = 2  # recorded once: no later call records again
 
     def remove(self) -> None:
         del self.op.__dict__["forward"]
@@ -455,14 +463,15 @@ class FTP(Rule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "ftp")
-        blocks = list(model.blocks)
-        folded = self._folded(blocks)  # before FTP's own taps are hooked in
-        op = self._low_rank_op(blocks)
+        blocks = list(model.blocks)  # a plain list: indexing or slicing the ModuleList costs 4-20 us a time
+        derivatives = _closed_form_derivatives(blocks)  # None unless every block is Linear + a pointwise activation
+        folded = self._folded(blocks) if derivatives is None else None  # (closed form: no backward to fold into)
+        op = self._low_rank_op(blocks)  # both checked before FTP's own taps are hooked in
         first = _LowRankFirst(op) if op is not None else None
         inner = _InnerTargets(model) if self.inner_targets else None
         try:
             with two_pass(model, "ftp") as passes:
-                return self._step(model, x, y, passes, inner, folded, first)
+                return self._step(model, blocks, x, y, passes, derivatives, inner, folded, first)
         finally:
             if inner is not None:
                 inner.remove()
@@ -473,14 +482,11 @@ class FTP(Rule):
         """Block 2's first linear op when the second pass can run it at rank K (`_LowRankFirst`): a linear contrast,
         a second pass, block 2's input ops only reshaping h_1 or being the max-pool whose windows are G's patches (the
         second pass then starts from the pooled grid), and no hook in block 2 that would watch the op run."""
-        if self.target_nonlin != "linear" or len(blocks) < 3 or any(
-                getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS):
+        if self.target_nonlin != "linear" or len(blocks) < 3 or _hooked():
             return None
         block = blocks[1]
         grid = self.compare_at == "next-input" and _windows(_max_pool(block.pre)) == self.g_block
-        if not (grid or _reshapes_only(block.pre)) or any(
-                m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                for m in submodules(block)):
+        if not (grid or _reshapes_only(block.pre)) or any(_hooked(m) for m in submodules(block)):
             return None
         op = block.layer
         if isinstance(op, Residual) and isinstance(op.branch, nn.Sequential) and len(op.branch):
@@ -499,8 +505,7 @@ class FTP(Rule):
         (its gradient would mix weights), in float16 (unit errors make gradients gamma B / w times larger), or with
         w = 0. Checked every step, as `_closed_form_derivatives` is: a model may gain hooks between steps.
         """
-        if not self.deep_weight > 0 or len(blocks) < 3 or any(
-                getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS):
+        if not self.deep_weight > 0 or len(blocks) < 3 or _hooked():
             return None
         owner: dict[int, int] = {}
         folded: dict[int, list[torch.Tensor]] = {}
@@ -508,7 +513,7 @@ class FTP(Rule):
             hidden = 0 < l < len(blocks) - 1
             params: dict[int, torch.Tensor] = {}
             for m in submodules(block):
-                if hidden and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+                if hidden and _hooked(m):
                     return None
                 for p in m._parameters.values():
                     if p is None:
@@ -528,11 +533,10 @@ class FTP(Rule):
         """The folded loss weight (`_folded`) applied to the gradients its unit errors gave."""
         torch._foreach_mul_([q.grad for q in params if q.grad is not None], weight)
 
-    def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes, inner: _InnerTargets | None,  # noqa: ANN001
+    def _step(self, model: Net, blocks: list[Block], x: torch.Tensor, y: torch.Tensor, passes,  # noqa: ANN001
+              derivatives: list[tuple[Callable, nn.Module]] | None, inner: _InnerTargets | None,
               folded: dict[int, list[torch.Tensor]] | None, first: _LowRankFirst | None) -> StepOutput:
-        blocks = list(model.blocks)  # a plain list: indexing or slicing the ModuleList costs 4-20 us a time
         batch = x.shape[0]
-        derivatives = _closed_form_derivatives(blocks)  # None unless every block is Linear + a pointwise activation
 
         # First pass: each block sees a detached input, so its graph is local to it. With closed-form local
         # gradients no graph is needed at all: FTP has no backward pass to prepare for.
@@ -546,8 +550,6 @@ class FTP(Rule):
         passes.replay()  # from here on: the first pass's dropout masks and batch-norm statistics
 
         deep = self.deep_weight / (self.gamma * batch)  # hidden blocks 2..L-1: their local loss's weight / (gamma B)
-        if derivatives is not None:  # no backward to fold the weight into
-            folded = None
         scale = deep if folded is None else -1.0  # what their errors are built with (`_folded`)
         loss, p, e = output_error(z, y)
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # autograd roots and their gradients, not yet run
