@@ -12,6 +12,7 @@ optimizer steps included, like the others.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -84,6 +85,27 @@ def _setups(rules: dict[str, Rule], make_model: Callable[[], Net], device: torch
     return setups
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of the population `values` were drawn from: the
+    order statistics (j, n + 1 - j) with j the largest rank for which a Binomial(n, 1/2) count falls below j with
+    probability at most (1 - level) / 2, so the interval covers the median with probability at least `level` whatever
+    the distribution (e.g. the 4th and 12th of 15 values, 96.5%). None when n is too small for that (n < 6 at 95%).
+
+    Why: a ratio's range over repeats widens as repeats are added, while the uncertainty of its median narrows; a
+    goal such as FTP / BP <= 1.15 is settled by where the median can lie, not by the extremes of single repeats.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"median_interval: level must be in (0, 1), got {level}")
+    n, tail, j = len(values), 0.0, 0
+    while j < n and tail + math.comb(n, j) / 2 ** n <= (1 - level) / 2:
+        tail += math.comb(n, j) / 2 ** n
+        j += 1
+    if j == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[j - 1], ordered[n - j]
+
+
 def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Tensor, y: torch.Tensor,
               batch_size: int, rounds: int = 15, steps_per_round: int = 20, warmup: int = 5,
               repeats: int = 1) -> dict[str, dict[str, Any]]:
@@ -93,7 +115,8 @@ def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Te
     ratio between two rules moves from one set of models to the next by more than it moves between rounds (measured
     on the residual CNN, 2 threads: 1.13 to 1.22 over five repeats in one process, each the median of 7 rounds), so a
     single set's median understates the uncertainty. The ratio is then the median over repeats of each repeat's
-    ratio, with its range in `ratio_range` (None for BP itself); step times are medians of the repeats' medians.
+    ratio, with its range in `ratio_range` (None for BP itself) and a 95% confidence interval for that median in
+    `ratio_ci` (`median_interval`; None with fewer than 6 repeats); step times are medians of the repeats' medians.
     rounds=0 measures FLOPs and memory only (timing fields are then None).
     """
     if repeats < 1:
@@ -138,6 +161,7 @@ def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Te
         r["step_time_iqr_s"] = quartiles[2] - quartiles[0] if quartiles else None
         r["ratio_to_bp"] = statistics.median(ratios) if ratios else None
         r["ratio_range"] = (min(ratios), max(ratios)) if len(ratios) > 1 and name != "bp" else None
+        r["ratio_ci"] = median_interval(ratios) if name != "bp" else None
         r["flops_per_sample"] = r["flops_per_step"] / batch_size
         r["batch_size"] = batch_size
         r["rounds"] = rounds

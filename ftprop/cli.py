@@ -148,12 +148,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
         return 0
     timed = lambda v, scale=1.0: "-" if v is None else f"{scale * v:.3f}"  # noqa: E731  (--rounds 0: no timings)
+    ci = lambda span: "-" if span is None else f"{span[0]:.3f}-{span[1]:.3f}"  # noqa: E731  (< 6 repeats: none)
     rows = [[name, timed(r["step_time_median_s"], 1e3), timed(r["ratio_to_bp"]) + report.ratio_range(r["ratio_range"]),
-             f"{r['flops_per_sample'] / 1e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"] for name, r in results.items()]
+             ci(r["ratio_ci"]), f"{r['flops_per_sample'] / 1e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"]
+            for name, r in results.items()]
     repeated = f"{args.repeats} repeats (fresh models each) of " if args.repeats > 1 else ""
     print(f"{cfg.dataset}, {cfg.model_label()}, batch {cfg.batch_size}, {repeated}{args.rounds} interleaved "
           f"rounds of {args.steps} steps; machine: {report.machine()}\n")
-    print(report.markdown_table(["rule", "step ms (median)", "time / BP", "MFLOP / sample", "peak MiB / step"], rows))
+    print(report.markdown_table(["rule", "step ms (median)", "time / BP", "95% CI of its median", "MFLOP / sample",
+                                 "peak MiB / step"], rows))
     return 0
 
 
@@ -283,7 +286,8 @@ def parser() -> argparse.ArgumentParser:
                    "--log-alignment, alternating epochs)")
     b.add_argument("--steps", type=int, default=20, help="training steps per round (default 20)")
     b.add_argument("--repeats", type=int, default=1, help="time the rounds this many times, with fresh models each "
-                   "time; time / BP is then the median over repeats, with its range (default 1)")
+                   "time; time / BP is then the median over repeats, with its range and, from 6 repeats, a 95%% confidence "
+                   "interval for that median (default 1)")
     b.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
     b.add_argument("--pipeline", action="store_true", help="also time FTP with pipeline=True (per-block updates)")
     _add_config_flags(b)

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from ftprop.bench import PeakMemory, alignment_overhead, benchmark
+from ftprop.bench import PeakMemory, alignment_overhead, benchmark, median_interval
 from ftprop.models import mlp
 from ftprop.rules import make_rule
 from ftprop.train import TrainConfig
@@ -54,11 +54,30 @@ def test_repeats_take_the_median_of_each_repeats_ratio_with_fresh_models(monkeyp
     assert res["ftp"]["ratio_to_bp"] == pytest.approx(1.2) and res["ftp"]["ratio_range"] == pytest.approx((1.1, 1.3))
     assert res["ftp"]["step_time_median_s"] == pytest.approx(1.3) and res["bp"]["step_time_median_s"] == 1.0
     assert res["ftp"]["step_time_iqr_s"] > 0  # over the rounds of all repeats
+    assert res["ftp"]["ratio_ci"] is None and res["bp"]["ratio_ci"] is None  # 3 repeats: too few for a 95% interval
     one = benchmark({"bp": make_rule("bp")}, lambda: mlp(6, (4,), 3), x, y, batch_size=8, rounds=2, steps_per_round=1,
                     warmup=0)
     assert one["bp"]["ratio_range"] is None and one["bp"]["repeats"] == 1
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         benchmark({"bp": make_rule("bp")}, lambda: mlp(6, (4,), 3), x, y, batch_size=8, repeats=0)
+
+
+def test_median_interval_is_the_binomial_order_statistics_and_covers_the_median():
+    """The interval's ranks by hand: P(Bin(15, 1/2) <= 3) = 576 / 2^15 = 0.0176 <= 0.025 < P(<= 4) = 0.0592, so the
+    4th and 12th of 15 values (coverage 1 - 2 * 0.0176 = 0.965); 6 values give their range (1 - 2 / 64 = 0.969),
+    5 none (2 / 32 > 0.05). Then coverage on a skewed distribution, seeded: it must be what the ranks promise."""
+    values = [float(v) for v in (9, 3, 14, 1, 7, 12, 5, 15, 2, 10, 8, 4, 13, 6, 11)]  # 1..15, shuffled
+    assert median_interval(values) == (4.0, 12.0)
+    assert median_interval([float(v) for v in range(30, 0, -1)]) == (10.0, 21.0)
+    assert median_interval([2.0, 1.0, 6.0, 3.0, 5.0, 4.0]) == (1.0, 6.0)
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None and median_interval([]) is None
+    assert median_interval([float(v) for v in range(1, 16)], level=0.5) == (6.0, 10.0)  # P(<= 5) = 0.151 <= 0.25 < P(<= 6)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.empty(4000, 15).exponential_(generator=gen)  # median log 2
+    hits = sum(lo <= 0.6931471805599453 <= hi for lo, hi in map(median_interval, draws.tolist()))
+    assert abs(hits / 4000 - (1 - 2 * 576 / 2 ** 15)) < 0.012  # 3.5 standard errors of a 4000-draw proportion
+    with pytest.raises(ValueError, match="level must be in"):
+        median_interval(values, level=1.0)
 
 
 def test_peak_memory_tracks_live_storage():

@@ -77,6 +77,19 @@ def test_bench_repeats_print_the_ratio_range(capsys):
     row = next(line for line in out.splitlines() if line.startswith("| ftp |"))
     low, high = (float(v) for v in row.split(" | ")[2].split("(")[1].rstrip(")").split("-"))
     assert 0 < low <= float(row.split(" | ")[2].split()[0]) <= high
+    assert row.split(" | ")[3] == "-"  # two repeats: no interval for the median
+
+
+def test_bench_prints_the_median_ratios_interval_from_six_repeats(capsys):
+    code, out, _ = run(capsys, "bench", "--rules", "bp,ftp", "--hidden", "16", "--batch-size", "8",
+                       "--rounds", "1", "--steps", "1", "--repeats", "6")
+    assert code == 0 and "95% CI of its median" in out
+    cells = next(line for line in out.splitlines() if line.startswith("| ftp |")).split(" | ")
+    low, high = (float(v) for v in cells[3].split("-"))
+    span = [float(v) for v in cells[2].split("(")[1].rstrip(")").split("-")]
+    assert (low, high) == (span[0], span[1])  # six repeats: the interval is their range (coverage 96.9%)
+    assert low <= float(cells[2].split()[0]) <= high
+    assert next(line for line in out.splitlines() if line.startswith("| bp |")).split(" | ")[3] == "-"
 
 
 def test_bench_without_timing_rounds_prints_flops_and_memory(capsys):
