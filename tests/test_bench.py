@@ -71,11 +71,12 @@ def test_median_interval_is_the_binomial_order_statistics_and_covers_the_median(
     assert median_interval([float(v) for v in range(30, 0, -1)]) == (10.0, 21.0)
     assert median_interval([2.0, 1.0, 6.0, 3.0, 5.0, 4.0]) == (1.0, 6.0)
     assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None and median_interval([]) is None
-    assert median_interval([float(v) for v in range(1, 16)], level=0.5) == (6.0, 10.0)  # P(<= 5) = 0.151 <= 0.25 < P(<= 6)
+    # level 0.5: P(Bin(15, 1/2) <= 5) = 0.151 <= 0.25 < P(<= 6) = 0.304, so the 6th and 10th
+    assert median_interval([float(v) for v in range(1, 16)], level=0.5) == (6.0, 10.0)
     gen = torch.Generator().manual_seed(0)
     draws = torch.empty(4000, 15).exponential_(generator=gen)  # median log 2
     hits = sum(lo <= 0.6931471805599453 <= hi for lo, hi in map(median_interval, draws.tolist()))
-    assert abs(hits / 4000 - (1 - 2 * 576 / 2 ** 15)) < 0.012  # 3.5 standard errors of a 4000-draw proportion
+    assert abs(hits / 4000 - (1 - 2 * 576 / 2 ** 15)) < 0.012  # about 4 standard errors of a 4000-draw proportion
     with pytest.raises(ValueError, match="level must be in"):
         median_interval(values, level=1.0)
 
