@@ -286,8 +286,8 @@ def parser() -> argparse.ArgumentParser:
                    "--log-alignment, alternating epochs)")
     b.add_argument("--steps", type=int, default=20, help="training steps per round (default 20)")
     b.add_argument("--repeats", type=int, default=1, help="time the rounds this many times, with fresh models each "
-                   "time; time / BP is then the median over repeats, with its range and, from 6 repeats, a 95%% confidence "
-                   "interval for that median (default 1)")
+                   "time; time / BP is then the median over repeats, with its range and, from 6 repeats, a 95%% "
+                   "confidence interval for that median (default 1)")
     b.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
     b.add_argument("--pipeline", action="store_true", help="also time FTP with pipeline=True (per-block updates)")
     _add_config_flags(b)
