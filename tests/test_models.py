@@ -571,10 +571,12 @@ def assert_same_ftp_grads_without(monkeypatch, method: str, model: nn.Module, x,
         if not rewritten:
             monkeypatch.setattr(ftp.FTP, method, lambda self, blocks: None)
         net = copy.deepcopy(model)
+        flags = [m.inplace for m in net.modules() if hasattr(m, "inplace")]
         torch.manual_seed(3)  # the same dropout masks
         make_rule("ftp", **{"gamma": 0.3, "g_scale": 0.5} | options).step(net, x, y)
         got.append([p.grad for p in net.parameters()])
         assert not any("forward" in m.__dict__ for m in net.modules())  # nothing patched remains
+        assert [m.inplace for m in net.modules() if hasattr(m, "inplace")] == flags  # nor any flag changed
     for a, b in zip(*got, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -705,6 +707,66 @@ def test_ftp_second_pass_first_op_changed_in_place_runs_as_usual(monkeypatch):
     model = from_sequential(seq)
     assert make_rule("ftp")._low_rank_op(list(model.blocks)) is seq[2]
     assert_same_ftp_grads_without(monkeypatch, "_low_rank_op", model, *batch(7))
+
+
+IN_PLACE_CASES = [
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(inner_targets=True, deep_weight=0.3, g_block=2, compare_at="next-input")),
+    ("c2k3-relu-r2-r2-f-l3", dict(update_input="t", target_nonlin="tanh")),
+    ("c2k3-relu-r2-r2-f-l3", dict(inner_targets=True, pipeline=True, memory_format="channels_last")),
+    ("c2k3-relu-c2k3-relu-c2k3-relu-f-l3", dict(inject="every", fprime=False)),
+    ("c2k3-relu-p2-r2bn-d0.2-f-l3", dict(compare_at="next-input")),
+    ("f-l8-relu-l6-relu-l3", dict()),
+    ("f-l8-relu-l6-relu-l3", dict(update_input="t")),
+]
+
+
+@pytest.mark.parametrize("spec, options", IN_PLACE_CASES)
+def test_ftp_second_pass_activations_in_place_change_nothing(monkeypatch, spec, options):
+    """The second pass's ReLUs that overwrite their input (`_InPlaceActivations`) give the gradients of a step that
+    allocates their outputs, and leave every module's `inplace` flag as it was."""
+    torch.manual_seed(0)
+    layout = torch.channels_last if options.pop("memory_format", None) else torch.contiguous_format
+    model = randomize(spec_model(spec, SHAPE, 3).double()).to(memory_format=layout)
+    assert make_rule("ftp", **options)._in_place_activations(list(model.blocks))  # in place in the first run
+    assert_same_ftp_grads_without(monkeypatch, "_in_place_activations", model, *batch(7), **options)
+
+
+def test_ftp_second_pass_activations_run_in_place_only_on_maps_nothing_else_reads(monkeypatch):
+    """Only the activations of blocks 2..L-1 whose every use reads a new map (a layer's, a normalisation's, a
+    residual sum's) and that no hook watches. A ReLU at the start of a residual branch shares its input with the
+    shortcut: were it run in place, the shortcut would read the overwritten map, and the gradients would change."""
+    rule = make_rule("ftp")
+    blocks = list(spec_model("c2k3-relu-r2-r2-f-l3", SHAPE, 3).blocks)
+    found = rule._in_place_activations(blocks)
+    assert {id(m) for m in found} == {id(m) for b in blocks[1:3] for m in (b.layer.branch[1], b.post[0])}
+    assert blocks[0].post[0] not in found  # block 1's activation: the second pass does not run it
+    blocks[1].post.register_forward_pre_hook(lambda m, i: None)  # a hook may keep the map its first module reads
+    assert {id(m) for m in rule._in_place_activations(blocks)} == {id(m) for m in (blocks[2].layer.branch[1],
+                                                                                   blocks[2].post[0])}
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert rule._in_place_activations(blocks) is None
+    finally:
+        handle.remove()
+    blocks = list(spec_model("c2k3-relu-r2-r2-f-l3", SHAPE, 3).blocks)
+    shared = blocks[1].post[0]
+    blocks[2].layer.branch[1] = shared  # one module, two uses: both read a new map
+    assert shared in rule._in_place_activations(blocks)
+    blocks[2].layer.branch.insert(0, shared)  # a third use, at the branch's start: the shortcut reads its input
+    assert shared not in rule._in_place_activations(blocks)
+    blocks[1].layer.branch[1] = nn.ReLU(inplace=True)  # in place already: nothing to arm or put back
+    assert blocks[1].layer.branch[1] not in rule._in_place_activations(blocks)
+    blocks[2].layer.branch[2] = nn.Sequential(nn.Dropout(0.1), nn.ReLU())  # after a dropout: not known to be new
+    assert blocks[2].layer.branch[2][1] not in rule._in_place_activations(blocks)
+    assert rule._in_place_activations(blocks[:1] + blocks[-1:]) is None  # no block between the first and the output
+
+    torch.manual_seed(0)  # a pre-activation branch: ReLU, conv, ReLU, conv
+    model = randomize(spec_model("c2k3-relu-r2-r2-f-l3", SHAPE, 3).double())
+    for b in list(model.blocks)[1:3]:
+        b.layer.branch.insert(0, nn.ReLU())
+    first_relus = {id(b.layer.branch[0]) for b in list(model.blocks)[1:3]}
+    assert not first_relus & {id(m) for m in make_rule("ftp")._in_place_activations(list(model.blocks))}
+    assert_same_ftp_grads_without(monkeypatch, "_in_place_activations", model, *batch(7), inner_targets=True)
 
 
 def test_ftp_pooled_grid_is_cut_only_where_the_windows_are_g_blocks_patches():
