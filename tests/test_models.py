@@ -758,6 +758,13 @@ def test_ftp_second_pass_activations_run_in_place_only_on_maps_nothing_else_read
     assert blocks[1].layer.branch[1] not in rule._in_place_activations(blocks)
     blocks[2].layer.branch[2] = nn.Sequential(nn.Dropout(0.1), nn.ReLU())  # after a dropout: not known to be new
     assert blocks[2].layer.branch[2][1] not in rule._in_place_activations(blocks)
+
+    class Passing(nn.Conv2d):  # a subclass may hand on its input
+        def forward(self, x):
+            return x
+
+    blocks[2].layer.branch[2] = nn.Sequential(Passing(2, 2, 1), nn.ReLU())
+    assert blocks[2].layer.branch[2][1] not in rule._in_place_activations(blocks)
     assert rule._in_place_activations(blocks[:1] + blocks[-1:]) is None  # no block between the first and the output
 
     torch.manual_seed(0)  # a pre-activation branch: ReLU, conv, ReLU, conv

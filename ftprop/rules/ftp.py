@@ -140,9 +140,11 @@ class _LowRankFirst:
 
 
 # Pointwise activations that can overwrite their input (their `inplace` attribute) and draw no noise, and the modules
-# whose output is a new tensor that nothing but the next module reads (`FTP._in_place_activations`).
+# whose output is a new tensor that nothing but the next module reads (`FTP._in_place_activations`). Exact types: a
+# subclass may return its input or a view of it.
 _IN_PLACE = (nn.ReLU, nn.LeakyReLU)
-_FRESH = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, Residual)
+_FRESH = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
+          Residual)
 
 
 class _InPlaceActivations:
@@ -548,7 +550,7 @@ class FTP(Rule):
                         before = kids[i - 1] if i else (block.layer if parent is block.post else None)
                     else:
                         before = block.layer if parent is block and m is block.post else None
-                    uses[m] = uses.get(m, True) and isinstance(before, _FRESH) and not hooked
+                    uses[m] = uses.get(m, True) and type(before) in _FRESH and not hooked
         return [m for m, fresh in uses.items() if fresh and not m.inplace] or None
 
     def _folded(self, blocks: list[Block]) -> dict[int, list[torch.Tensor]] | None:
@@ -607,8 +609,8 @@ class FTP(Rule):
             pre = []                                   # net, one map per block held through the step otherwise)
         z = outs[-1]
         passes.replay()  # from here on: the first pass's dropout masks and batch-norm statistics
-        if in_place is not None:  # and activations that overwrite their input, which no graph needs now
-            in_place.arm()
+        if in_place is not None:  # and activations that overwrite their input (allowed under autograd too, as in
+            in_place.arm()        # update_input="t": none of the layers before them keeps its output for backward)
 
         deep = self.deep_weight / (self.gamma * batch)  # hidden blocks 2..L-1: their local loss's weight / (gamma B)
         scale = deep if folded is None else -1.0  # what their errors are built with (`_folded`)
