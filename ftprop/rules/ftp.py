@@ -540,8 +540,11 @@ class FTP(Rule):
             return None
         uses: dict[nn.Module, bool] = {}
         for block in blocks[1:-1]:
-            hooked = any(_hooked(m) for m in submodules(block))
+            found, hooked = [], False  # (activation, whether this use reads a new map); any hook in the block
             for parent in submodules(block):
+                hooked = hooked or _hooked(parent)
+                if not parent._modules:
+                    continue
                 kids = [m for m in parent._modules.values() if m is not None]
                 for i, m in enumerate(kids):
                     if type(m) not in _IN_PLACE:
@@ -550,7 +553,9 @@ class FTP(Rule):
                         before = kids[i - 1] if i else (block.layer if parent is block.post else None)
                     else:
                         before = block.layer if parent is block and m is block.post else None
-                    uses[m] = uses.get(m, True) and type(before) in _FRESH and not hooked
+                    found.append((m, type(before) in _FRESH))
+            for m, fresh in found:
+                uses[m] = uses.get(m, True) and fresh and not hooked
         return [m for m, fresh in uses.items() if fresh and not m.inplace] or None
 
     def _folded(self, blocks: list[Block]) -> dict[int, list[torch.Tensor]] | None:
