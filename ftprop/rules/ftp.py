@@ -678,7 +678,7 @@ class FTP(Rule):
             err = self._contrast_map(p, e, batch, G, start)
             # t_1 = h_1 - gamma B err (or its pool), built only when a second pass needs it (before err is projected)
             t = torch.add(start, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
-            if first is not None and (on_grid or _reshapes_only(blocks[1].pre)):  # block 2's first op at rank K
+            if first is not None:  # block 2's first op at rank K (`_low_rank_op` checked h_1's pool or reshape)
                 rows = G.view(G.shape[0], *start.shape[1:])  # G's rows as maps (or vectors) like start's samples
                 rows = _after_pool(blocks[1].pre, rows) if on_grid else blocks[1].pre(rows)
                 first.arm(e / batch, rows, -self.gamma * batch)
