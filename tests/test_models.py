@@ -536,6 +536,43 @@ def test_ftp_on_the_pooled_grid_equals_the_full_map(monkeypatch, spec, options):
         torch.testing.assert_close(a, b)
 
 
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("case", ["rows", "map", "channels_last", "pooled", "strided"])
+def test_ftp_tangential_is_the_projection_written_out(dtype, case):
+    """P(d) = d - (<d, h> / |h|^2) h per sample, d itself where h is 0, from torch's weight-norm backward kernel with
+    g = |h| (`_tangential`): the projection computed by hand in float64, for every dtype (half and bfloat16 take their
+    norms in float32), for error rows, conv maps in either layout, a pooled map's (samples, channels, positions) view
+    and a strided h; in h's memory order, orthogonal to h, and d is left as it was."""
+    from ftprop.rules.ftp import _tangential
+
+    torch.manual_seed(0)
+    shape = {"rows": (6, 7), "pooled": (6, 3, 16), "strided": (6, 14)}.get(case, (6, 3, 4, 4))
+    h, d = torch.randn(shape), torch.randn(shape)
+    if case == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    if case == "strided":
+        h, d = h[:, ::2], d[:, ::2]
+    h[2] = 0
+    h, d = h.to(dtype), d.to(dtype)
+    kept = d.clone()
+    got = _tangential(d, h)
+    h64, d64 = h.double().flatten(1), d.double().flatten(1)
+    coef = (d64 * h64).sum(1, keepdim=True) / (h64 * h64).sum(1, keepdim=True).clamp_min(1e-300)
+    want = (d64 - coef * h64).view(h.shape)
+    tol = TOLERANCE[dtype]
+    assert got.dtype == dtype and got.shape == h.shape
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got[2], d[2])  # nothing to project against
+    torch.testing.assert_close((got.double().flatten(1) * h64).sum(1), torch.zeros(6, dtype=torch.float64),
+                               rtol=0, atol=10 * tol)
+    assert torch.equal(d, kept)
+    if case == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_ftp_tangential_gap_is_the_projected_gap(layout):
     """scale * P(h - t), computed as scale * (<t, h>/|h|^2 h - t) without building h - t, is the projection of the
@@ -552,13 +589,8 @@ def test_ftp_tangential_gap_is_the_projected_gap(layout):
     torch.testing.assert_close(gap[rest], local_error(h[rest], t[rest], 1 / 0.7, 1, tangent=True))
     torch.testing.assert_close(gap[2], -0.7 * t[2])
     assert gap.is_contiguous(memory_format=layout)
-    unit = _tangential_gap(h, t, -1.0)  # the unit error of a folded loss weight: t - c h in one kernel
+    unit = _tangential_gap(h, t, -1.0)  # the unit error of a folded loss weight: P(t) in one kernel
     torch.testing.assert_close(unit, gap / -0.7)
-    t_kept = t.clone()
-    written = _tangential_gap(h, t_kept, 0.7, overwrite=True)
-    torch.testing.assert_close(written, gap)
-    if layout == torch.contiguous_format:  # same order as h: written into t itself, no map allocated
-        assert written.data_ptr() == t_kept.data_ptr()
 
 
 def assert_same_ftp_grads_without(monkeypatch, method: str, model: nn.Module, x, y, **options) -> None:

@@ -188,7 +188,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per sample, the part of `delta` orthogonal to `h`.
+    """Per sample, the part of `delta` orthogonal to `h`, in h's memory order.
 
     A hidden target t_l = h_l + c is always relative to where h_l is now, so
     any part of c that does not lower the output error keeps pushing h_l,
@@ -196,41 +196,36 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     grow without bound and the net diverges. Removing the radial component
     lets local learning rotate a representation but not inflate it, as a
     LayerNorm'd block would, without changing the network's forward function.
-    Overwrites `delta` (every caller passes an error made for it; one stored in another order than `h` is first
-    copied into h's): one map fewer to allocate per block and step, which
-    on CPU costs more than the arithmetic (docs/ALGORITHM.md, "What local means for a residual block").
+
+    P(d) = d - (<d, v> / |v|^2) v per sample (d itself where v is 0), computed by the kernel torch has for weight
+    norm's backward: with w = g v / |v| per row, dL/dv = (g / |v|) (dL/dw - (<dL/dw, v> / |v|^2) v), which is P
+    when g = |v|. Each row's dot product and its update run back to back while the row is in cache: one pass over
+    the two maps and one write, where the dot product, the norm's square and the update as separate ops cost about
+    a fifth more on the stem residual net (docs/ALGORITHM.md, "The tangent projection as one kernel"). The kernel
+    takes the norms in its accumulation type (float32 for half and bfloat16 maps) and g in the map's: g is the norm
+    rounded to the map's dtype and the norms are that g, so that g / |v| is exactly 1; the norms are at least 2^-20
+    (a power of two, the same in every dtype), so a zero row comes back unchanged.
     """
-    delta = _like(delta, h)
-    d, v = _rows(delta), _rows(h)
-    d.addcmul_(_radial(d, v).unsqueeze(1), v, value=-1)
-    return delta
+    d, v = _rows(_like(delta, h)).contiguous(), _rows(h).contiguous()  # views, unless h is in neither layout
+    acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+    g = torch.linalg.vector_norm(v, dim=1, keepdim=True, dtype=acc).clamp_min_(2 ** -20).to(v.dtype)
+    p = torch.ops.aten._weight_norm_interface_backward(d, v, g, g.to(acc), 0)[0]
+    if _channels_last(h):
+        n, c, hh, ww = h.shape
+        return p.view(n, hh, ww, c).permute(0, 3, 1, 2)
+    return p.view(h.shape)
 
 
-def _radial(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per row, <d, v> / |v|^2 (0 where v is 0): the coefficient of d's component along v. |v|^2 as a squared norm:
-    one pass over v and no product map (docs/ALGORITHM.md, the residual CNN's step time)."""
-    return torch.linalg.vecdot(d, v).div_(torch.linalg.vector_norm(v, dim=1).square_().clamp_min_(1e-12))
-
-
-def _tangential_gap(h: torch.Tensor, t: torch.Tensor, scale: float, overwrite: bool = False) -> torch.Tensor:
+def _tangential_gap(h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * P(h - t), `_tangential` of the scaled gap between h and its target t, in h's memory order.
 
-    P removes each sample's component along h, so P(h) = 0 and scale * P(h - t) = -scale * (t - c h) with
-    c = <t, h> / |h|^2 per sample: the gap h - t is never built, one pass fewer over two maps per block and step
-    than projecting it (the tangent projections are most of what FTP adds to a residual CNN's step: docs/ALGORITHM.md,
-    "The stem residual net's step time"). t - c h is one kernel; scale = -1, the unit error of a folded loss weight
-    (`_folded`), needs no other, and `overwrite` writes it into t itself (a target no later step reads).
-    Equal to `_tangential((h - t) * scale, h)` up to rounding.
+    P removes each sample's component along h, so P(h) = 0 and scale * P(h - t) = -scale * P(t): the gap h - t is
+    never built, one pass fewer over two maps per block and step than projecting it (the tangent projections are most
+    of what FTP adds to a residual CNN's step: docs/ALGORITHM.md, "The stem residual net's step time"). scale = -1,
+    the unit error of a folded loss weight (`_folded`), needs no other kernel. Equal to `_tangential((h - t) * scale,
+    h)` up to rounding.
     """
-    t = _like(t, h)
-    v = _rows(h)
-    c = _radial(_rows(t), v).unsqueeze(1)
-    if overwrite:
-        gap = t
-        _rows(gap).addcmul_(c, v, value=-1)
-    else:  # written through a view of a map laid out as h is (empty_like keeps t's, which is h's)
-        gap = torch.empty_like(t)
-        torch.addcmul(_rows(t), c, v, value=-1, out=_rows(gap))
+    gap = _tangential(t, h)
     return gap if scale == -1 else gap.mul_(-scale)
 
 
@@ -695,8 +690,8 @@ class FTP(Rule):
                 if inner is not None and l in inner.records:  # the branch's first conv: its own target, recorded
                     mid, t_mid = inner.records[l]              # by this pass, its loss weighted as a deeper block's
                     held = mid.detach()                        # (no pre ops lie between it and the next conv)
-                    mid_errs[l] = _tangential_gap(held, t_mid, scale, overwrite=True) if self.tangent else \
-                        _scaled_gap(held, t_mid, scale)  # t_mid has done its work: the branch's second conv read it
+                    mid_errs[l] = _tangential_gap(held, t_mid, scale) if self.tangent else \
+                        _scaled_gap(held, t_mid, scale)
                 ready(l, self._gap_error(blocks, l, outs[l].detach(), t, scale, pooled), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
