@@ -573,6 +573,24 @@ def test_ftp_tangential_is_the_projection_written_out(dtype, case):
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ftp_half_precision_step_stays_finite_when_a_sample_s_hidden_layer_is_all_zero(dtype):
+    """A ReLU layer can be all zero for a sample; the tangent projection then has nothing to project against and must
+    hand the error on as it is. In half precision a clamp of |h|^2 at 1e-12 is 0 and gave 0 / 0: a NaN error, which
+    f'(a) = 0 masks, but which without f' (fprime=False) made the layer's gradients NaN. The projection's norms are
+    kept in float32 (`_tangential`)."""
+    torch.manual_seed(0)
+    net = randomize(spec_model("f-l8-relu-l6-relu-l3", SHAPE, 3))
+    with torch.no_grad():
+        net.blocks[0].layer.bias.fill_(-1.0)  # sample 0 is all zero: no unit reaches its bias
+    x, y = batch(7)
+    x[0] = 0
+    net = net.to(dtype)
+    make_rule("ftp", gamma=0.3, g_scale=0.5, fprime=False).step(net, x.to(dtype), y)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+    assert net.blocks[0].layer.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_ftp_tangential_gap_is_the_projected_gap(layout):
     """scale * P(h - t), computed as scale * (<t, h>/|h|^2 h - t) without building h - t, is the projection of the

@@ -688,10 +688,10 @@ class FTP(Rule):
                     nudge = self._contrast_map(p, e, batch, self.G_deep[l - 1], t)
                     t = t.add_(nudge, alpha=-self.gamma * batch)
                 if inner is not None and l in inner.records:  # the branch's first conv: its own target, recorded
-                    mid, t_mid = inner.records[l]              # by this pass, its loss weighted as a deeper block's
-                    held = mid.detach()                        # (no pre ops lie between it and the next conv)
-                    mid_errs[l] = _tangential_gap(held, t_mid, scale) if self.tangent else \
-                        _scaled_gap(held, t_mid, scale)
+                    held = inner.records[l][0].detach()        # by this pass, its loss weighted as a deeper block's
+                    gap = _tangential_gap if self.tangent else _scaled_gap  # (no pre ops lie before the next conv)
+                    # the target popped: its map is freed as soon as its error exists (the second conv has read it)
+                    mid_errs[l] = gap(held, inner.records[l].pop(), scale)
                 ready(l, self._gap_error(blocks, l, outs[l].detach(), t, scale, pooled), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
