@@ -199,12 +199,12 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
     P(d) = d - (<d, v> / |v|^2) v per sample (d itself where v is 0), computed by the kernel torch has for weight
     norm's backward: with w = g v / |v| per row, dL/dv = (g / |v|) (dL/dw - (<dL/dw, v> / |v|^2) v), which is P
-    when g = |v|. Each row's dot product and its update run back to back while the row is in cache: one pass over
-    the two maps and one write, where the dot product, the norm's square and the update as separate ops cost about
-    a fifth more on the stem residual net (docs/ALGORITHM.md, "The tangent projection as one kernel"). The kernel
+    when g = |v|. One kernel, on CPU and CUDA, in which each row's dot product and its update run back to back while
+    the row is in cache, in place of five ops (docs/ALGORITHM.md, "The tangent projection as one kernel"). The kernel
     takes the norms in its accumulation type (float32 for half and bfloat16 maps) and g in the map's: g is the norm
-    rounded to the map's dtype and the norms are that g, so that g / |v| is exactly 1; the norms are at least 2^-20
-    (a power of two, the same in every dtype), so a zero row comes back unchanged.
+    rounded to the map's dtype and the norms are that g, so that g / |v| is exactly 1. The norms are at least 2^-20,
+    a power of two and so the same in every dtype, so a zero row comes back unchanged. (A clamp of |v|^2 at 1e-12
+    is 0 in float16: 0 / 0.)
     """
     d, v = _rows(_like(delta, h)).contiguous(), _rows(h).contiguous()  # views, unless h is in neither layout
     acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
