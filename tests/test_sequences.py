@@ -226,6 +226,22 @@ def test_ftp_through_time_equals_its_formula(inject, tangent):
     assert torch.allclose(net.readout.weight.grad, dz.T @ hs[-1]) and torch.allclose(net.readout.bias.grad, dz.sum(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ftp_through_time_half_precision_stays_finite_for_a_zero_state(dtype):
+    """A sample with zero inputs and zero biases keeps a zero state: its tangent projection has nothing to project
+    against and hands the error on. In float16 a clamp of |h|^2 at 1e-12 is 0, which gave 0 / 0 and NaN gradients;
+    the shared projection keeps its norms in float32 (`tangential_rows`)."""
+    net, x, y = _tiny()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("bias") and not name.startswith("readout"):
+                p.zero_()
+    x[0] = 0
+    net = net.to(dtype)
+    make_sequence_rule("ftp", gamma=0.3, g_scale=0.5, tangent=True).step(net, x.to(dtype), y.to(dtype))
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
 @pytest.mark.parametrize("tangent", [False, True])
 def test_ftp_final_equals_its_formula(tangent):
     """inject="final", Elman, T = 3: the final state's target offset c = -gamma e G reaches step t scaled by

@@ -1,4 +1,5 @@
-"""Pieces the peer rules share: the local first pass, the output error, fixed random matrices, a rule-owned RNG.
+"""Pieces the rules share: the local first pass, the output error, fixed random matrices, a rule-owned RNG, the
+tangent projection.
 
 Each rule module states its own equations and uses only what they need. DirectProjection is the one mechanism DFA and
 DRTP share (they differ only in the signal they project), so it lives here rather than in either rule.
@@ -57,6 +58,24 @@ def output_error(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     p = logp.exp()
     e = p.scatter(1, y.unsqueeze(1), -1.0, reduce="add")
     return loss, p, e
+
+
+def tangential_rows(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per row, d minus its component along v: d - (<d, v> / |v|^2) v, d itself where v is 0 (FTP's tangent
+    projection, in its feedforward and recurrent forms).
+
+    Computed by the kernel torch has for weight norm's backward: with w = g v / |v| per row, dL/dv = (g / |v|) (dL/dw
+    - (<dL/dw, v> / |v|^2) v), which is the projection when g = |v|. One kernel, on CPU and CUDA, in which each
+    row's dot product and its update run back to back while the row is in cache, in place of five ops (docs/
+    ALGORITHM.md, "The tangent projection as one kernel"). It takes the norms in its accumulation type (float32 for
+    half and bfloat16 rows) and g in the rows' dtype: g is the norm rounded to that dtype and the norms are that g, so
+    that g / |v| is exactly 1. The norms are at least 2^-20, a power of two and so the same in every dtype, so a zero
+    row comes back unchanged (a clamp of |v|^2 at 1e-12 is 0 in float16: 0 / 0).
+    """
+    d, v = d.contiguous(), v.contiguous()  # the kernel reads both as plain rows
+    acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+    g = torch.linalg.vector_norm(v, dim=1, keepdim=True, dtype=acc).clamp_min_(2 ** -20).to(v.dtype)
+    return torch.ops.aten._weight_norm_interface_backward(d, v, g, g.to(acc), 0)[0]
 
 
 def one_hot(y: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import Block, Net, Residual, submodules, two_pass
-from ._common import begin_step, local_forward, output_error
+from ._common import begin_step, local_forward, output_error, tangential_rows
 from .base import Rule, StepOutput
 
 # torch's hooks on every module (torch.nn.modules.module.register_module_forward_hook and the like)
@@ -197,19 +197,10 @@ def _tangential(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     lets local learning rotate a representation but not inflate it, as a
     LayerNorm'd block would, without changing the network's forward function.
 
-    P(d) = d - (<d, v> / |v|^2) v per sample (d itself where v is 0), computed by the kernel torch has for weight
-    norm's backward: with w = g v / |v| per row, dL/dv = (g / |v|) (dL/dw - (<dL/dw, v> / |v|^2) v), which is P
-    when g = |v|. One kernel, on CPU and CUDA, in which each row's dot product and its update run back to back while
-    the row is in cache, in place of five ops (docs/ALGORITHM.md, "The tangent projection as one kernel"). The kernel
-    takes the norms in its accumulation type (float32 for half and bfloat16 maps) and g in the map's: g is the norm
-    rounded to the map's dtype and the norms are that g, so that g / |v| is exactly 1. The norms are at least 2^-20,
-    a power of two and so the same in every dtype, so a zero row comes back unchanged. (A clamp of |v|^2 at 1e-12
-    is 0 in float16: 0 / 0.)
+    The rows of both maps in h's memory order go to `tangential_rows` (one kernel: docs/ALGORITHM.md, "The tangent
+    projection as one kernel").
     """
-    d, v = _rows(_like(delta, h)).contiguous(), _rows(h).contiguous()  # views, unless h is in neither layout
-    acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
-    g = torch.linalg.vector_norm(v, dim=1, keepdim=True, dtype=acc).clamp_min_(2 ** -20).to(v.dtype)
-    p = torch.ops.aten._weight_norm_interface_backward(d, v, g, g.to(acc), 0)[0]
+    p = tangential_rows(_rows(_like(delta, h)), _rows(h))
     if _channels_last(h):
         n, c, hh, ww = h.shape
         return p.view(n, hh, ww, c).permute(0, 3, 1, 2)

@@ -44,16 +44,11 @@ from typing import Any
 import torch
 
 from ..recurrent import RecurrentNet
+from ._common import tangential_rows
 from ._recurrent import RecurrentRule, local_unroll, sequence_error
 from .base import StepOutput
 
 INJECT = ("first", "every", "final")
-
-
-def _radial_free(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per sample, the part of `delta` orthogonal to `h` (a relative target cannot inflate the state's norm)."""
-    coef = torch.linalg.vecdot(delta, h) / torch.linalg.vecdot(h, h).clamp_min(1e-12)
-    return torch.addcmul(delta, coef.unsqueeze(1), h, value=-1)
 
 
 @dataclass
@@ -126,7 +121,7 @@ class FTPThroughTime(RecurrentRule):
         offsets = self.offsets(model, x, err.e, first)
         scale = -1.0 / (self.gamma * x.shape[0])  # (h - tau) / (gamma B) = -offset / (gamma B)
         with torch.no_grad():
-            seeds = [_radial_free(o * scale, h) if self.tangent else o * scale
+            seeds = [tangential_rows(o * scale, h) if self.tangent else o * scale  # (the state cannot inflate)
                      for layer, layer_offsets in zip(first, offsets) for h, o in zip(layer, layer_offsets)]
         torch.autograd.backward([*(h for layer in states for h in layer), z], [*seeds, err.dz])
         return StepOutput(err.loss, z.detach())
