@@ -66,7 +66,7 @@ def tangential_rows(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
     Computed by the kernel torch has for weight norm's backward: with w = g v / |v| per row, dL/dv = (g / |v|) (dL/dw
     - (<dL/dw, v> / |v|^2) v), which is the projection when g = |v|. One kernel, on CPU and CUDA, in which each
-    row's dot product and its update run back to back while the row is in cache, in place of five ops (docs/
+    row's dot product and its update run back to back while the row is in cache, in place of six ops (docs/
     ALGORITHM.md, "The tangent projection as one kernel"). It takes the norms in its accumulation type (float32 for
     half and bfloat16 rows) and g in the rows' dtype: g is the norm rounded to that dtype and the norms are that g, so
     that g / |v| is exactly 1. The norms are at least 2^-20, a power of two and so the same in every dtype, so a zero
