@@ -52,6 +52,8 @@ def _hooked(m: nn.Module | None = None) -> bool:
     if m is None:
         return any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 G_DISTS = ("gaussian", "uniform", "sparse", "orthogonal")
 NONLINS = ("tanh", "linear")
 
