@@ -185,12 +185,17 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from . import cost
 
     names = [r.strip() for r in args.rules.split(",") if r.strip()]
-    options = parse_options(args.rule_opt)
+    options = {}
+    if args.config:  # the [rule] table of a training config: the options a study's runs trained with
+        with open(args.config, "rb") as f:
+            options = TrainConfig.from_dict(tomllib.load(f), source=args.config).rule_options
+    options |= parse_options(args.rule_opt)
     rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
     skipped: dict[str, str] = {}
+    shape = {k: v for k, v in (("depth", args.depth), ("spec", args.spec)) if v is not None}
     results = cost.cost_for(args.dataset, rules, model=args.model, hidden=args.hidden, activation=args.activation,
                             norm=args.norm, batch_size=args.batch_size, bytes_per_value=args.bytes_per_value,
-                            skipped=skipped)
+                            skipped=skipped, **shape)
     for name, reason in skipped.items():
         print(f"ftprop cost: {name} left out: {reason}", file=sys.stderr)
     if args.json:
@@ -198,8 +203,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
         return 0
     published = cost.PUBLISHED_FC.get(args.dataset) if (args.model == "mlp"
                                                         and args.hidden.replace(" ", "") == "1024,128") else None
-    print(f"{args.dataset}, {args.model} {args.hidden} {args.activation}: MACs per training sample (analytic), values "
-          f"kept between passes at batch {args.batch_size} x {args.bytes_per_value} bytes, MCU latency per sample "
+    layers = args.hidden if args.model == "mlp" else args.spec if args.model == "spec" else \
+        f"depth {args.depth}" if args.depth is not None else ""
+    print(f"{args.dataset}, {args.model} {layers} {args.activation}: MACs per training sample at batch "
+          f"{args.batch_size} (analytic), values kept between passes x {args.bytes_per_value} bytes, MCU latency per sample "
           + ", ".join(f"{m} {s.clock_hz / 1e6:.0f} MHz x {s.cycles_per_mac} cycles/MAC" for m, s in cost.MCUS.items())
           + "\n")
     print(cost.markdown(results, published))
@@ -299,11 +306,16 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--rule", default="ftp", help="the rule that --rule-opt applies to (default ftp)")
     k.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE", help="a rule option, repeatable")
     k.add_argument("--dataset", default="mnist", help="input shape and classes of this dataset (default mnist)")
-    k.add_argument("--model", default="mlp", help="model (default mlp)")
-    k.add_argument("--hidden", default="1024,128", help="hidden sizes (default 1024,128)")
+    k.add_argument("--model", default="mlp", help="mlp, paper-cnn, resnet or spec (default mlp)")
+    k.add_argument("--hidden", default="1024,128", help="hidden sizes of --model mlp (default 1024,128)")
+    k.add_argument("--depth", type=int, help="conv layers of --model resnet (default 6)")
+    k.add_argument("--spec", help="the model as a spec string, with --model spec")
+    k.add_argument("--config", help="TOML training config whose [rule] table gives --rule's options (before any "
+                   "--rule-opt)")
     k.add_argument("--activation", default="tanh", help="(default tanh)")
     k.add_argument("--norm", default="none", help="none or layernorm (default none)")
-    k.add_argument("--batch-size", type=int, default=1, help="batch size for the memory figure (default 1)")
+    k.add_argument("--batch-size", type=int, default=1, help="batch size (default 1): of the memory figure, and of "
+                   "FTP's MACs where its step runs block 2's first op at rank K (ftprop.cost)")
     k.add_argument("--bytes-per-value", type=int, default=4, help="bytes per stored value (default 4, float32)")
     k.add_argument("--layers", action="store_true", help="also print the per-layer breakdown")
     k.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")

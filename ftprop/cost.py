@@ -32,7 +32,14 @@ grads of the modules that read the block's input (what crossing the block backwa
     pepita  2 sum F + n_out*|x| (e F) + sum W                       (standard and modulated passes)
     ftp     sum F + sum W + sum_{l=1..L-2} F_l (second pass) + k*n_out*|h_0|, k = 1 (target_nonlin="linear": the
             correction -gamma G e is one projection) or 2 (tanh: s(G t_L) and s(G p)); update_input="t" adds
-            sum_{l=1..L-2} F_l (the layer run again on its target, with a graph)
+            sum_{l=1..L-2} F_l (the layer run again on its target, with a graph), except with closed-form local
+            gradients (plain Linear blocks), which reuse the target-path input; inject="every" adds k*n_out*|h_l|
+            per block l=1..L-2. What the step runs on the given model (`FTP.step_path`): on the pooled grid
+            (g_block = the windows of the max-pool after block 1, compare_at="next-input") the projection is
+            k*n_out*|pool(h_0)|; inner_targets leaves out of W_l the input grad of the module that reads the tapped
+            activation; where `rank_k_pays` at the batch size, block 1's first op in the second pass costs
+            n_out*F_op/B + n_out*|op output| (G's K = n_out rows through the op, then the B x K product) instead of
+            F_op, per sample rounded to a MAC
     dtp     sum F + sum W + X_{L-1} (dCE/dh_{L-1}) + for every hidden l>=1 with inverse V_l (|h_{l-1}| x |h_l|):
             2|V_l| (g_l(t_l), g_l(h_l)) + F_l + 2|V_l| (inverse training: f_l on the noisy input, g_l forward and
             its weight grad)
@@ -105,13 +112,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 from torch import nn
 
 from .models import Net, build_model
 from .rules import RULES, Rule, make_rule
+from .rules.ftp import StepPath, rank_k_pays
 
 # Input shape (C, H, W) and number of classes of the datasets ftprop knows, so costing needs no data files.
 DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
@@ -160,6 +168,7 @@ class ModuleCost:
     recurrence_grad: int = 0   # gradient through a recurrent layer's own hidden state (part of its weight grads)
     internal: bool = False     # its input depends on the block's own parameters
     input_numel: int = 0       # values of its input per sample (kept for its weight grad)
+    output_numel: int = 0      # values of its output per sample
     weight_numel: int = 0      # size of its weight (FA's B_l has this shape)
 
 
@@ -194,6 +203,7 @@ def _module_cost(name: str, m: nn.Module, inp: torch.Tensor, out: torch.Tensor) 
     cost = _formula(name, m, inp, out)
     cost.internal = bool(inp.requires_grad)
     cost.input_numel = inp.numel()
+    cost.output_numel = out.numel()
     weight = getattr(m, "weight", None)
     cost.weight_numel = weight.numel() if isinstance(weight, torch.Tensor) else 0
     return cost
@@ -234,9 +244,16 @@ def _has_macs(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase))
 
 
-def trace(model: Net, input_shape: Sequence[int]) -> list[BlockCost]:
-    """Per block: the MACs of every parametrised module for one sample, from one traced forward on a copy."""
+def trace(model: Net, input_shape: Sequence[int], detach: Collection[str] = ()) -> list[BlockCost]:
+    """Per block: the MACs of every parametrised module for one sample, from one traced forward on a copy.
+
+    `detach`: names of modules whose output is passed on detached (FTP's inner targets), so that the modules reading
+    it need no input grad in the block's local backward.
+    """
     net = copy.deepcopy(model).eval()
+    for name, m in net.named_modules():
+        if name in detach:
+            m.register_forward_hook(lambda mod, args, out: out.detach())
     param = next(net.parameters())
     h = net.prepare(torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device))
     blocks: list[BlockCost] = []
@@ -293,8 +310,13 @@ def _rule_state_numel(name: str, rule: Rule, blocks: list[BlockCost]) -> int:
 
 
 def rule_cost(name: str, blocks: list[BlockCost], rule: Rule | None = None, batch_size: int = 1,
-              bytes_per_value: int = 4) -> dict[str, Any]:
-    """MACs per sample (total and per block, by component) and memory of one rule on traced `blocks`."""
+              bytes_per_value: int = 4, path: StepPath | None = None) -> dict[str, Any]:
+    """MACs per sample (total and per block, by component) and memory of one rule on traced `blocks`.
+
+    `path`: for FTP, what its step runs on the traced model (`FTP.step_path`; `model_cost` passes it, with the
+    blocks traced through FTP's inner-target taps); without it, FTP's passes as its definition writes them. Block
+    2's first op at rank K costs K / B of the op per sample, rounded to a MAC.
+    """
     if name not in RULES:
         raise ValueError(f"unknown rule {name!r}; choose one of: {', '.join(RULES)}")
     rule = rule if rule is not None else make_rule(name)
@@ -328,15 +350,23 @@ def rule_cost(name: str, blocks: list[BlockCost], rule: Rule | None = None, batc
             add(l, "weight_grad", b.local_backward)
         add(0, "projection", n_out * blocks[0].in_numel)
     elif name == "ftp":
-        k = 1 if getattr(rule, "target_nonlin", "linear") == "linear" else 2
+        path = path or StepPath(closed_form=False, grid=False, rank_k_op=None, inner_taps=())
+        k = 1 if rule.target_nonlin == "linear" else 2
         for l, b in enumerate(blocks):
             add(l, "forward", b.forward)
             add(l, "weight_grad", b.local_backward)
             if 1 <= l <= L - 2:
                 add(l, "second_pass", b.forward)
-                if getattr(rule, "update_input", "h") == "t":
+                if rule.update_input == "t" and not path.closed_form:
                     add(l, "update_on_target", b.forward)
-        add(0, "projection", k * n_out * blocks[0].out_numel)
+                if rule.inject == "every":
+                    add(l, "projection", k * n_out * b.out_numel)
+        add(0, "projection", k * n_out * (blocks[1].in_numel if path.grid else blocks[0].out_numel))
+        op = next((m for m in blocks[1].modules if m.name == path.rank_k_op), None) if L > 2 else None
+        if op is not None and rank_k_pays(n_out, op.forward // op.output_numel, batch_size):
+            # the op on G's K rows, per sample of the batch, and the B x K x |out| product, in place of the op
+            comp[1]["second_pass"] -= op.forward
+            add(1, "second_pass_rank_k", round(n_out * op.forward / batch_size) + n_out * op.output_numel)
     elif name == "dtp":
         for l, b in enumerate(blocks):
             add(l, "forward", b.forward)
@@ -392,7 +422,9 @@ def model_cost(model: Net, input_shape: Sequence[int], rules: dict[str, Rule] | 
     out = {}
     for name, rule in rules.items():
         try:
-            out[name] = rule_cost(rule.name, blocks, rule, batch_size, bytes_per_value)
+            path = rule.step_path(model) if rule.name == "ftp" else None
+            traced = trace(model, input_shape, path.inner_taps) if path is not None and path.inner_taps else blocks
+            out[name] = rule_cost(rule.name, traced, rule, batch_size, bytes_per_value, path)
         except ValueError as err:
             if skipped is None:
                 raise

@@ -8,19 +8,21 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ftprop.bench import FlopCount
 from ftprop.cli import main
 from ftprop.cost import MCUS, PUBLISHED_FC_MNIST, cost_for, model_cost, trace
-from ftprop.models import Block, Net, mlp
+from ftprop.models import Block, Net, build_model, mlp
 from ftprop.rules import RULES, make_rule
 
 BATCH = 3
 
 
 def counted_macs_per_sample(model: Net, rule, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The MACs of the rule's real step, as `ftprop bench` counts them (no module hooks, so FTP runs its fast path)."""
     rule.step(model, x, y)  # first step creates the rule's matrices outside the count, like any later step
-    with FlopCounterMode(display=False) as counter:
+    with FlopCount() as counter:
         rule.step(model, x, y)
-    return counter.get_total_flops() / 2 / x.shape[0]
+    return counter.flops / 2 / x.shape[0]
 
 
 def check(model: Net, input_shape, rules: dict, n_classes: int, counter_excess: int = 0) -> None:
@@ -100,6 +102,73 @@ def test_conv_blocks_match_the_flop_counter():
     assert blocks[0].forward == 4 * 8 * 8 * 1 * 25
     assert [m.internal for m in blocks[1].modules] == [False, True, False]  # conv1, conv2, shortcut
     assert blocks[1].modules[1].forward == 6 * 4 * 4 * (6 // 2) * 9
+
+
+FTP_PATH_CASES = [  # (spec, activation, FTP options): each a part of FTP's step that changes its MACs
+    ("c4k3-relu-p2-r4-r4-f-l3", "relu", dict()),
+    ("c4k3-relu-p2-r4-r4-f-l3", "relu", dict(inner_targets=True)),  # no input grad through a branch's second conv
+    ("c4k3-relu-p2-r4-r4-f-l3", "relu", dict(g_block=2, compare_at="next-input")),  # G onto the pooled grid; rank K
+    ("c4k3-relu-p2-r4-r4-f-l3", "relu", dict(g_block=2, compare_at="next-input", inner_targets=True, deep_weight=0.1)),
+    ("c4k3-relu-p2-r4-r4-f-l3", "relu", dict(g_block=2, compare_at="next-input", target_nonlin="tanh")),  # no rank K
+    ("c4k3-relu-r4-r4-f-l3", "relu", dict(inject="every")),  # a projection per hidden block; rank K (no pool)
+    ("c4k3-relu-r4-r4-f-l3", "relu", dict(inject="every", target_nonlin="tanh", update_input="t")),  # two each
+    ("f-l16-relu-l12-relu-l8-relu-l3", "relu", dict(update_input="t")),  # closed form: no layer run again
+    ("f-l16-relu-l12-relu-l8-relu-l3", "relu", dict(update_input="t", inject="every")),
+]
+
+
+@pytest.mark.parametrize("batch", [2, 12])
+@pytest.mark.parametrize("spec, activation, options", FTP_PATH_CASES)
+def test_ftp_count_follows_the_step_it_runs(spec, activation, options, batch):
+    """FTP's analytic count (`FTP.step_path`) equals the ops its real step runs, with each option that changes them,
+    at a batch where block 2's first op at rank K does fewer MACs than on the batch (12 > K = 3) and one where it
+    would do more (2), where the step runs it as usual."""
+    torch.manual_seed(0)
+    net = build_model("spec", (1, 8, 8), 3, activation=activation, spec=spec)
+    rule = make_rule("ftp", **options)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 1, 8, 8, generator=gen), torch.randint(0, 3, (batch,), generator=gen)
+    counted = counted_macs_per_sample(net, rule, x, y)
+    r = model_cost(net, (1, 8, 8), {"ftp": rule}, batch_size=batch)["ftp"]
+    assert r["macs_per_sample"] == pytest.approx(counted, abs=0.5), (r["layers"], counted)  # rank K: rounded to a MAC
+    rank_k = rule.step_path(net).rank_k_op is not None and batch == 12
+    assert ("second_pass_rank_k" in r["layers"][1]) == rank_k
+
+
+def test_ftp_count_of_the_stem_residual_net():
+    """The stem residual net with configs/ftp-paper-stem.toml's options at batch 64 (the bench row's setting): per
+    sample, BP's count less the six convs' input grads BP makes and FTP does not (three crossing into a block, three
+    inside a branch, which inner targets cut), plus the second pass's six convs, one of them at rank K (10 of G's
+    rows per 64 samples and the 64 x 10 x |out| product), plus the projection onto the pooled map."""
+    torch.manual_seed(0)
+    spec = "c32k5-relu-p2-r32z-r32z-r32z-f-l10"
+    net = build_model("spec", (1, 28, 28), 10, activation="relu", spec=spec)
+    ftp = make_rule("ftp", g_scale=0.01, g_block=2, compare_at="next-input", inner_targets=True, deep_weight=0.1)
+    r = model_cost(net, (1, 28, 28), {"bp": make_rule("bp"), "ftp": ftp}, batch_size=64)
+    conv = 32 * 12 * 12 * 32 * 9  # one 3x3 conv of a block, per sample
+    assert r["ftp"]["macs_per_sample"] == (r["bp"]["macs_per_sample"] - 6 * conv - 10 * 32 * 12 * 12  # the head's
+                                           + 5 * conv + round(10 * conv / 64) + 10 * 32 * 12 * 12  # input grad
+                                           + 10 * 32 * 12 * 12)
+    assert r["ftp"]["macs_per_sample"] / r["bp"]["macs_per_sample"] == pytest.approx(0.957, abs=0.001)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    assert counted_macs_per_sample(net, ftp, x, y) == pytest.approx(r["ftp"]["macs_per_sample"], abs=0.5)
+
+
+def test_flop_count_installs_no_hook_and_counts_as_torch_does():
+    """`FlopCount` (ftprop bench's counter) counts what torch's FlopCounterMode counts, op for op, on BP; under
+    FlopCounterMode's global module hooks FTP stands its rewrites down and does block 2's first op on the batch."""
+    torch.manual_seed(0)
+    net = build_model("spec", (1, 8, 8), 3, activation="relu", spec="c4k3-relu-p2-r4-r4-f-l3")
+    x, y = torch.randn(12, 1, 8, 8), torch.randint(0, 3, (12,))
+    for rule, same in ((make_rule("bp"), True), (make_rule("ftp", g_block=2, compare_at="next-input"), False)):
+        rule.step(net, x, y)
+        with FlopCounterMode(display=False) as torch_count:
+            rule.step(net, x, y)
+        with FlopCount() as ours:
+            assert not torch.nn.modules.module._global_forward_hooks
+            rule.step(net, x, y)
+        assert (ours.flops == torch_count.get_total_flops()) == same
+        assert ours.flops <= torch_count.get_total_flops()
 
 
 @pytest.mark.parametrize("cls", [nn.RNN, nn.GRU])
@@ -183,6 +252,22 @@ def test_cli_cost_json_and_table(capsys):
     assert "| bp | 2,002,688 |" in text and "2.003M" in text
     assert main(["cost", "--rules", "bp,nope", "--dataset", "mnist"]) == 2
     assert "unknown rule" in capsys.readouterr().err
+
+
+def test_cli_cost_of_a_spec_model_with_a_training_config(capsys):
+    """`--spec` and `--depth` name the conv models, `--config` takes the FTP options a study trained with (the stem
+    net's: projection onto the pooled map, inner targets), and `--batch-size` the batch of the rank-K op."""
+    spec = ["--model", "spec", "--spec", "c32k5-relu-p2-r32z-r32z-r32z-f-l10", "--activation", "relu"]
+    assert main(["cost", "--rules", "bp,ftp", *spec, "--config", "configs/ftp-paper-stem.toml", "--batch-size", "64",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["bp"]["macs_per_sample"], out["ftp"]["macs_per_sample"]) == (24_947_712, 23_874_048)
+    assert main(["cost", "--rules", "ftp", *spec, "--json"]) == 0  # FTP's defaults: its definition's count
+    assert json.loads(capsys.readouterr().out)["ftp"]["macs_per_sample"] == 29_067_264
+    assert main(["cost", "--rules", "bp", "--model", "resnet", "--depth", "4", "--activation", "relu", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["bp"]["layers"]) == 4  # conv, conv, one residual block, dense
+    assert main(["cost", "--rules", "ftp", *spec, "--config", "no/such.toml"]) == 2
+    assert "no/such.toml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dataset,published_bp,published_ftp", [("mnist", 1.097e6, 1.465e6),

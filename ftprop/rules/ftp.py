@@ -29,6 +29,7 @@ branch's convs is the first conv's own target, and no gradient crosses a conv.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Block, Net, Residual, submodules, two_pass
+from ..models import Block, Net, Residual, as_net, submodules, two_pass
 from ._common import begin_step, local_forward, output_error, tangential_rows
 from .base import Rule, StepOutput
 
@@ -58,6 +59,22 @@ G_DISTS = ("gaussian", "uniform", "sparse", "orthogonal")
 NONLINS = ("tanh", "linear")
 
 
+def inner_taps(model: Net) -> dict[int, nn.Module]:
+    """Per residual block l = 2 .. L-1 (0-based 1 .. L-2), the activation between its branch's first two convs: what
+    `inner_targets` taps (`_InnerTargets`). An error when such a branch has no module between those convs."""
+    taps = {}
+    for l, block in enumerate(model.blocks):
+        if not (0 < l < len(model.blocks) - 1 and isinstance(block.layer, Residual)):
+            continue
+        branch = block.layer.branch
+        convs = [i for i, m in enumerate(branch) if isinstance(m, nn.Conv2d)] if isinstance(branch, nn.Sequential) else []
+        if len(convs) < 2 or convs[1] - 1 == convs[0]:
+            raise ValueError(f"ftp: inner_targets needs an activation between the first two convs of block {l + 1}'s "
+                             f"residual branch, got {branch}")
+        taps[l] = branch[convs[1] - 1]
+    return taps
+
+
 class _InnerTargets:
     """Taps the activation between a residual branch's two convs (option `inner_targets`) for one FTP step.
 
@@ -70,20 +87,9 @@ class _InnerTargets:
     """
 
     def __init__(self, model: Net) -> None:
-        taps = {l: self._between_convs(block.layer, l) for l, block in enumerate(model.blocks)
-                if 0 < l < len(model.blocks) - 1 and isinstance(block.layer, Residual)}
+        taps = inner_taps(model)
         self.records: dict[int, list[torch.Tensor]] = {l: [] for l in taps}
         self._handles = [tap.register_forward_hook(self._hook(l)) for l, tap in taps.items()]
-
-    @staticmethod
-    def _between_convs(res: Residual, l: int) -> nn.Module:
-        """The module that feeds the branch's second conv (its activation), when it is not the first conv itself."""
-        branch = res.branch
-        convs = [i for i, m in enumerate(branch) if isinstance(m, nn.Conv2d)] if isinstance(branch, nn.Sequential) else []
-        if len(convs) < 2 or convs[1] - 1 == convs[0]:
-            raise ValueError(f"ftp: inner_targets needs an activation between the first two convs of block {l + 1}'s "
-                             f"residual branch, got {branch}")
-        return branch[convs[1] - 1]
 
     def _hook(self, l: int) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
         def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:  # noqa: ARG001
@@ -139,6 +145,18 @@ class _LowRankFirst:
 
     def remove(self) -> None:
         del self.op.__dict__["forward"]
+
+
+def macs_per_output(op: nn.Linear | nn.Conv2d) -> int:
+    """Multiply-adds behind each value a linear op outputs: its input features, or a conv's C_in / groups x kernel."""
+    return op.in_features if isinstance(op, nn.Linear) else op.in_channels // op.groups * math.prod(op.kernel_size)
+
+
+def rank_k_pays(k: int, macs_per_out: int, batch: int) -> bool:
+    """Whether `_LowRankFirst` does fewer multiply-adds than running the op on the batch: per output value, K rows
+    through the op plus the B x K x |out| product, K (c + B), against B c. At K >= B it never does (a batch of one
+    sample, as on a microcontroller, would run the op on K rows instead of one)."""
+    return k * (macs_per_out + batch) < batch * macs_per_out
 
 
 # Pointwise activations that can overwrite their input (their `inplace` attribute) and draw no noise, and the modules
@@ -309,6 +327,16 @@ def _closed_form_derivatives(blocks: list[Block]) -> list[tuple[Callable, nn.Mod
             return None  # hooks (hardware simulation) may watch the gradients autograd carries: keep autograd
         found.append((fn, post))
     return found
+
+
+@dataclass(frozen=True)
+class StepPath:
+    """The parts of an FTP step on a given model that change how many multiply-adds it does (`FTP.step_path`)."""
+
+    closed_form: bool            # local gradients in closed form: update_input="t" runs no layer again
+    grid: bool                   # G projects onto the pooled map (`FTP._on_grid`): n_out x |pool(h_1)| MACs
+    rank_k_op: str | None        # block 2's first op (its name in the model), run at rank K where `rank_k_pays`
+    inner_taps: tuple[str, ...]  # inner_targets: the modules whose output a residual branch passes on detached
 
 
 @dataclass
@@ -500,6 +528,28 @@ class FTP(Rule):
             if in_place is not None:
                 in_place.remove()
 
+    def _on_grid(self, blocks: list[Block]) -> bool:
+        """Whether G projects onto the pooled grid: the local loss is measured after block 2's input ops, and these
+        are a max-pool whose windows are G's g_block x g_block patches (then perhaps a flatten)."""
+        return len(blocks) > 1 and self.compare_at == "next-input" and _windows(_max_pool(blocks[1].pre)) == self.g_block
+
+    def step_path(self, model: Net) -> StepPath:
+        """What this rule's step runs on `model` beyond its definition's passes, as far as multiply-adds go: the
+        analytic count (ftprop.cost) follows it, and tests/test_cost.py checks that count against the ops a step runs.
+        """
+        model = as_net(model)
+        blocks = list(model.blocks)
+        op = self._low_rank_op(blocks)
+        if op is not None:  # the first pass must leave the op's output as it made it: one call, no in-place change,
+            uses = sum(m is op for m in submodules(model))  # in the default layout (`_LowRankFirst.arm` checks these
+            inplace = any(getattr(m, "inplace", False) for m in submodules(blocks[1]))  # at run time)
+            channels_last = isinstance(op, nn.Conv2d) and not op.weight.is_contiguous()
+            op = None if uses > 1 or inplace or channels_last else op
+        names = {id(m): name for name, m in model.named_modules()}
+        taps = inner_taps(model).values() if self.inner_targets else ()
+        return StepPath(closed_form=_closed_form_derivatives(blocks) is not None, grid=self._on_grid(blocks),
+                        rank_k_op=None if op is None else names[id(op)], inner_taps=tuple(names[id(m)] for m in taps))
+
     def _low_rank_op(self, blocks: list[Block]) -> nn.Linear | nn.Conv2d | None:
         """Block 2's first linear op when the second pass can run it at rank K (`_LowRankFirst`): a linear contrast,
         a second pass, block 2's input ops only reshaping h_1 or being the max-pool whose windows are G's patches (the
@@ -507,8 +557,7 @@ class FTP(Rule):
         if self.target_nonlin != "linear" or len(blocks) < 3 or _hooked():
             return None
         block = blocks[1]
-        grid = self.compare_at == "next-input" and _windows(_max_pool(block.pre)) == self.g_block
-        if not (grid or _reshapes_only(block.pre)) or any(_hooked(m) for m in submodules(block)):
+        if not (self._on_grid(blocks) or _reshapes_only(block.pre)) or any(_hooked(m) for m in submodules(block)):
             return None
         op = block.layer
         if isinstance(op, Residual) and isinstance(op.branch, nn.Sequential) and len(op.branch):
@@ -658,7 +707,7 @@ class FTP(Rule):
             if deep_shapes is not None and [tuple(g.shape) for g in self.G_deep or []] != deep_shapes:
                 raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} but "
                                  f"inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's outputs)")
-            on_grid = 0 in pooled and _windows(_max_pool(blocks[1].pre)) == self.g_block
+            on_grid = self._on_grid(blocks)
             # On the grid (G equal over the windows of the max-pool that reads h_1) the contrast and the target live on
             # the pooled map: pool(t_1) = pool(h_1) - gamma B err exactly, since adding one number to every value of a
             # window adds it to their max (rounding is monotone, so in floating point too); the full t_1 is never built
@@ -666,7 +715,8 @@ class FTP(Rule):
             err = self._contrast_map(p, e, batch, G, start)
             # t_1 = h_1 - gamma B err (or its pool), built only when a second pass needs it (before err is projected)
             t = torch.add(start, err, alpha=-self.gamma * batch) if len(blocks) > 2 else None
-            if first is not None:  # block 2's first op at rank K (`_low_rank_op` checked h_1's pool or reshape)
+            if first is not None and rank_k_pays(e.shape[1], macs_per_output(first.op), batch):
+                # block 2's first op at rank K (`_low_rank_op` checked h_1's pool or reshape)
                 rows = G.view(G.shape[0], *start.shape[1:])  # G's rows as maps (or vectors) like start's samples
                 rows = _after_pool(blocks[1].pre, rows) if on_grid else blocks[1].pre(rows)
                 first.arm(e / batch, rows, -self.gamma * batch)
