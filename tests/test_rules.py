@@ -288,6 +288,51 @@ def test_ftp_relu_stays_bounded_with_tangent_and_diverges_without(small_mnist):
     assert without < 0.5, "without it, ReLU FTP is expected to blow up (if this fails, update docs/ALGORITHM.md)"
 
 
+def _hook_on_middle_layer(net, kind: str, calls: list) -> list:
+    """Registers a hook of `kind` on the middle block's layer (its weight, for parameter hooks) that records each call
+    and, where a hook can, zeroes the gradient it sees. Returns the handles to remove."""
+    layer = net.blocks[1].layer
+    record = lambda *args: calls.append(kind)  # noqa: E731
+    if kind == "module backward":
+        return [layer.register_full_backward_hook(record)]
+    if kind == "module backward pre":  # the gradient at the layer's output, zeroed: the layer then learns nothing
+        return [layer.register_full_backward_pre_hook(lambda m, g: (record(), (torch.zeros_like(g[0]),))[1])]
+    if kind == "parameter":
+        return [layer.weight.register_hook(lambda g: (record(), torch.zeros_like(g))[1])]
+    if kind == "post accumulate":
+        return [layer.weight.register_post_accumulate_grad_hook(lambda p: (record(), p.grad.zero_()) and None)]
+    assert kind == "global module backward"
+    return [torch.nn.modules.module.register_module_full_backward_hook(record)]
+
+
+@pytest.mark.parametrize("kind", ["module backward", "module backward pre", "parameter", "post accumulate",
+                                  "global module backward"])
+def test_ftp_runs_gradient_hooks(kind):
+    """A hook on gradients acts under FTP as under autograd: on an MLP FTP's local gradients have a closed form that
+    assigns .grad directly, which would skip every such hook, so a hook anywhere keeps FTP on autograd. The hooks that
+    can change a gradient zero the middle layer's weight gradient here; the others are counted."""
+    x, y = tiny_batch()
+    plain, hooked = tiny_net("relu"), tiny_net("relu")
+    assert _closed_form_derivatives(list(plain.blocks)) is not None
+    calls: list = []
+    handles = _hook_on_middle_layer(hooked, kind, calls)
+    try:
+        assert _closed_form_derivatives(list(hooked.blocks)) is None
+        for net in (plain, hooked):
+            make_rule("ftp", gamma=0.3, g_scale=0.7).step(net, x, y)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls, f"the {kind} hook did not run under FTP"
+    weight = hooked.blocks[1].layer.weight
+    if kind in ("module backward pre", "parameter", "post accumulate"):
+        assert torch.count_nonzero(weight.grad) == 0
+        assert torch.count_nonzero(plain.blocks[1].layer.weight.grad) > 0
+    else:
+        for a, b in zip(grads(plain), grads(hooked)):
+            torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu", "sigmoid"])
 @pytest.mark.parametrize("options", [{}, {"tangent": False}, {"fprime": False}, {"update_input": "t"},
                                      {"target_nonlin": "tanh", "gamma_mode": "multiplier"}, {"deep_weight": 0.4},

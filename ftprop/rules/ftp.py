@@ -312,7 +312,13 @@ def _closed_form_derivatives(blocks: list[Block]) -> list[tuple[Callable, nn.Mod
     most one pointwise activation; else None and FTP differentiates each block's local loss with autograd (conv,
     norms, dropout, residuals, hooked blocks...). Both give the same gradients (tests/test_rules.py); the closed form
     just skips building graphs. Runs every step (a model may gain hooks or blocks between steps), so it avoids
-    ModuleList/Sequential indexing, which alone cost more than this whole check (about 4 us a lookup on the CPU box)."""
+    ModuleList/Sequential indexing, which alone cost more than this whole check (about 4 us a lookup on the CPU box).
+
+    Any hook keeps autograd: a module's forward or backward hooks, torch's global module hooks, a parameter's gradient
+    or post-accumulate hooks. The closed form assigns `.grad` without autograd, so none of them would run (hardware
+    simulation quantizes the errors autograd carries; a user's hook may clip or log the gradients)."""
+    if _hooked():
+        return None
     found = []
     for block in blocks:
         layer, post = block.layer, block.post
@@ -322,9 +328,10 @@ def _closed_form_derivatives(blocks: list[Block]) -> list[tuple[Callable, nn.Mod
                 return None
             post = inner[0] if inner else nn.Identity()
         fn = _THROUGH_ACTIVATION.get(type(post))
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (block, layer, post))
+        hooked = any(_hooked(m) for m in (block, block.pre, block.post, layer, post)) or any(
+            p._backward_hooks or p._post_accumulate_grad_hooks for p in layer._parameters.values() if p is not None)
         if type(layer) is not nn.Linear or not isinstance(block.pre, nn.Identity) or fn is None or hooked:
-            return None  # hooks (hardware simulation) may watch the gradients autograd carries: keep autograd
+            return None
         found.append((fn, post))
     return found
 
