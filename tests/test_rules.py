@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftprop.models import mlp
-from ftprop.rules import make_rule
+from ftprop.models import as_net, mlp
+from ftprop.rules import RULES, make_rule
 from ftprop.rules.ftp import _closed_form_derivatives
 from tests.conftest import tiny_batch
 
@@ -349,3 +349,39 @@ def test_ftp_closed_form_and_autograd_paths_agree(activation, options):
         make_rule("ftp", gamma=0.3, g_scale=0.7, **options).step(net, x, y)
     for a, b in zip(grads(nets[0]), grads(nets[1])):
         torch.testing.assert_close(a, b)
+
+
+def _small_conv_net(seed: int = 0) -> torch.nn.Module:
+    """conv 3x3 (4 channels), relu, max-pool 2, flatten, dense 5 tanh, dense 3: an nn.Sequential on 1 x 8 x 8 inputs."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                               torch.nn.Linear(36, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+
+
+CONV_RULES = ("bp", "ftp", "fa", "dfa", "drtp", "pepita")
+
+
+@pytest.mark.parametrize("frozen", ["first", "middle", "last"])
+@pytest.mark.parametrize("net_kind", ["mlp", "conv"])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_frozen_parameters_get_no_gradient(rule, net_kind, frozen):
+    """A block whose parameters are frozen (requires_grad False, as when fine-tuning part of a net on a device) gets
+    no gradient, so an optimizer leaves it alone, as under autograd; every other parameter gets the gradient it gets
+    when nothing is frozen. Before, FTP's closed form filled frozen weights, FF gave them zeros, and the other rules
+    failed inside autograd when the first block was frozen."""
+    if net_kind == "conv" and rule not in CONV_RULES:
+        pytest.skip(f"{rule} runs on MLPs only")
+    make = (lambda: tiny_net("tanh")) if net_kind == "mlp" else _small_conv_net
+    x, y = tiny_batch()
+    if net_kind == "conv":
+        x = torch.randn(7, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference, net = as_net(make()), as_net(make())
+    block = {"first": 0, "middle": 1, "last": len(net.blocks) - 1}[frozen]
+    net.blocks[block].requires_grad_(False)
+    for model in (reference, net):
+        make_rule(rule).step(model, x, y)
+    for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters(), strict=True):
+        if not p.requires_grad:
+            assert p.grad is None, f"{rule}: frozen {name} got a gradient"
+        elif q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{rule}: {name}: {m}")

@@ -578,3 +578,20 @@ def test_subtract_last_makes_forecasts_shift_with_the_window():
     assert torch.allclose(local_unroll(net, x + shift)[1], net(x + shift))
     with pytest.raises(ValueError, match="forecasting heads only"):
         build_recurrent("gru", 3, 5, 1, subtract_last=True)
+
+
+@pytest.mark.parametrize("frozen", ["cells.0", "cells.1", "readout"])
+@pytest.mark.parametrize("name", sorted(SEQUENCE_RULES))
+def test_frozen_recurrent_layer_gets_no_gradient(name, frozen):
+    """A frozen layer (requires_grad False) of a stacked GRU gets no gradient and every other parameter the one it
+    gets when nothing is frozen, as under autograd (FTP and DFA through time failed inside autograd before)."""
+    reference, x, y = _tiny("gru", layers=2)
+    net, _, _ = _tiny("gru", layers=2)
+    net.get_submodule(frozen).requires_grad_(False)
+    for model in (reference, net):
+        make_sequence_rule(name).step(model, x, y)
+    for (key, p), (_, q) in zip(net.named_parameters(), reference.named_parameters(), strict=True):
+        if not p.requires_grad:
+            assert p.grad is None, f"{name}: frozen {key} got a gradient"
+        else:
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {key}: {m}")

@@ -110,10 +110,20 @@ def out_features(model: Net) -> int:
 
 
 def fill_missing_grads(model: Net) -> None:
-    """Zeros for any parameter the rule does not train, so optimizers and checks see a gradient everywhere."""
+    """Zeros for any trainable parameter the rule does not train, so optimizers and checks see a gradient everywhere.
+    A frozen parameter (requires_grad False) keeps no gradient, as under autograd."""
     for p in model.parameters():
-        if p.grad is None:
+        if p.grad is None and p.requires_grad:
             p.grad = torch.zeros_like(p)
+
+
+def local_backward(roots: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """torch.autograd.backward over the roots that have a graph. Every rule's blocks run on detached inputs, so a
+    block whose parameters are all frozen (requires_grad False) has none: it gets no gradient, as under BP, where
+    autograd would refuse the whole call."""
+    pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
+    if pairs:
+        torch.autograd.backward(*zip(*pairs))
 
 
 def require_mlp(model: Net, rule: str) -> None:
@@ -248,5 +258,5 @@ class DirectProjection(FixedMatrices, PeerRule):
         batch = x.shape[0]
         signal = self._hidden_signal(e, y, z) / batch
         grads = [(signal @ b).view_as(h) for b, h in zip(self._matrices(outs), outs[:-1])]
-        torch.autograd.backward(outs, [*grads, e / batch])
+        local_backward(outs, [*grads, e / batch])
         return StepOutput(loss, z.detach())

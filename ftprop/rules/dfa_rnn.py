@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..recurrent import RecurrentNet
-from ._common import FixedMatrices, fit_matrices, glorot_uniform
+from ._common import FixedMatrices, fit_matrices, glorot_uniform, local_backward
 from ._recurrent import RecurrentRule, local_unroll, sequence_error
 from .base import StepOutput
 
@@ -51,5 +51,5 @@ class DFAThroughTime(FixedMatrices, RecurrentRule):
         feedback = [err.e @ b / x.shape[0] for b in self._matrices(model, z)]
         roots = [h for layer in states for h in layer] + [z]
         seeds = [feedback[l] for l, layer in enumerate(states) for _ in layer] + [err.dz]
-        torch.autograd.backward(roots, seeds)
+        local_backward(roots, seeds)
         return StepOutput(err.loss, z.detach())

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models import Net
-from ._common import PeerRule, RuleRNG, begin_step, fit_matrices, glorot_uniform, num_features, output_error
+from ._common import (PeerRule, RuleRNG, begin_step, fit_matrices, glorot_uniform, local_backward, num_features,
+                      output_error)
 from .base import StepOutput
 
 INVERSE_ACTIVATIONS = ("same", "tanh", "linear")
@@ -113,7 +114,7 @@ class DTP(PeerRule):
                 targets[k - 1] = hs[k - 1] + s(F.linear(targets[k], v, c)) - s(F.linear(hs[k], v, c))
             scale = 1.0 / (self.eta * batch)
             grads = [(h - t).mul_(scale) for h, t in zip(hs, targets)]
-        torch.autograd.backward(outs, grads)
+        local_backward(outs, grads)
 
         self._train_inverses(model, hs, inverses)
         return StepOutput(loss, z.detach())

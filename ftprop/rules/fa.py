@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import Net, weight_layers
-from ._common import FixedMatrices, PeerRule, begin_step, fit_matrices, glorot_like, output_error
+from ._common import FixedMatrices, PeerRule, begin_step, fit_matrices, glorot_like, local_backward, output_error
 from .base import StepOutput
 
 
@@ -158,7 +158,7 @@ class FA(FixedMatrices, PeerRule):
 
         g = e / x.shape[0]                            # dL/dh_L
         for l in range(len(outs) - 1, -1, -1):
-            torch.autograd.backward(outs[l], g)       # block l's parameter gradients; dL/dh_{l-1} through B
+            local_backward([outs[l]], [g])            # block l's parameter gradients; dL/dh_{l-1} through B
             if l > 0:
                 g = inputs[l].grad
         return StepOutput(loss, z.detach())

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import Net, as_net
-from ._common import PeerRule, RuleRNG, begin_step, fill_missing_grads, out_features
+from ._common import PeerRule, RuleRNG, begin_step, fill_missing_grads, local_backward, out_features
 from .base import StepOutput
 
 GOODNESS = ("sum", "mean")
@@ -111,7 +111,7 @@ class FF(PeerRule):
             losses.append(F.softplus(self.theta - g_pos).mean() + F.softplus(g_neg - self.theta).mean())
             score += g.detach()
         total = torch.stack(losses).sum()
-        total.backward()
+        local_backward([total], [None])
         fill_missing_grads(model)  # the output block is not trained by FF
 
         if self.logits == "predict":

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import Block, Net, Residual, as_net, submodules, two_pass
-from ._common import begin_step, local_forward, output_error, tangential_rows
+from ._common import begin_step, local_backward, local_forward, output_error, tangential_rows
 from .base import Rule, StepOutput
 
 # torch's hooks on every module (torch.nn.modules.module.register_module_forward_hook and the like)
@@ -642,8 +642,10 @@ class FTP(Rule):
 
     @staticmethod
     def _unfold(params: list[torch.Tensor], weight: float) -> None:
-        """The folded loss weight (`_folded`) applied to the gradients its unit errors gave."""
-        torch._foreach_mul_([q.grad for q in params if q.grad is not None], weight)
+        """The folded loss weight (`_folded`) applied to the gradients its unit errors gave (none for frozen ones)."""
+        grads = [q.grad for q in params if q.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, weight)
 
     def _step(self, model: Net, blocks: list[Block], x: torch.Tensor, y: torch.Tensor, passes,  # noqa: ANN001
               derivatives: list[tuple[Callable, nn.Module]] | None, inner: _InnerTargets | None,
@@ -678,14 +680,16 @@ class FTP(Rule):
                 fn, post = derivatives[l]
                 d = fn(post, err, outs[l]) if self.fprime or output else err
                 source = inputs[l] if self.update_input == "h" or output else t_input
-                block.layer.weight.grad = d.t() @ source
-                if block.layer.bias is not None:
-                    block.layer.bias.grad = d.sum(0)
+                layer = block.layer
+                if layer.weight.requires_grad:  # a frozen parameter keeps no gradient, as under autograd
+                    layer.weight.grad = d.t() @ source
+                if layer.bias is not None and layer.bias.requires_grad:
+                    layer.bias.grad = d.sum(0)
             elif output or self.update_input == "h":
                 pending.append((outs[l] if self.fprime or output else pre[l], err))
                 if l in mid_errs:  # the first conv's own local loss
                     pending.append((inner.records[l][0], mid_errs.pop(l)))
-            else:
+            elif outs[l].requires_grad:  # (a layer with every parameter frozen has no graph and gets no gradient)
                 d = torch.autograd.grad(outs[l], pre[l], err, retain_graph=True)[0] if self.fprime else err
                 with torch.enable_grad():
                     pending.append((pre[0] if l == 0 else block.layer(t_input), d))  # t_0 = h_0 = x
@@ -698,7 +702,7 @@ class FTP(Rule):
                 return
             fill(l, err, t_input)
             if pending:
-                torch.autograd.backward(*zip(*pending))
+                local_backward(*zip(*pending))
                 pending.clear()
             if folded and l in folded:
                 self._unfold(folded[l], -deep)
@@ -750,7 +754,7 @@ class FTP(Rule):
             for l, err, t_input in due:
                 fill(l, err, t_input)
         if pending:
-            torch.autograd.backward(*zip(*pending))
+            local_backward(*zip(*pending))
         if folded and not self.pipeline:
             self._unfold([q for params in folded.values() for q in params], -deep)
         return StepOutput(loss, z.detach() if derivatives is None else z)

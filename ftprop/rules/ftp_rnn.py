@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ..recurrent import RecurrentNet
-from ._common import tangential_rows
+from ._common import local_backward, tangential_rows
 from ._recurrent import RecurrentRule, local_unroll, sequence_error
 from .base import StepOutput
 
@@ -123,7 +123,7 @@ class FTPThroughTime(RecurrentRule):
         with torch.no_grad():
             seeds = [tangential_rows(o * scale, h) if self.tangent else o * scale  # (the state cannot inflate)
                      for layer, layer_offsets in zip(first, offsets) for h, o in zip(layer, layer_offsets)]
-        torch.autograd.backward([*(h for layer in states for h in layer), z], [*seeds, err.dz])
+        local_backward([*(h for layer in states for h in layer), z], [*seeds, err.dz])
         return StepOutput(err.loss, z.detach())
 
     def state_dict(self) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..models import Net, two_pass
-from ._common import PeerRule, begin_step, fit_matrices, num_features, output_error
+from ._common import PeerRule, begin_step, fit_matrices, local_backward, num_features, output_error
 from .base import StepOutput
 
 OUTPUT_ERRORS = ("modulated", "first")
@@ -102,7 +102,7 @@ class PEPITA(PeerRule):
             e_out = output_error(z_mod, y)[2] if self.output_error == "modulated" else e
         roots.append(z_mod)
         grads.append(e_out / batch)
-        torch.autograd.backward(roots, grads)
+        local_backward(roots, grads)
         return StepOutput(loss, z)
 
     def state_dict(self) -> dict[str, Any]:
