@@ -150,7 +150,8 @@ PUBLISHED_FC: dict[str, dict[str, float]] = {
 PUBLISHED_FC_MNIST = PUBLISHED_FC["mnist"]
 
 # Posts whose derivative is a function of their output alone (no extra storage to differentiate them).
-_FREE_POSTS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout)
+_FREE_POSTS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout,
+               nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 # Parametrised modules without MACs (elementwise affine maps).
 _ELEMENTWISE = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}

@@ -169,7 +169,7 @@ _WEIGHTED = (nn.Linear, nn.Conv2d, Residual)  # each starts a new block
 _RESHAPE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)  # next block's pre
 _NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Softplus, nn.Hardtanh,
-                nn.ReLU6, nn.Mish, nn.Identity, nn.Dropout)
+                nn.ReLU6, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 SEQUENTIAL_LAYERS = (nn.Linear, nn.Conv2d) + _RESHAPE + _NORM_LAYERS + _ELEMENTWISE  # what from_sequential accepts
 
 
@@ -531,7 +531,10 @@ def _build(name: str, input_shape: tuple[int, ...], num_classes: int, hidden: st
 
 # ---------------------------------------------------------------------------------------- second-pass semantics
 
-_UNSUPPORTED_TWO_PASS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# The dropouts the second pass replays, with the number of dimensions of a batch they act on (0: any). Dropout1d/2d/3d
+# drop whole channels: one draw per sample and channel, (N, C, 1, ...), as torch draws them.
+_REPLAYED_DROPOUT = {nn.Dropout: 0, nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
+_UNSUPPORTED_TWO_PASS = (nn.AlphaDropout, nn.FeatureAlphaDropout)  # their noise is not a mask
 _STATEFUL = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)  # what the second pass must care about
 
 
@@ -547,9 +550,9 @@ class TwoPass:
 
     So a target or a modulated input travels through exactly the network that produced the activities it is
     compared with (same mask, same normalisation constants), per sample, and the running statistics see each batch
-    once. Stock nn.Dropout and nn.BatchNorm* modules are handled by swapping their `forward` for the duration of
-    the context; nothing is copied and nothing remains afterwards. A module used twice in one pass, or a stochastic
-    module we cannot replay (Dropout2d, AlphaDropout, ...), is an error.
+    once. Stock nn.Dropout, nn.Dropout1d/2d/3d (whole channels) and nn.BatchNorm* modules are handled by swapping
+    their `forward` for the duration of the context; nothing is copied and nothing remains afterwards. A module used
+    twice in one pass, or a stochastic module we cannot replay (AlphaDropout, FeatureAlphaDropout), is an error.
     """
 
     def __init__(self, model: nn.Module, rule: str = "") -> None:
@@ -565,17 +568,17 @@ class TwoPass:
                 continue
             if isinstance(m, _UNSUPPORTED_TWO_PASS) and m.training and m.p > 0:
                 raise ValueError(f"{rule}: {type(m).__name__} at {_names(model, m)} cannot replay its noise in the "
-                                 f"second pass; use nn.Dropout")
+                                 f"second pass; use nn.Dropout or nn.Dropout2d")
             if isinstance(m, nn.modules.batchnorm._NormBase) and not isinstance(m, nn.modules.batchnorm._BatchNorm) \
                     and m.track_running_stats:
                 raise ValueError(f"{rule}: {type(m).__name__} at {_names(model, m)} tracks running statistics; "
                                  f"not supported")
-            if type(m) is nn.Dropout or isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if type(m) in _REPLAYED_DROPOUT or isinstance(m, nn.modules.batchnorm._BatchNorm):
                 if id(m) in seen:
                     raise ValueError(f"{rule}: the same {type(m).__name__} module is used at {_names(model, m)}; "
                                      f"two-pass rules need one module per use (their masks/statistics are recorded)")
                 seen.add(id(m))
-                self._targets.append((m, self._dropout if type(m) is nn.Dropout else self._batchnorm))
+                self._targets.append((m, self._dropout if type(m) in _REPLAYED_DROPOUT else self._batchnorm))
 
     def __enter__(self) -> "TwoPass":
         for m, fn in self._targets:
@@ -596,19 +599,25 @@ class TwoPass:
         self.masks.clear()
         self.stats.clear()
 
-    def _dropout(self, m: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    def _dropout(self, m: nn.modules.dropout._DropoutNd, x: torch.Tensor) -> torch.Tensor:
         if not m.training or m.p == 0:
             return x
+        kind, dims = type(m).__name__, _REPLAYED_DROPOUT[type(m)]
         if self.mode == "record":
             if m in self.masks:
-                raise RuntimeError(f"{self.rule}: a Dropout module ran twice in the first pass")
+                raise RuntimeError(f"{self.rule}: a {kind} module ran twice in the first pass")
+            if dims and x.dim() != dims:
+                raise ValueError(f"{self.rule}: {kind} drops channels of a batch with {dims} dimensions (N, C, ...), "
+                                 f"got shape {tuple(x.shape)}")
             keep = 1.0 - m.p
-            mask = torch.empty_like(x).bernoulli_(keep).div_(keep) if keep > 0 else torch.zeros_like(x)
+            shape = x.shape if not dims else (*x.shape[:2], *[1] * (dims - 2))  # channel dropout: per (sample, channel)
+            mask = x.new_empty(shape).bernoulli_(keep).div_(keep) if keep > 0 else x.new_zeros(shape)
             self.masks[m] = mask
         else:
             mask = self.masks.get(m)
-            if mask is None or mask.shape != x.shape:
-                raise RuntimeError(f"{self.rule}: second pass through a Dropout with no matching first-pass mask")
+            if mask is None or mask.dim() != x.dim() or mask.shape[:2] != x.shape[:2] or (
+                    not dims and mask.shape != x.shape):
+                raise RuntimeError(f"{self.rule}: second pass through a {kind} with no matching first-pass mask")
         return x * mask
 
     def _batchnorm(self, m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -659,5 +668,6 @@ def is_mlp(model: Net) -> bool:
         pre = list(blk.pre) if isinstance(blk.pre, nn.Sequential) else [blk.pre]
         if not isinstance(blk.layer, nn.Linear) or not all(isinstance(m, (nn.Identity, nn.Flatten)) for m in pre):
             return False
-    return not any(isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm)) for m in model.modules())
+    return not any(isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
+                   for m in model.modules())
 

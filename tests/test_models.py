@@ -257,8 +257,8 @@ def test_from_sequential_round_trip():
 
 @pytest.mark.parametrize("seq, message", [
     (nn.Sequential(nn.Flatten(), nn.Linear(144, 8), nn.Conv1d(1, 2, 3)), "unsupported layer Conv1d at index 2"),
-    (nn.Sequential(nn.Flatten(), nn.Linear(144, 8), nn.Sequential(nn.ReLU(), nn.Dropout2d())),
-     "unsupported layer Dropout2d at index 2.1"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(144, 8), nn.Sequential(nn.ReLU(), nn.LocalResponseNorm(2))),
+     "unsupported layer LocalResponseNorm at index 2.1"),
     (nn.Sequential(nn.Flatten(), nn.Linear(144, 3), nn.Softmax(1)), "Softmax at index 2.*drop the final softmax"),
     (nn.Sequential(nn.BatchNorm2d(1), nn.Flatten(), nn.Linear(144, 3)), "BatchNorm2d has parameters"),
     (nn.Sequential(nn.ReLU()), "no Linear or Conv2d"),
@@ -1085,6 +1085,44 @@ def test_dropout_uses_the_same_mask_in_both_passes(name, spec, replayed):
         c.clear()
     rule.step(net, x, y)
     assert any(not torch.equal(a, c[0][1] != 0) for a, c in zip(first_masks, calls.values()))  # fresh each step
+
+
+@pytest.mark.parametrize("name", ["ftp", "pepita"])
+def test_channel_dropout_drops_the_same_channels_in_both_passes(name):
+    """nn.Dropout2d in a user's nn.Sequential (after a conv and after a pool): the first pass draws what torch's own
+    module draws from the same seed, one value per sample and channel, and the second pass drops the same channels of
+    its other input; each step draws afresh."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.5), nn.MaxPool2d(2),
+                        nn.Conv2d(6, 6, 3, padding=1), nn.Tanh(), nn.Dropout2d(0.5), nn.Flatten(),
+                        nn.Linear(216, 3)).double()
+    x, y = batch()
+    calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for m in seq.modules():
+        if isinstance(m, nn.Dropout2d):
+            calls[m] = []
+            m.register_forward_hook(lambda mod, inp, out: calls[mod].append((inp[0].detach(), out.detach())))
+    rule = make_rule(name)
+    torch.manual_seed(5)
+    rule.step(seq, x, y)
+    replayed = [c for c in calls.values() if len(c) == 2]
+    assert len(replayed) == (1 if name == "ftp" else 2)  # FTP's second pass runs blocks 2..L-1 only
+    for (in1, out1), (in2, out2) in replayed:
+        per_channel = out1.flatten(2).abs().amax(2) != 0  # (N, C): whole channels are kept or dropped
+        assert per_channel.any() and not per_channel.all()
+        mask = per_channel[:, :, None, None].to(in1.dtype) * 2  # kept channels scaled by 1 / (1 - p)
+        torch.testing.assert_close(out1, in1 * mask)
+        assert not torch.equal(in1, in2)
+        torch.testing.assert_close(out2, in2 * mask)
+    first = next(iter(calls))  # its first call is the net's first dropout draw: the one torch's module makes
+    torch.manual_seed(5)
+    ref = nn.functional.dropout2d(calls[first][0][0], 0.5, training=True)
+    assert torch.equal(ref, calls[first][0][1])
+    masks = [c[0][1] != 0 for c in calls.values()]
+    for c in calls.values():
+        c.clear()
+    rule.step(seq, x, y)
+    assert any(not torch.equal(a, c[0][1] != 0) for a, c in zip(masks, calls.values()))
 
 
 def test_two_pass_rejects_what_it_cannot_replay_and_cleans_up():
