@@ -382,3 +382,15 @@ def test_frozen_parameters_get_no_gradient(rule, net_kind, frozen):
             assert p.grad is None, f"{rule}: frozen {name} got a gradient"
         elif q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{rule}: {name}: {m}")
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_step_with_gradients_disabled_is_a_clear_error(rule):
+    """Under torch.no_grad() some rules failed deep inside autograd and others returned with no gradient at all (a
+    frozen-looking block is skipped on purpose: test_frozen_parameters_get_no_gradient); every rule now refuses."""
+    x, y = tiny_batch()
+    net = tiny_net()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context(), pytest.raises(RuntimeError, match="gradients disabled"):
+            make_rule(rule).step(net, x, y)
+    assert all(p.grad is None for p in net.parameters())

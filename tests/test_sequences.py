@@ -595,3 +595,10 @@ def test_frozen_recurrent_layer_gets_no_gradient(name, frozen):
             assert p.grad is None, f"{name}: frozen {key} got a gradient"
         else:
             torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {key}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCE_RULES))
+def test_sequence_step_with_gradients_disabled_is_a_clear_error(name):
+    net, x, y = _tiny("gru", layers=2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="gradients disabled"):
+        make_sequence_rule(name).step(net, x, y)

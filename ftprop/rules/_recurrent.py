@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..recurrent import RecurrentNet, check_sequence
 from ._common import PeerRule
+from .base import check_grad_mode
 
 
 @dataclass
@@ -27,6 +28,7 @@ class SequenceError:
 
 
 def check_sequence_batch(model: RecurrentNet, x: torch.Tensor, y: torch.Tensor, rule: str) -> None:
+    check_grad_mode()
     if not isinstance(model, RecurrentNet):
         raise ValueError(f"{rule} trains ftprop.recurrent.RecurrentNet models, got {type(model).__name__}")
     check_sequence(x)

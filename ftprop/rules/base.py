@@ -74,11 +74,20 @@ def rule_options(cls: type[Rule]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
+def check_grad_mode() -> None:
+    """A step builds each block's local graph (or, for BP, the whole one): under torch.no_grad() or inference mode
+    some rules would fail deep in autograd and others would return with no gradient at all, so every rule refuses."""
+    if not torch.is_grad_enabled():
+        raise RuntimeError("rule.step needs autograd: it was called with gradients disabled (torch.no_grad(), "
+                           "torch.inference_mode() or torch.set_grad_enabled(False)); call it outside that context")
+
+
 def check_batch(model: Net, x: torch.Tensor, y: torch.Tensor) -> None:
     """Fail early with a readable message instead of deep inside a matmul.
 
     Only metadata is checked, so the step never waits on the device.
     """
+    check_grad_mode()
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"batch size mismatch: x has {x.shape[0]} samples, y has {y.shape[0]}")
     if y.dtype != torch.int64:
