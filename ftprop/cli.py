@@ -207,7 +207,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                                         and args.hidden.replace(" ", "") == "1024,128") else None
     layers = args.hidden if args.model == "mlp" else args.spec if args.model == "spec" else \
         f"depth {args.depth}" if args.depth is not None else ""
-    print(f"{args.dataset}, {' '.join(filter(None, (args.model, layers, args.activation)))}: MACs per training sample at batch "
+    what = " ".join(filter(None, (args.model, layers, args.activation)))
+    print(f"{args.dataset}, {what}: MACs per training sample at batch "
           f"{args.batch_size} (analytic), values kept between passes x {args.bytes_per_value} bytes, MCU latency per sample "
           + ", ".join(f"{m} {s.clock_hz / 1e6:.0f} MHz x {s.cycles_per_mac} cycles/MAC" for m, s in cost.MCUS.items())
           + "\n")

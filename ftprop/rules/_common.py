@@ -119,8 +119,8 @@ def fill_missing_grads(model: Net) -> None:
 
 def local_backward(roots: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
     """torch.autograd.backward over the roots that have a graph. Every rule's blocks run on detached inputs, so a
-    block whose parameters are all frozen (requires_grad False) has none: it gets no gradient, as under BP, where
-    autograd would refuse the whole call."""
+    block whose parameters are all frozen (requires_grad False) has none and gets no gradient, as it would under BP;
+    passed to autograd, its output would make the whole call fail."""
     pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
     if pairs:
         torch.autograd.backward(*zip(*pairs))
