@@ -293,7 +293,8 @@ A spec is a '-'-separated list of tokens, applied in order to the input (C, H, W
   bn                       batch norm (1d or 2d by the input)
   ln / ln0                 layer norm over all of a sample's features (on C x H x W maps: GroupNorm(1, C));
                            ln has affine parameters, ln0 none
-  d<P>                     dropout with probability P (e.g. d0.1)
+  d<P> / dc<P>             dropout with probability P (e.g. d0.1); dc drops whole channels of a (C, H, W) map
+                           (channel dropout, nn.Dropout2d)
   relu tanh sigmoid gelu leaky_relu (or lrelu)   activations
 Example: the paper's CNN on MNIST is c32k5-relu-p2-f-l10.
 Blocks: every c, l or r starts a block; norms right after it join its layer; activations and dropout are its post;
@@ -395,11 +396,13 @@ def spec_model(spec: str, input_shape: tuple[int, ...], num_classes: int | None 
                 m = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # unpacked below: both open the next block
             elif tok in ("bn", "ln", "ln0"):
                 m = _norm_module(tok, shape)
-            elif mt := re.fullmatch(r"d(\d*\.?\d+)", tok):
-                rate = float(mt.group(1))
+            elif mt := re.fullmatch(r"d(c?)(\d*\.?\d+)", tok):
+                rate = float(mt.group(2))
                 if not 0 <= rate < 1:
                     raise ValueError("dropout probability must be in [0, 1)")
-                m = nn.Dropout(rate)
+                if mt.group(1) and len(shape) != 3:
+                    raise ValueError("channel dropout needs a (C, H, W) input")
+                m = nn.Dropout2d(rate) if mt.group(1) else nn.Dropout(rate)
             elif mt := re.fullmatch(r"c(\d+)(.*)", tok):
                 o = _int_opts(mt.group(2), "ksp")
                 if len(shape) != 3:

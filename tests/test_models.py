@@ -71,6 +71,10 @@ def test_spec_tokens_and_grouping():
     assert lin.in_features == 4 * 4 * 4 and lin.bias is not None and isinstance(ln, nn.LayerNorm)
     assert isinstance(b1.post[0], nn.LeakyReLU) and isinstance(b2.layer, nn.Linear)
 
+    net = spec_model("c4-relu-dc0.25-p2-dc0.5-f-l3", (1, 8, 8), 3)
+    assert [type(m) for m in net.blocks[0].post] == [nn.ReLU, nn.Dropout2d] and net.blocks[0].post[1].p == 0.25
+    assert [type(m) for m in net.blocks[1].pre] == [nn.MaxPool2d, nn.Dropout2d, nn.Flatten]
+
     net = spec_model("c4-ln-tanh-ap2s1-c4p1-ln0-sigmoid-gap-l5", (1, 9, 9), 5)
     assert isinstance(net.blocks[0].layer[1], nn.GroupNorm) and net.blocks[0].layer[1].affine  # ln on maps
     assert isinstance(net.blocks[1].pre[0], nn.AvgPool2d) and net.blocks[1].pre[0].stride == 1
@@ -116,6 +120,7 @@ def test_residual_z_starts_the_branch_at_zero_so_the_block_starts_as_its_shortcu
     ("zz-f-l3", "unknown token"),
     ("c4--f-l3", "empty token"),
     ("d1.5-f-l3", "dropout probability"),
+    ("c4-f-dc0.2-l3", "channel dropout needs a (C, H, W) input"),
     ("bn-c4-f-l3", "comes before the first Linear or Conv2d"),
     ("f-l3-c4", "needs a (C, H, W) input"),
     ("c4k13-f-l3", "token 1 'c4k13'"),  # kernel larger than the input
