@@ -394,3 +394,44 @@ def test_step_with_gradients_disabled_is_a_clear_error(rule):
         with context(), pytest.raises(RuntimeError, match="gradients disabled"):
             make_rule(rule).step(net, x, y)
     assert all(p.grad is None for p in net.parameters())
+
+
+FTP_OPTION_SETS = [{}, {"update_input": "t"}, {"fprime": False}, {"inject": "every"}, {"pipeline": True},
+                   {"compare_at": "next-input", "g_block": 2}, {"inner_targets": True},
+                   {"deep_weight": 0.3, "tangent": False}]
+
+
+FROZEN_NETS = {"mlp": 3, "paper-cnn": 2, "resnet": 4}  # blocks: MLP 8-6, the paper CNN, a depth-4 residual CNN
+
+
+@pytest.mark.parametrize(("model", "options", "frozen"), [
+    (m, o, b) for m, blocks in FROZEN_NETS.items() for o in FTP_OPTION_SETS for b in range(blocks)
+    if not (o.get("inner_targets") and m != "resnet") and not (o.get("g_block") and m == "mlp")])
+def test_ftp_options_with_a_frozen_block(model, options, frozen):
+    """Every FTP path (closed form, autograd, target-path inputs, pipelined, pooled grid, inner targets, folded loss
+    weights) leaves a frozen block without gradient and the others as they are with nothing frozen."""
+    from ftprop import pipeline
+    from ftprop.models import build_model
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 1, 12, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=gen)
+
+    def make():
+        torch.manual_seed(0)
+        size = {"mlp": {"hidden": "8,6"}, "resnet": {"depth": 4}}.get(model, {})
+        return as_net(build_model(model, (1, 12, 12), 3, activation="relu", **size).double())
+
+    reference, net = make(), make()
+    assert len(net.blocks) == FROZEN_NETS[model]
+    net.blocks[frozen].requires_grad_(False)
+    for m in (reference, net):
+        rule = make_rule("ftp", **options)
+        if options.get("pipeline"):
+            pipeline.wire(rule, m, torch.optim.SGD(pipeline.param_groups(m), lr=0.0))
+        rule.step(m, x, y)
+    for (name, p), (_, q) in zip(net.named_parameters(), reference.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+        else:
+            assert p.grad is None, name
