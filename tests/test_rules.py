@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftprop.models import as_net, mlp
+from ftprop import pipeline
+from ftprop.models import as_net, build_model, mlp
 from ftprop.rules import RULES, make_rule
 from ftprop.rules.ftp import _closed_form_derivatives
 from tests.conftest import tiny_batch
@@ -410,9 +411,6 @@ FROZEN_NETS = {"mlp": 3, "paper-cnn": 2, "resnet": 4}  # blocks: MLP 8-6, the pa
 def test_ftp_options_with_a_frozen_block(model, options, frozen):
     """Every FTP path (closed form, autograd, target-path inputs, pipelined, pooled grid, inner targets, folded loss
     weights) leaves a frozen block without gradient and the others as they are with nothing frozen."""
-    from ftprop import pipeline
-    from ftprop.models import build_model
-
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(12, 1, 12, 12, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (12,), generator=gen)
