@@ -75,15 +75,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _read_config(path: str) -> TrainConfig:
+    """The TrainConfig a --config TOML file describes (its keys and values checked)."""
+    if not Path(path).exists():
+        raise ValueError(f"--config: no such file {path}")
+    with open(path, "rb") as f:
+        return TrainConfig.from_dict(dict(tomllib.load(f)), source=str(path))
+
+
 def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
-    values: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.exists():
-            raise ValueError(f"--config: no such file {path}")
-        with open(path, "rb") as f:
-            values = dict(tomllib.load(f))
-        values = dataclasses.asdict(TrainConfig.from_dict(values, source=str(path)))
+    values: dict[str, Any] = dataclasses.asdict(_read_config(args.config)) if args.config else {}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for name in fields:
         value = getattr(args, name, None)
@@ -185,11 +186,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from . import cost
 
     names = [r.strip() for r in args.rules.split(",") if r.strip()]
-    options = {}
-    if args.config:  # the [rule] table of a training config: the options a study's runs trained with
-        with open(args.config, "rb") as f:
-            options = TrainConfig.from_dict(tomllib.load(f), source=args.config).rule_options
-    options |= parse_options(args.rule_opt)
+    # the [rule] table of a training config (the options a study's runs trained with), then any --rule-opt
+    options = (_read_config(args.config).rule_options if args.config else {}) | parse_options(args.rule_opt)
     rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
     skipped: dict[str, str] = {}
     shape = {k: v for k, v in (("depth", args.depth), ("spec", args.spec)) if v is not None}

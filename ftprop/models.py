@@ -606,6 +606,7 @@ class TwoPass:
         if not m.training or m.p == 0:
             return x
         kind, dims = type(m).__name__, _REPLAYED_DROPOUT[type(m)]
+        shape = (*x.shape[:2], *[1] * (x.dim() - 2)) if dims else x.shape  # channel dropout: per (sample, channel)
         if self.mode == "record":
             if m in self.masks:
                 raise RuntimeError(f"{self.rule}: a {kind} module ran twice in the first pass")
@@ -613,13 +614,11 @@ class TwoPass:
                 raise ValueError(f"{self.rule}: {kind} drops channels of a batch with {dims} dimensions (N, C, ...), "
                                  f"got shape {tuple(x.shape)}")
             keep = 1.0 - m.p
-            shape = x.shape if not dims else (*x.shape[:2], *[1] * (dims - 2))  # channel dropout: per (sample, channel)
             mask = x.new_empty(shape).bernoulli_(keep).div_(keep) if keep > 0 else x.new_zeros(shape)
             self.masks[m] = mask
         else:
             mask = self.masks.get(m)
-            if mask is None or mask.dim() != x.dim() or mask.shape[:2] != x.shape[:2] or (
-                    not dims and mask.shape != x.shape):
+            if mask is None or mask.shape != shape:
                 raise RuntimeError(f"{self.rule}: second pass through a {kind} with no matching first-pass mask")
         return x * mask
 
