@@ -433,3 +433,39 @@ def test_ftp_options_with_a_frozen_block(model, options, frozen):
             torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
         else:
             assert p.grad is None, name
+
+
+def _relu_net(kind: str, inplace: bool) -> torch.nn.Sequential:
+    """A small MLP or CNN of ReLUs, in place or not (same function, same initial weights)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    if kind == "mlp":
+        seq = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace), nn.Linear(5, 4), nn.ReLU(inplace), nn.Linear(4, 3))
+    else:
+        seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(inplace), nn.MaxPool2d(2),
+                            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace), nn.Flatten(), nn.Linear(48, 5),
+                            nn.ReLU(inplace), nn.Linear(5, 3))
+    return seq.double()
+
+
+@pytest.mark.parametrize(("rule", "options", "kind"), [
+    *[(r, {}, k) for r in sorted(RULES) for k in ("mlp", "conv") if k == "mlp" or r in CONV_RULES],
+    *[("ftp", o | {"g_scale": 1.0}, k) for o in ({"update_input": "t"}, {"fprime": False},  # g_scale: targets
+                                                 {"update_input": "t", "fprime": False},  # that cross ReLU's kink
+                                                 {"update_input": "t", "tangent": False}) for k in ("mlp", "conv")]])
+def test_in_place_activations_give_the_gradients_of_out_of_place_ones(rule, options, kind):
+    """nn.ReLU(inplace=True) computes what nn.ReLU() does, so every rule's gradients are the same. Before, an in-place
+    post returned the layer's output a_l itself, overwritten: PEPITA's modulated activity kept a_l's graph, so the next
+    block's update reached back into block l, and FTP with fprime=False or update_input="t" differentiated at h_l
+    instead of a_l. The user's inplace flags are as they were after the step."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, *((6,) if kind == "mlp" else (1, 8, 8)), generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    got = []
+    for inplace in (False, True):
+        seq = _relu_net(kind, inplace)
+        make_rule(rule, **options).step(seq, x, y)
+        assert all(m.inplace == inplace for m in seq if isinstance(m, torch.nn.ReLU))
+        got.append(grads(seq))
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(b, a)

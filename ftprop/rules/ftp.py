@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import Block, Net, Residual, as_net, submodules, two_pass
-from ._common import begin_step, local_backward, local_forward, output_error, tangential_rows
+from ._common import begin_step, local_backward, local_forward, out_of_place, output_error, tangential_rows
 from .base import Rule, StepOutput
 
 # torch's hooks on every module (torch.nn.modules.module.register_module_forward_hook and the like)
@@ -519,6 +519,12 @@ class FTP(Rule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "ftp")
+        if self.fprime and self.update_input == "h":  # the default: no pre-activation is kept (`_step`)
+            return self._run(model, x, y)
+        with out_of_place(model):  # fprime=False / update_input="t" differentiate at a_l: keep it apart from h_l
+            return self._run(model, x, y)
+
+    def _run(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         blocks = list(model.blocks)  # a plain list: indexing or slicing the ModuleList costs 4-20 us a time
         derivatives = _closed_form_derivatives(blocks)  # None unless every block is Linear + a pointwise activation
         folded = self._folded(blocks) if derivatives is None else None  # (closed form: no backward to fold into)
