@@ -257,24 +257,31 @@ def from_sequential(seq: nn.Sequential) -> Net:
 
 def as_net(model: nn.Module) -> Net:
     """`model` itself if it is a Net; an nn.Sequential is converted by `from_sequential` (once, then cached while its
-    list of modules is unchanged), with the Net's train/eval mode following the Sequential's."""
+    list of modules is unchanged), with the train/eval mode of the wrapper modules the conversion made (the Net, its
+    blocks, their containers) following the Sequential's. The user's own modules keep the modes they have: one set
+    apart (a frozen BatchNorm in eval mode inside a training model) stays so, as it does under BP."""
     if isinstance(model, Net):
         return model
     if isinstance(model, nn.Sequential):
         signature = tuple(id(m) for m in model.modules())
         cached = _CONVERTED.get(model)
         if cached is None or cached[0] != signature:
-            cached = (signature, from_sequential(model))
+            net = from_sequential(model)
+            users = set(signature)
+            cached = (signature, net, [m for m in net.modules() if id(m) not in users])
             _CONVERTED[model] = cached
-        net = cached[1]
+        net, wrappers = cached[1], cached[2]
         if net.training != model.training:
-            net.train(model.training)
+            for m in wrappers:  # not net.train(): that would reset every shared module too
+                m.training = model.training
         return net
     raise ValueError(f"rules take an ftprop.models.Net or an nn.Sequential of standard layers, got "
                      f"{type(model).__name__}")
 
 
-_CONVERTED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Net]]" = weakref.WeakKeyDictionary()
+# nn.Sequential -> (its modules' ids, the Net made of them, the modules that Net added around them)
+_CONVERTED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Net, list[nn.Module]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------------------- spec strings

@@ -286,6 +286,29 @@ def test_rules_take_an_nn_sequential_directly(name):
     assert not as_net(seq).training  # the mode follows the Sequential
 
 
+@pytest.mark.parametrize("name", ["dfa", "ftp", "pepita"])
+def test_rules_on_an_nn_sequential_keep_the_modes_set_on_its_modules(name):
+    """A BatchNorm frozen by seq.train(); seq[1].eval() stays frozen through a step, as under BP: no running
+    statistics updated, still in eval mode. Before, the converted Net's train(True) reset every shared module."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    seq = seq.double()
+    x, y = batch(shape=(6,))
+    rule = make_rule(name)
+    seq.eval()
+    rule.step(seq, x, y)  # converted while in eval mode
+    seq.train()
+    seq[1].eval()
+    before = seq[1].running_mean.clone()
+    rule.step(seq, x, y)
+    assert not seq[1].training and torch.equal(seq[1].running_mean, before)
+    assert all(m.training for i, m in enumerate(seq) if i != 1)
+    net = as_net(seq)
+    assert net.training and all(b.training for b in net.blocks)  # the wrapper follows the Sequential
+    seq.eval()
+    assert not as_net(seq).training and not any(b.training for b in net.blocks)
+
+
 @pytest.mark.parametrize("name", ["dtp", "ff"])
 def test_mlp_only_rules(name):
     x, y = batch()
