@@ -99,6 +99,33 @@ def test_fa_with_the_forward_weights_as_feedback_is_bp(activation, norm):
     assert_grads(net, expected)
 
 
+def test_fa_weight_tying_one_feedback_matrix_per_module():
+    """A Linear used twice (weight tying) has one W and one B: the error crosses each of its uses through that B, and
+    its gradient is the sum over its uses, as BP's would be with W. Before, FA patched the module twice and failed
+    with KeyError: 'forward', leaving it patched."""
+    torch.manual_seed(0)
+    tied = torch.nn.Linear(5, 5)
+    seq = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), tied, torch.nn.Tanh(), tied, torch.nn.Tanh(),
+                              torch.nn.Linear(5, 3)).double()
+    x, y = batch()
+    rule = make_rule("fa")
+    rule.step(seq, x, y)
+    assert not any("forward" in m.__dict__ for m in seq.modules())
+    B_tied, B_out = rule.state_dict()["B"]
+    W0, b0, W, b, W3, b3 = (p.detach() for p in seq.parameters())
+    h1 = torch.tanh(x @ W0.T + b0)
+    h2 = torch.tanh(h1 @ W.T + b)
+    h3 = torch.tanh(h2 @ W.T + b)
+    d4 = (torch.softmax(h3 @ W3.T + b3, 1) - F.one_hot(y, 3).double()) / len(y)
+    d3 = (d4 @ B_out) * (1 - h3 ** 2)
+    d2 = (d3 @ B_tied) * (1 - h2 ** 2)
+    d1 = (d2 @ B_tied) * (1 - h1 ** 2)
+    assert_grads(seq, [d1.T @ x, d1.sum(0), d2.T @ h1 + d3.T @ h2, d2.sum(0) + d3.sum(0), d4.T @ h3, d4.sum(0)])
+    rule.load_state_dict({"B": [W.clone(), W3.clone()]})  # B = W: BP
+    rule.step(seq, x, y)
+    assert_grads(seq, torch.autograd.grad(F.cross_entropy(seq(x), y), list(seq.parameters())))
+
+
 # ---------------------------------------------------------------------------------------------------- DFA, DRTP
 
 def test_dfa_equals_formula():
