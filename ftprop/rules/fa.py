@@ -14,8 +14,9 @@ from its own generator seeded with `seed`, so it does not disturb other randomne
 
 Convolutional and residual blocks: every Linear and Conv2d gets a fixed random B of its weight's shape (a conv
 kernel B, Glorot uniform with the kernel's fans), except the first block's first one, whose input gradient nobody
-uses. A module used twice (weight tying) has one B, as it has one W. In the backward pass a Conv2d sends delta back through the transposed convolution with B instead of W
-(torch.nn.grad.conv2d_input); its own weight gradient is the usual one. Everything parameter-free (activations,
+uses. A module used twice (weight tying) has one B, as it has one W. In the backward pass a Conv2d sends delta
+back through the transposed convolution with B instead of W (torch.nn.grad.conv2d_input); its own weight gradient is
+the usual one. Everything parameter-free (activations,
 pooling, flatten, residual additions) and the normalisation layers keep their exact backward: they play the role of
 f'. Inside a residual block both convs and the 1x1 shortcut use their B, so the block is BP-with-B too.
 
