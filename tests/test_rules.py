@@ -469,3 +469,35 @@ def test_in_place_activations_give_the_gradients_of_out_of_place_ones(rule, opti
         got.append(grads(seq))
     for a, b in zip(*got, strict=True):
         torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize(("model", "options"), [("mlp", {}), ("mlp", {"inject": "every"}),
+                                                ("paper-cnn", {"compare_at": "next-input", "g_block": 2})])
+def test_ftp_projections_follow_the_models_dtype(model, options):
+    """G (and G_deep, and G on the pooled grid) follow the model into float64, whether the model was cast after G
+    was drawn or a float32 checkpoint is loaded: converted once and kept, so the next steps copy nothing, and the
+    gradients are those of a rule given G in float64. Before, the step failed in a matmul of mixed dtypes."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 1, 12, 12, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    torch.manual_seed(0)
+    net = as_net(build_model(model, (1, 12, 12), 3, activation="relu", **({"hidden": "8,6"} if model == "mlp" else {})))
+    rule = make_rule("ftp", **options)
+    rule.step(net, x, y)
+    state = rule.state_dict()  # float32
+    net = net.double()
+    x = x.double()
+    rule.step(net, x, y)
+    G = rule.G
+    assert G.dtype == torch.float64 and all(g.dtype == torch.float64 for g in rule.G_deep or [])
+    rule.step(net, x, y)
+    assert rule.G is G  # converted once
+    if rule._grid is not None:
+        assert rule._grid[0] is G and rule._grid[1].dtype == torch.float64
+    got = grads(net)
+    cast = {k: v.double() if torch.is_tensor(v) else [g.double() for g in v] for k, v in state.items()}
+    for loaded in (state, cast):  # a float32 checkpoint, and G handed over in float64
+        reference = make_rule("ftp", **options)
+        reference.load_state_dict(loaded)
+        reference.step(net, x, y)
+        for a, b in zip(got, grads(net), strict=True):
+            torch.testing.assert_close(a, b)

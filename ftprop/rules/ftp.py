@@ -723,10 +723,17 @@ class FTP(Rule):
             elif self.G.shape != shape:
                 raise ValueError(f"ftp: stored G has shape {tuple(self.G.shape)} but the model needs {shape} "
                                  f"(outputs x first block's output)")
+            elif self.G.dtype != h1.dtype or self.G.device != h1.device:
+                # a loaded G, or the model moved or cast since G was drawn: converted once and kept, as fit_matrices
+                # does for the peers' matrices (`_pooled_grid` recuts its grid from the new G)
+                self.G = self.G.to(device=h1.device, dtype=h1.dtype)
             deep_shapes = [(z.shape[1], h.numel() // batch) for h in outs[1:-1]] if self.inject == "every" else None
-            if deep_shapes is not None and [tuple(g.shape) for g in self.G_deep or []] != deep_shapes:
-                raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} but "
-                                 f"inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's outputs)")
+            if deep_shapes is not None:
+                if [tuple(g.shape) for g in self.G_deep or []] != deep_shapes:
+                    raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} "
+                                     f"but inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's "
+                                     f"outputs)")
+                self.G_deep = [g.to(device=h1.device, dtype=h1.dtype) for g in self.G_deep]
             on_grid = self._on_grid(blocks)
             # On the grid (G equal over the windows of the max-pool that reads h_1) the contrast and the target live on
             # the pooled map: pool(t_1) = pool(h_1) - gamma B err exactly, since adding one number to every value of a
