@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Net, weight_layers
+from ..models import WEIGHT_LAYERS, Net
 from ._common import FixedMatrices, PeerRule, begin_step, fit_matrices, glorot_like, local_backward, output_error
 from .base import StepOutput
 
@@ -105,9 +105,13 @@ def _feedback_forward(m: nn.Module, fb: torch.Tensor, x: torch.Tensor) -> torch.
 
 
 def feedback_layers(model: Net) -> list[nn.Module]:
-    """The Linear/Conv2d modules that need a feedback matrix: all but the first block's first one."""
-    mods = [m for blk in model.blocks for m in weight_layers(blk)]
-    return mods[1:]
+    """The Linear/Conv2d modules that need a feedback matrix, in the order of their first use after the first one:
+    all but the first block's first one, whose input gradient nobody uses. A module used twice (weight tying) has one
+    W and so one B, which carries the error back at each of its uses; the first module too gets one if it is used
+    again."""
+    mods = [m for blk in model.blocks for _, m in blk.named_modules(remove_duplicate=False)
+            if isinstance(m, WEIGHT_LAYERS)]
+    return list(dict.fromkeys(mods[1:]))  # each module once (modules hash by identity)
 
 
 @dataclass
