@@ -126,6 +126,28 @@ def test_fa_weight_tying_one_feedback_matrix_per_module():
     assert_grads(seq, torch.autograd.grad(F.cross_entropy(seq(x), y), list(seq.parameters())))
 
 
+def test_fa_refuses_a_weighted_layer_it_has_no_feedback_for():
+    """A block with a weighted module other than Linear, Conv2d or a normalisation (here nn.Conv1d) is an error naming
+    it, before any work. Before, the Conv1d sent the error back through its true weights (BP inside FA), and with no
+    Linear or Conv2d after the first one the step failed with an IndexError."""
+    nn = torch.nn
+    x, y = torch.randn(3, 2, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    for blocks in ([Block(nn.Linear(8, 8), nn.Tanh()), Block(nn.Conv1d(2, 4, 3), nn.Tanh()),
+                    Block(nn.Linear(24, 3), pre=nn.Flatten())],
+                   [Block(nn.Linear(8, 8), nn.Tanh()),
+                    Block(nn.Sequential(nn.Conv1d(2, 3, 1), nn.Flatten(), nn.Linear(24, 3)))]):
+        net = Net(blocks).double()
+        with pytest.raises(ValueError, match=r"fa: block 2 has a Conv1d .*supported: nn.Linear and nn.Conv2d"):
+            make_rule("fa").step(net, x, y)
+        assert all(p.grad is None for p in net.parameters())
+    net = Net([Block(nn.Linear(6, 3), nn.Tanh()), Block(nn.LayerNorm(3))]).double()  # no feedback layer at all
+    x, y = batch()
+    rule = make_rule("fa")
+    rule.step(net, x, y)
+    assert rule.state_dict()["B"] == []
+    assert_grads(net, torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters())))  # nothing to swap: BP
+
+
 # ---------------------------------------------------------------------------------------------------- DFA, DRTP
 
 def test_dfa_equals_formula():

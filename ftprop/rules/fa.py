@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import WEIGHT_LAYERS, Net
+from ..models import WEIGHT_LAYERS, Net, submodules
 from ._common import FixedMatrices, PeerRule, begin_step, fit_matrices, glorot_like, local_backward, output_error
 from .base import StepOutput
 
@@ -114,6 +114,25 @@ def feedback_layers(model: Net) -> list[nn.Module]:
     return list(dict.fromkeys(mods[1:]))  # each module once (modules hash by identity)
 
 
+# Modules with parameters whose exact backward FA keeps: normalisations play the role of f' in their block.
+_EXACT_BACKWARD = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def check_layers(model: Net) -> None:
+    """Every module with parameters of its own is a Linear or Conv2d (FA gives it a feedback matrix) or a
+    normalisation. Any other (nn.Conv1d, a custom layer) would send the error back through its true weights: BP
+    inside an FA step, silently."""
+    for l, block in enumerate(model.blocks):
+        for m in submodules(block):
+            if isinstance(m, WEIGHT_LAYERS + _EXACT_BACKWARD) or all(p is None for p in m._parameters.values()):
+                continue
+            name = next(n for n, k in block.named_modules() if k is m)
+            raise ValueError(f"fa: block {l + 1} has a {type(m).__name__} with parameters (at "
+                             f"{f'layer {name!r}' if name else 'the block itself'}), for which FA has no feedback "
+                             f"matrix; supported: nn.Linear and nn.Conv2d (BatchNorm, LayerNorm and GroupNorm keep their "
+                             f"exact backward). Use another rule for this model (bp, dfa, ftp, ...)")
+
+
 @dataclass
 class FA(FixedMatrices, PeerRule):
     """Feedback alignment; options: the scale of the feedback matrices and their seed."""
@@ -136,8 +155,9 @@ class FA(FixedMatrices, PeerRule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "fa")
+        check_layers(model)
         mods = feedback_layers(model)
-        B = self._feedback(mods, mods[0].weight)
+        B = self._feedback(mods, next(model.parameters()))  # (none when no Linear/Conv2d follows the first one)
         for m in mods:
             if isinstance(m, nn.Conv2d):
                 _conv_padding(m)  # unsupported padding fails before any work
