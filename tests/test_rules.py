@@ -501,3 +501,35 @@ def test_ftp_projections_follow_the_models_dtype(model, options):
         reference.step(net, x, y)
         for a, b in zip(got, grads(net), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_ftp_leaky_relu_with_a_negative_slope():
+    """f(a) = a for a > 0, s a otherwise, with s < 0: h = f(a) no longer tells a's sign, so the closed form (written in
+    h) does not apply and torch's kernel refuses it; FTP takes autograd's path and its update is the formula's. In the
+    second pass such a module is not run in place either: autograd has no backward for it (update_input="t" failed on a
+    residual net)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 5), nn.LeakyReLU(-0.3), nn.Linear(5, 3)).double()
+    x, y = tiny_batch()
+    assert _closed_form_derivatives(list(as_net(seq).blocks)) is None
+    rule = make_rule("ftp")
+    rule.step(seq, x, y)
+    W1, b1, W2, b2 = (p.detach() for p in seq.parameters())
+    a1 = x @ W1.T + b1
+    h1 = F.leaky_relu(a1, -0.3)
+    e = (torch.softmax(h1 @ W2.T + b2, 1) - F.one_hot(y, 3).double()) / len(y)
+    err = e @ rule.G
+    err = err - (err * h1).sum(1, keepdim=True) / (h1 * h1).sum(1, keepdim=True) * h1  # tangent projection
+    d1 = err * torch.where(a1 > 0, 1.0, -0.3)
+    for g, expected in zip(grads(seq), [d1.T @ x, d1.sum(0), e.T @ h1, e.sum(0)], strict=True):
+        torch.testing.assert_close(g, expected)
+
+    model = build_model("spec", (1, 12, 12), 3, activation="leaky_relu", spec="c2k3-r2-r2-f-l3").double()
+    for m in model.modules():
+        if isinstance(m, nn.LeakyReLU):
+            m.negative_slope = -0.1
+    assert make_rule("ftp")._in_place_activations(list(model.blocks)) is None
+    make_rule("ftp", update_input="t").step(model, torch.randn(4, 1, 12, 12, dtype=torch.float64),
+                                             torch.tensor([0, 1, 2, 0]))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

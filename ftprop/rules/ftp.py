@@ -332,6 +332,8 @@ def _closed_form_derivatives(blocks: list[Block]) -> list[tuple[Callable, nn.Mod
         fn = _THROUGH_ACTIVATION.get(type(act))
         if type(layer) is not nn.Linear or not isinstance(pre, nn.Identity) or fn is None:
             return None
+        if type(act) is nn.LeakyReLU and act.negative_slope < 0:  # h = f(a) then no longer tells a's sign (and
+            return None                                          # torch's kernel refuses such a slope from h)
         if _hooked(block) or _hooked(pre) or _hooked(layer) or _hooked(post) or _hooked(act) or any(
                 p._backward_hooks or p._post_accumulate_grad_hooks for p in layer._parameters.values() if p is not None):
             return None
@@ -600,8 +602,8 @@ class FTP(Rule):
                     continue
                 kids = [m for m in parent._modules.values() if m is not None]
                 for i, m in enumerate(kids):
-                    if type(m) not in _IN_PLACE:
-                        continue
+                    if type(m) not in _IN_PLACE or getattr(m, "negative_slope", 0.0) < 0:  # autograd has no backward
+                        continue                     # for an in-place LeakyReLU of negative slope (update_input="t")
                     if isinstance(parent, nn.Sequential):
                         before = kids[i - 1] if i else (block.layer if parent is block.post else None)
                     else:
