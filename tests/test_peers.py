@@ -472,6 +472,21 @@ def test_options_and_errors():
         make_rule("drtp").step(Net([Block(torch.nn.Linear(6, 3).double())]), *batch())
 
 
+@pytest.mark.parametrize("name", ["dtp", "ff"])
+def test_mlp_rules_refuse_a_linear_applied_per_position(name):
+    """A Linear on each position of a (B, 2, 8) input, flattened only before the output layer, passes the MLP check;
+    DTP (linear inverses of (batch, features) outputs) and FF (a label embedded in the whole flattened sample) say
+    why they cannot train it. Before, FF failed inside a matmul with mismatched shapes."""
+    nn = torch.nn
+    seq = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(4, 2, 8), torch.tensor([0, 1, 2, 0])
+    message = {"dtp": r"hidden blocks must output \(batch, features\)",
+               "ff": r"ff: the label is embedded in the whole flattened sample \(16 features of an input of shape "
+                     r"\(2, 8\)\), but the first Linear takes 8"}[name]
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        make_rule(name).step(seq, x, y)
+
+
 # ------------------------------------------------------------------------------------------- real data (smoke)
 
 @pytest.fixture(scope="module")
