@@ -487,6 +487,23 @@ def test_mlp_rules_refuse_a_linear_applied_per_position(name):
         make_rule(name).step(seq, x, y)
 
 
+@pytest.mark.parametrize("name", ["dtp", "ff"])
+def test_mlp_rules_say_which_layer_norm_they_take(name):
+    """An affine LayerNorm joins its Linear's layer, which DTP and FF do not train; one without affine parameters is
+    part of the block's post and works. Before, the refusal said that LayerNorm was supported."""
+    nn = torch.nn
+    x, y = batch()
+    for affine in (True, False):
+        seq = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5, elementwise_affine=affine), nn.ReLU(),
+                            nn.Linear(5, 3)).double()
+        if affine:
+            with pytest.raises(ValueError, match=rf"{name} supports MLPs only: .*LayerNorm without affine parameters "
+                                                 r"\(elementwise_affine=False\).* or affine LayerNorm"):
+                make_rule(name).step(seq, x, y)
+        else:
+            make_rule(name).step(seq, x, y)
+
+
 # ------------------------------------------------------------------------------------------- real data (smoke)
 
 @pytest.fixture(scope="module")

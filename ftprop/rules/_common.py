@@ -152,8 +152,9 @@ def local_backward(roots: list[torch.Tensor], grads: list[torch.Tensor | None]) 
 def require_mlp(model: Net, rule: str) -> None:
     """Rules defined for fully connected nets only (DTP's learned linear inverses, FF's label embedding)."""
     if not is_mlp(model):
-        raise ValueError(f"{rule} supports MLPs only (blocks of nn.Linear with activations or LayerNorm; no "
-                         f"convolutions, pooling, residual blocks, batch norm or dropout)")
+        raise ValueError(f"{rule} supports MLPs only: blocks of one nn.Linear followed by activations or a "
+                         f"LayerNorm without affine parameters (elementwise_affine=False); no convolutions, pooling, "
+                         f"residual blocks, batch norm, dropout or affine LayerNorm")
 
 
 def need_hidden(model: Net, rule: str) -> None:
