@@ -129,8 +129,8 @@ def check_layers(model: Net) -> None:
             name = next(n for n, k in block.named_modules() if k is m)
             raise ValueError(f"fa: block {l + 1} has a {type(m).__name__} with parameters (at "
                              f"{f'layer {name!r}' if name else 'the block itself'}), for which FA has no feedback "
-                             f"matrix; supported: nn.Linear and nn.Conv2d (BatchNorm, LayerNorm and GroupNorm keep their "
-                             f"exact backward). Use another rule for this model (bp, dfa, ftp, ...)")
+                             f"matrix; supported: nn.Linear and nn.Conv2d (BatchNorm, LayerNorm and GroupNorm keep "
+                             f"their exact backward). Use another rule for this model (bp, dfa, ftp, ...)")
 
 
 @dataclass
