@@ -257,24 +257,31 @@ def from_sequential(seq: nn.Sequential) -> Net:
 
 def as_net(model: nn.Module) -> Net:
     """`model` itself if it is a Net; an nn.Sequential is converted by `from_sequential` (once, then cached while its
-    list of modules is unchanged), with the Net's train/eval mode following the Sequential's."""
+    list of modules is unchanged), with the train/eval mode of the wrapper modules the conversion made (the Net, its
+    blocks, their containers) following the Sequential's. The user's own modules keep the modes they have: one set
+    apart (a frozen BatchNorm in eval mode inside a training model) stays so, as it does under BP."""
     if isinstance(model, Net):
         return model
     if isinstance(model, nn.Sequential):
         signature = tuple(id(m) for m in model.modules())
         cached = _CONVERTED.get(model)
         if cached is None or cached[0] != signature:
-            cached = (signature, from_sequential(model))
+            net = from_sequential(model)
+            users = set(signature)
+            cached = (signature, net, [m for m in net.modules() if id(m) not in users])
             _CONVERTED[model] = cached
-        net = cached[1]
+        net, wrappers = cached[1], cached[2]
         if net.training != model.training:
-            net.train(model.training)
+            for m in wrappers:  # not net.train(): that would reset every shared module too
+                m.training = model.training
         return net
     raise ValueError(f"rules take an ftprop.models.Net or an nn.Sequential of standard layers, got "
                      f"{type(model).__name__}")
 
 
-_CONVERTED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Net]]" = weakref.WeakKeyDictionary()
+# nn.Sequential -> (its modules' ids, the Net made of them, the modules that Net added around them)
+_CONVERTED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Net, list[nn.Module]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------------------- spec strings
@@ -554,8 +561,10 @@ class TwoPass:
     So a target or a modulated input travels through exactly the network that produced the activities it is
     compared with (same mask, same normalisation constants), per sample, and the running statistics see each batch
     once. Stock nn.Dropout, nn.Dropout1d/2d/3d (whole channels) and nn.BatchNorm* modules are handled by swapping
-    their `forward` for the duration of the context; nothing is copied and nothing remains afterwards. A module used
-    twice in one pass, or a stochastic module we cannot replay (AlphaDropout, FeatureAlphaDropout), is an error.
+    their `forward` for the duration of the context (only those that draw a mask or take batch statistics in their
+    present mode, `_draws`); nothing is copied and nothing remains afterwards. A module used twice in one pass that
+    draws or takes batch statistics, or a stochastic module we cannot replay (AlphaDropout, FeatureAlphaDropout), is an
+    error.
     """
 
     def __init__(self, model: nn.Module, rule: str = "") -> None:
@@ -576,7 +585,7 @@ class TwoPass:
                     and m.track_running_stats:
                 raise ValueError(f"{rule}: {type(m).__name__} at {_names(model, m)} tracks running statistics; "
                                  f"not supported")
-            if type(m) in _REPLAYED_DROPOUT or isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if (type(m) in _REPLAYED_DROPOUT or isinstance(m, nn.modules.batchnorm._BatchNorm)) and _draws(m):
                 if id(m) in seen:
                     raise ValueError(f"{rule}: the same {type(m).__name__} module is used at {_names(model, m)}; "
                                      f"two-pass rules need one module per use (their masks/statistics are recorded)")
@@ -603,8 +612,6 @@ class TwoPass:
         self.stats.clear()
 
     def _dropout(self, m: nn.modules.dropout._DropoutNd, x: torch.Tensor) -> torch.Tensor:
-        if not m.training or m.p == 0:
-            return x
         kind, dims = type(m).__name__, _REPLAYED_DROPOUT[type(m)]
         shape = (*x.shape[:2], *[1] * (x.dim() - 2)) if dims else x.shape  # channel dropout: per (sample, channel)
         if self.mode == "record":
@@ -623,9 +630,6 @@ class TwoPass:
         return x * mask
 
     def _batchnorm(self, m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-        batch_stats = m.training or (m.running_mean is None and m.running_var is None)
-        if not batch_stats:  # eval mode with running statistics: the same in both passes, updates nothing
-            return type(m).forward(m, x)
         if self.mode == "record":
             if m in self.stats:
                 raise RuntimeError(f"{self.rule}: a BatchNorm module ran twice in the first pass")
@@ -637,6 +641,15 @@ class TwoPass:
         if stats is None:
             raise RuntimeError(f"{self.rule}: second pass through a BatchNorm that the first pass did not use")
         return F.batch_norm(x, stats[0], stats[1], m.weight, m.bias, False, 0.0, m.eps)
+
+
+def _draws(m: nn.Module) -> bool:
+    """Whether a dropout or batch-norm module depends on the batch in this mode: a dropout in training mode with p > 0
+    draws a mask, a batch norm in training mode (or without running statistics) takes the batch's statistics. Any
+    other is the same function in both passes and records nothing, so `TwoPass` leaves it alone (used twice too)."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.training and m.p > 0
+    return m.training or (m.running_mean is None and m.running_var is None)
 
 
 def _names(model: nn.Module, module: nn.Module) -> str:

@@ -286,6 +286,29 @@ def test_rules_take_an_nn_sequential_directly(name):
     assert not as_net(seq).training  # the mode follows the Sequential
 
 
+@pytest.mark.parametrize("name", ["dfa", "ftp", "pepita"])
+def test_rules_on_an_nn_sequential_keep_the_modes_set_on_its_modules(name):
+    """A BatchNorm frozen by seq.train(); seq[1].eval() stays frozen through a step, as under BP: no running
+    statistics updated, still in eval mode. Before, the converted Net's train(True) reset every shared module."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    seq = seq.double()
+    x, y = batch(shape=(6,))
+    rule = make_rule(name)
+    seq.eval()
+    rule.step(seq, x, y)  # converted while in eval mode
+    seq.train()
+    seq[1].eval()
+    before = seq[1].running_mean.clone()
+    rule.step(seq, x, y)
+    assert not seq[1].training and torch.equal(seq[1].running_mean, before)
+    assert all(m.training for i, m in enumerate(seq) if i != 1)
+    net = as_net(seq)
+    assert net.training and all(b.training for b in net.blocks)  # the wrapper follows the Sequential
+    seq.eval()
+    assert not as_net(seq).training and not any(b.training for b in net.blocks)
+
+
 @pytest.mark.parametrize("name", ["dtp", "ff"])
 def test_mlp_only_rules(name):
     x, y = batch()
@@ -1128,6 +1151,34 @@ def test_channel_dropout_drops_the_same_channels_in_both_passes(name):
         c.clear()
     rule.step(seq, x, y)
     assert any(not torch.equal(a, c[0][1] != 0) for a, c in zip(masks, calls.values()))
+
+
+@pytest.mark.parametrize("rule", ["ftp", "pepita"])
+def test_two_pass_rules_take_a_shared_module_that_draws_nothing(rule):
+    """A Dropout or BatchNorm reused in two places, in eval mode (or a dropout with p = 0), is the same function in
+    both passes and records nothing: two-pass rules train the model with the gradients of the model without it.
+    Before, they refused it as if it had masks or statistics to replay."""
+    x, y = batch()
+
+    def make(shared_drop: nn.Module, shared_bn: nn.Module) -> nn.Sequential:
+        torch.manual_seed(0)
+        seq = nn.Sequential(nn.Flatten(), nn.Linear(144, 8), shared_bn, nn.Tanh(), shared_drop, nn.Linear(8, 8),
+                            shared_bn, nn.Tanh(), shared_drop, nn.Linear(8, 3)).double()
+        shared_bn.running_mean.normal_()  # running statistics that change the function
+        return seq
+
+    for drop, eval_mode in ((nn.Dropout(0.3), True), (nn.Dropout(0.0), False)):
+        seq = make(drop, nn.BatchNorm1d(8).double())
+        seq.train(not eval_mode)
+        if not eval_mode:
+            seq[2].eval()
+        plain = make(nn.Identity(), nn.BatchNorm1d(8).double())
+        plain.eval()
+        for model in (seq, plain):
+            make_rule(rule).step(model, x, y)
+        assert all("forward" not in m.__dict__ for m in seq.modules())
+        for (name, p), q in zip(seq.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
 
 
 def test_two_pass_rejects_what_it_cannot_replay_and_cleans_up():

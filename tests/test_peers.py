@@ -99,6 +99,55 @@ def test_fa_with_the_forward_weights_as_feedback_is_bp(activation, norm):
     assert_grads(net, expected)
 
 
+def test_fa_weight_tying_one_feedback_matrix_per_module():
+    """A Linear used twice (weight tying) has one W and one B: the error crosses each of its uses through that B, and
+    its gradient is the sum over its uses, as BP's would be with W. Before, FA patched the module twice and failed
+    with KeyError: 'forward', leaving it patched."""
+    torch.manual_seed(0)
+    tied = torch.nn.Linear(5, 5)
+    seq = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), tied, torch.nn.Tanh(), tied, torch.nn.Tanh(),
+                              torch.nn.Linear(5, 3)).double()
+    x, y = batch()
+    rule = make_rule("fa")
+    rule.step(seq, x, y)
+    assert not any("forward" in m.__dict__ for m in seq.modules())
+    B_tied, B_out = rule.state_dict()["B"]
+    W0, b0, W, b, W3, b3 = (p.detach() for p in seq.parameters())
+    h1 = torch.tanh(x @ W0.T + b0)
+    h2 = torch.tanh(h1 @ W.T + b)
+    h3 = torch.tanh(h2 @ W.T + b)
+    d4 = (torch.softmax(h3 @ W3.T + b3, 1) - F.one_hot(y, 3).double()) / len(y)
+    d3 = (d4 @ B_out) * (1 - h3 ** 2)
+    d2 = (d3 @ B_tied) * (1 - h2 ** 2)
+    d1 = (d2 @ B_tied) * (1 - h1 ** 2)
+    assert_grads(seq, [d1.T @ x, d1.sum(0), d2.T @ h1 + d3.T @ h2, d2.sum(0) + d3.sum(0), d4.T @ h3, d4.sum(0)])
+    rule.load_state_dict({"B": [W.clone(), W3.clone()]})  # B = W: BP
+    rule.step(seq, x, y)
+    assert_grads(seq, torch.autograd.grad(F.cross_entropy(seq(x), y), list(seq.parameters())))
+
+
+def test_fa_refuses_a_weighted_layer_it_has_no_feedback_for():
+    """A block with a weighted module other than Linear, Conv2d or a normalisation (here nn.Conv1d) is an error naming
+    it, before any work. Before, the Conv1d sent the error back through its true weights (BP inside FA), and with no
+    Linear or Conv2d after the first one the step failed with an IndexError."""
+    nn = torch.nn
+    x, y = torch.randn(3, 2, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    for blocks in ([Block(nn.Linear(8, 8), nn.Tanh()), Block(nn.Conv1d(2, 4, 3), nn.Tanh()),
+                    Block(nn.Linear(24, 3), pre=nn.Flatten())],
+                   [Block(nn.Linear(8, 8), nn.Tanh()),
+                    Block(nn.Sequential(nn.Conv1d(2, 3, 1), nn.Flatten(), nn.Linear(24, 3)))]):
+        net = Net(blocks).double()
+        with pytest.raises(ValueError, match=r"fa: block 2 has a Conv1d .*supported: nn.Linear and nn.Conv2d"):
+            make_rule("fa").step(net, x, y)
+        assert all(p.grad is None for p in net.parameters())
+    net = Net([Block(nn.Linear(6, 3), nn.Tanh()), Block(nn.LayerNorm(3))]).double()  # no feedback layer at all
+    x, y = batch()
+    rule = make_rule("fa")
+    rule.step(net, x, y)
+    assert rule.state_dict()["B"] == []
+    assert_grads(net, torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters())))  # nothing to swap: BP
+
+
 # ---------------------------------------------------------------------------------------------------- DFA, DRTP
 
 def test_dfa_equals_formula():
@@ -421,6 +470,38 @@ def test_options_and_errors():
         make_rule("pepita").load_state_dict({"G": torch.zeros(1)})
     with pytest.raises(ValueError, match="at least one hidden block"):
         make_rule("drtp").step(Net([Block(torch.nn.Linear(6, 3).double())]), *batch())
+
+
+@pytest.mark.parametrize("name", ["dtp", "ff"])
+def test_mlp_rules_refuse_a_linear_applied_per_position(name):
+    """A Linear on each position of a (B, 2, 8) input, flattened only before the output layer, passes the MLP check;
+    DTP (linear inverses of (batch, features) outputs) and FF (a label embedded in the whole flattened sample) say
+    why they cannot train it. Before, FF failed inside a matmul with mismatched shapes."""
+    nn = torch.nn
+    seq = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(4, 2, 8), torch.tensor([0, 1, 2, 0])
+    message = {"dtp": r"hidden blocks must output \(batch, features\)",
+               "ff": r"ff: the label is embedded in the whole flattened sample \(16 features of an input of shape "
+                     r"\(2, 8\)\), but the first Linear takes 8"}[name]
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        make_rule(name).step(seq, x, y)
+
+
+@pytest.mark.parametrize("name", ["dtp", "ff"])
+def test_mlp_rules_say_which_layer_norm_they_take(name):
+    """An affine LayerNorm joins its Linear's layer, which DTP and FF do not train; one without affine parameters is
+    part of the block's post and works. Before, the refusal said that LayerNorm was supported."""
+    nn = torch.nn
+    x, y = batch()
+    for affine in (True, False):
+        seq = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5, elementwise_affine=affine), nn.ReLU(),
+                            nn.Linear(5, 3)).double()
+        if affine:
+            with pytest.raises(ValueError, match=rf"{name} supports MLPs only: .*LayerNorm without affine parameters "
+                                                 r"\(elementwise_affine=False\).* or affine LayerNorm"):
+                make_rule(name).step(seq, x, y)
+        else:
+            make_rule(name).step(seq, x, y)
 
 
 # ------------------------------------------------------------------------------------------- real data (smoke)

@@ -433,3 +433,103 @@ def test_ftp_options_with_a_frozen_block(model, options, frozen):
             torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
         else:
             assert p.grad is None, name
+
+
+def _relu_net(kind: str, inplace: bool) -> torch.nn.Sequential:
+    """A small MLP or CNN of ReLUs, in place or not (same function, same initial weights)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    if kind == "mlp":
+        seq = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace), nn.Linear(5, 4), nn.ReLU(inplace), nn.Linear(4, 3))
+    else:
+        seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(inplace), nn.MaxPool2d(2),
+                            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace), nn.Flatten(), nn.Linear(48, 5),
+                            nn.ReLU(inplace), nn.Linear(5, 3))
+    return seq.double()
+
+
+@pytest.mark.parametrize(("rule", "options", "kind"), [
+    *[(r, {}, k) for r in sorted(RULES) for k in ("mlp", "conv") if k == "mlp" or r in CONV_RULES],
+    *[("ftp", o | {"g_scale": 1.0}, k) for o in ({"update_input": "t"}, {"fprime": False},  # g_scale: targets
+                                                 {"update_input": "t", "fprime": False},  # that cross ReLU's kink
+                                                 {"update_input": "t", "tangent": False}) for k in ("mlp", "conv")]])
+def test_in_place_activations_give_the_gradients_of_out_of_place_ones(rule, options, kind):
+    """nn.ReLU(inplace=True) computes what nn.ReLU() does, so every rule's gradients are the same. Before, an in-place
+    post returned the layer's output a_l itself, overwritten: PEPITA's modulated activity kept a_l's graph, so the next
+    block's update reached back into block l, and FTP with fprime=False or update_input="t" differentiated at h_l
+    instead of a_l. The user's inplace flags are as they were after the step."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, *((6,) if kind == "mlp" else (1, 8, 8)), generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    got = []
+    for inplace in (False, True):
+        seq = _relu_net(kind, inplace)
+        make_rule(rule, **options).step(seq, x, y)
+        assert all(m.inplace == inplace for m in seq if isinstance(m, torch.nn.ReLU))
+        got.append(grads(seq))
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize(("model", "options"), [("mlp", {}), ("mlp", {"inject": "every"}),
+                                                ("paper-cnn", {"compare_at": "next-input", "g_block": 2})])
+def test_ftp_projections_follow_the_models_dtype(model, options):
+    """G (and G_deep, and G on the pooled grid) follow the model into float64, whether the model was cast after G
+    was drawn or a float32 checkpoint is loaded: converted once and kept, so the next steps copy nothing, and the
+    gradients are those of a rule given G in float64. Before, the step failed in a matmul of mixed dtypes."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 1, 12, 12, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    torch.manual_seed(0)
+    net = as_net(build_model(model, (1, 12, 12), 3, activation="relu", **({"hidden": "8,6"} if model == "mlp" else {})))
+    rule = make_rule("ftp", **options)
+    rule.step(net, x, y)
+    state = rule.state_dict()  # float32
+    net = net.double()
+    x = x.double()
+    rule.step(net, x, y)
+    G = rule.G
+    assert G.dtype == torch.float64 and all(g.dtype == torch.float64 for g in rule.G_deep or [])
+    rule.step(net, x, y)
+    assert rule.G is G  # converted once
+    if rule._grid is not None:
+        assert rule._grid[0] is G and rule._grid[1].dtype == torch.float64
+    got = grads(net)
+    cast = {k: v.double() if torch.is_tensor(v) else [g.double() for g in v] for k, v in state.items()}
+    for loaded in (state, cast):  # a float32 checkpoint, and G handed over in float64
+        reference = make_rule("ftp", **options)
+        reference.load_state_dict(loaded)
+        reference.step(net, x, y)
+        for a, b in zip(got, grads(net), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_ftp_leaky_relu_with_a_negative_slope():
+    """f(a) = a for a > 0, s a otherwise, with s < 0: h = f(a) no longer tells a's sign, so the closed form (written in
+    h) does not apply and torch's kernel refuses it; FTP takes autograd's path and its update is the formula's. In the
+    second pass such a module is not run in place either: autograd has no backward for it (update_input="t" failed on a
+    residual net)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 5), nn.LeakyReLU(-0.3), nn.Linear(5, 3)).double()
+    x, y = tiny_batch()
+    assert _closed_form_derivatives(list(as_net(seq).blocks)) is None
+    rule = make_rule("ftp")
+    rule.step(seq, x, y)
+    W1, b1, W2, b2 = (p.detach() for p in seq.parameters())
+    a1 = x @ W1.T + b1
+    h1 = F.leaky_relu(a1, -0.3)
+    e = (torch.softmax(h1 @ W2.T + b2, 1) - F.one_hot(y, 3).double()) / len(y)
+    err = e @ rule.G
+    err = err - (err * h1).sum(1, keepdim=True) / (h1 * h1).sum(1, keepdim=True) * h1  # tangent projection
+    d1 = err * torch.where(a1 > 0, 1.0, -0.3)
+    for g, expected in zip(grads(seq), [d1.T @ x, d1.sum(0), e.T @ h1, e.sum(0)], strict=True):
+        torch.testing.assert_close(g, expected)
+
+    model = build_model("spec", (1, 12, 12), 3, activation="leaky_relu", spec="c2k3-r2-r2-f-l3").double()
+    for m in model.modules():
+        if isinstance(m, nn.LeakyReLU):
+            m.negative_slope = -0.1
+    assert make_rule("ftp")._in_place_activations(list(model.blocks)) is None
+    make_rule("ftp", update_input="t").step(model, torch.randn(4, 1, 12, 12, dtype=torch.float64),
+                                             torch.tensor([0, 1, 2, 0]))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -6,16 +6,17 @@ DRTP share (they differ only in the signal they project), so it lives here rathe
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..models import Block, Net, as_net, is_mlp
+from ..models import Block, Net, as_net, is_mlp, submodules
 from .base import Rule, StepOutput, check_batch
 
 
@@ -44,6 +45,28 @@ def local_forward(model: Net, x: torch.Tensor, run_pre: Callable[[int, Block, to
         pre.append(a)
         outs.append(h)
     return inputs, pre, outs
+
+
+@contextlib.contextmanager
+def out_of_place(model: Net) -> Iterator[None]:
+    """Every block's `pre` and `post` modules that overwrite their input (`inplace=True`: nn.ReLU(inplace=True) and
+    the like) made to return a new tensor for the duration, their flags put back afterwards.
+
+    For rules that keep a block's pre-activation a_l apart from its activity h_l = post_l(a_l) (FTP with
+    fprime=False or update_input="t" differentiates at a_l) or that must not let h_l share its graph with a_l
+    (PEPITA's modulated pass detaches h_l from a_l): an in-place post returns a_l itself, overwritten, so a_l is lost
+    and h_l carries a_l's graph into the next block. The same holds for a `pre` writing over the previous block's
+    (detached, but storage-sharing) activity. Inside `layer` autograd keeps in-place ops exact, so those are left
+    alone."""
+    flipped = [m for block in model.blocks for m in submodules(block.pre, block.post)
+               if getattr(m, "inplace", False) is True]
+    for m in flipped:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.inplace = True
 
 
 def output_error(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,8 +152,9 @@ def local_backward(roots: list[torch.Tensor], grads: list[torch.Tensor | None]) 
 def require_mlp(model: Net, rule: str) -> None:
     """Rules defined for fully connected nets only (DTP's learned linear inverses, FF's label embedding)."""
     if not is_mlp(model):
-        raise ValueError(f"{rule} supports MLPs only (blocks of nn.Linear with activations or LayerNorm; no "
-                         f"convolutions, pooling, residual blocks, batch norm or dropout)")
+        raise ValueError(f"{rule} supports MLPs only: blocks of one nn.Linear followed by activations or a "
+                         f"LayerNorm without affine parameters (elementwise_affine=False); no convolutions, pooling, "
+                         f"residual blocks, batch norm, dropout or affine LayerNorm")
 
 
 def need_hidden(model: Net, rule: str) -> None:

@@ -14,8 +14,9 @@ from its own generator seeded with `seed`, so it does not disturb other randomne
 
 Convolutional and residual blocks: every Linear and Conv2d gets a fixed random B of its weight's shape (a conv
 kernel B, Glorot uniform with the kernel's fans), except the first block's first one, whose input gradient nobody
-uses. In the backward pass a Conv2d sends delta back through the transposed convolution with B instead of W
-(torch.nn.grad.conv2d_input); its own weight gradient is the usual one. Everything parameter-free (activations,
+uses. A module used twice (weight tying) has one B, as it has one W. In the backward pass a Conv2d sends delta
+back through the transposed convolution with B instead of W (torch.nn.grad.conv2d_input); its own weight gradient is
+the usual one. Everything parameter-free (activations,
 pooling, flatten, residual additions) and the normalisation layers keep their exact backward: they play the role of
 f'. Inside a residual block both convs and the 1x1 shortcut use their B, so the block is BP-with-B too.
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Net, weight_layers
+from ..models import WEIGHT_LAYERS, Net, submodules
 from ._common import FixedMatrices, PeerRule, begin_step, fit_matrices, glorot_like, local_backward, output_error
 from .base import StepOutput
 
@@ -104,9 +105,32 @@ def _feedback_forward(m: nn.Module, fb: torch.Tensor, x: torch.Tensor) -> torch.
 
 
 def feedback_layers(model: Net) -> list[nn.Module]:
-    """The Linear/Conv2d modules that need a feedback matrix: all but the first block's first one."""
-    mods = [m for blk in model.blocks for m in weight_layers(blk)]
-    return mods[1:]
+    """The Linear/Conv2d modules that need a feedback matrix, in the order of their first use after the first one:
+    all but the first block's first one, whose input gradient nobody uses. A module used twice (weight tying) has one
+    W and so one B, which carries the error back at each of its uses; the first module too gets one if it is used
+    again."""
+    mods = [m for blk in model.blocks for _, m in blk.named_modules(remove_duplicate=False)
+            if isinstance(m, WEIGHT_LAYERS)]
+    return list(dict.fromkeys(mods[1:]))  # each module once (modules hash by identity)
+
+
+# Modules with parameters whose exact backward FA keeps: normalisations play the role of f' in their block.
+_EXACT_BACKWARD = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def check_layers(model: Net) -> None:
+    """Every module with parameters of its own is a Linear or Conv2d (FA gives it a feedback matrix) or a
+    normalisation. Any other (nn.Conv1d, a custom layer) would send the error back through its true weights: BP
+    inside an FA step, silently."""
+    for l, block in enumerate(model.blocks):
+        for m in submodules(block):
+            if isinstance(m, WEIGHT_LAYERS + _EXACT_BACKWARD) or all(p is None for p in m._parameters.values()):
+                continue
+            name = next(n for n, k in block.named_modules() if k is m)
+            raise ValueError(f"fa: block {l + 1} has a {type(m).__name__} with parameters (at "
+                             f"{f'layer {name!r}' if name else 'the block itself'}), for which FA has no feedback "
+                             f"matrix; supported: nn.Linear and nn.Conv2d (BatchNorm, LayerNorm and GroupNorm keep "
+                             f"their exact backward). Use another rule for this model (bp, dfa, ftp, ...)")
 
 
 @dataclass
@@ -131,8 +155,9 @@ class FA(FixedMatrices, PeerRule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "fa")
+        check_layers(model)
         mods = feedback_layers(model)
-        B = self._feedback(mods, mods[0].weight)
+        B = self._feedback(mods, next(model.parameters()))  # (none when no Linear/Conv2d follows the first one)
         for m in mods:
             if isinstance(m, nn.Conv2d):
                 _conv_padding(m)  # unsupported padding fails before any work

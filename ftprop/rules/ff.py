@@ -69,6 +69,12 @@ class FF(PeerRule):
         u = model.prepare(x).flatten(1)
         if u.shape[1] < n_classes:
             raise ValueError(f"ff: the input has {u.shape[1]} features, fewer than the {n_classes} labels to embed")
+        n_in = getattr(model.blocks[0].layer, "in_features", u.shape[1])
+        if n_in != u.shape[1]:  # e.g. a Linear applied per position of a (B, P, F) input, flattened only later
+            raise ValueError(f"ff: the label is embedded in the whole flattened sample ({u.shape[1]} features of an "
+                             f"input of shape {tuple(x.shape[1:])}), but the first Linear takes {n_in}: FF needs an "
+                             f"MLP whose first layer reads the flattened sample (hidden blocks output (batch, "
+                             f"features))")
         u = u.clone()
         u[:, :n_classes] = F.one_hot(labels, n_classes).to(u.dtype) * self.label_scale
         return u

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import Block, Net, Residual, as_net, submodules, two_pass
-from ._common import begin_step, local_backward, local_forward, output_error, tangential_rows
+from ._common import begin_step, local_backward, local_forward, out_of_place, output_error, tangential_rows
 from .base import Rule, StepOutput
 
 # torch's hooks on every module (torch.nn.modules.module.register_module_forward_hook and the like)
@@ -332,6 +332,8 @@ def _closed_form_derivatives(blocks: list[Block]) -> list[tuple[Callable, nn.Mod
         fn = _THROUGH_ACTIVATION.get(type(act))
         if type(layer) is not nn.Linear or not isinstance(pre, nn.Identity) or fn is None:
             return None
+        if type(act) is nn.LeakyReLU and act.negative_slope < 0:  # h = f(a) then no longer tells a's sign (and
+            return None                                          # torch's kernel refuses such a slope from h)
         if _hooked(block) or _hooked(pre) or _hooked(layer) or _hooked(post) or _hooked(act) or any(
                 p._backward_hooks or p._post_accumulate_grad_hooks for p in layer._parameters.values() if p is not None):
             return None
@@ -519,6 +521,12 @@ class FTP(Rule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "ftp")
+        if self.fprime and self.update_input == "h":  # the default: no pre-activation is kept (`_step`)
+            return self._run(model, x, y)
+        with out_of_place(model):  # fprime=False / update_input="t" differentiate at a_l: keep it apart from h_l
+            return self._run(model, x, y)
+
+    def _run(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         blocks = list(model.blocks)  # a plain list: indexing or slicing the ModuleList costs 4-20 us a time
         derivatives = _closed_form_derivatives(blocks)  # None unless every block is Linear + a pointwise activation
         folded = self._folded(blocks) if derivatives is None else None  # (closed form: no backward to fold into)
@@ -594,8 +602,8 @@ class FTP(Rule):
                     continue
                 kids = [m for m in parent._modules.values() if m is not None]
                 for i, m in enumerate(kids):
-                    if type(m) not in _IN_PLACE:
-                        continue
+                    if type(m) not in _IN_PLACE or getattr(m, "negative_slope", 0.0) < 0:  # autograd has no backward
+                        continue                     # for an in-place LeakyReLU of negative slope (update_input="t")
                     if isinstance(parent, nn.Sequential):
                         before = kids[i - 1] if i else (block.layer if parent is block.post else None)
                     else:
@@ -717,10 +725,17 @@ class FTP(Rule):
             elif self.G.shape != shape:
                 raise ValueError(f"ftp: stored G has shape {tuple(self.G.shape)} but the model needs {shape} "
                                  f"(outputs x first block's output)")
+            elif self.G.dtype != h1.dtype or self.G.device != h1.device:
+                # a loaded G, or the model moved or cast since G was drawn: converted once and kept, as fit_matrices
+                # does for the peers' matrices (`_pooled_grid` recuts its grid from the new G)
+                self.G = self.G.to(device=h1.device, dtype=h1.dtype)
             deep_shapes = [(z.shape[1], h.numel() // batch) for h in outs[1:-1]] if self.inject == "every" else None
-            if deep_shapes is not None and [tuple(g.shape) for g in self.G_deep or []] != deep_shapes:
-                raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} but "
-                                 f"inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's outputs)")
+            if deep_shapes is not None:
+                if [tuple(g.shape) for g in self.G_deep or []] != deep_shapes:
+                    raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} "
+                                     f"but inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's "
+                                     f"outputs)")
+                self.G_deep = [g.to(device=h1.device, dtype=h1.dtype) for g in self.G_deep]
             on_grid = self._on_grid(blocks)
             # On the grid (G equal over the windows of the max-pool that reads h_1) the contrast and the target live on
             # the pooled map: pool(t_1) = pool(h_1) - gamma B err exactly, since adding one number to every value of a

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..models import Net, two_pass
-from ._common import PeerRule, begin_step, fit_matrices, local_backward, num_features, output_error
+from ._common import PeerRule, begin_step, fit_matrices, local_backward, num_features, out_of_place, output_error
 from .base import StepOutput
 
 OUTPUT_ERRORS = ("modulated", "first")
@@ -71,7 +71,7 @@ class PEPITA(PeerRule):
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "pepita")
-        with two_pass(model, "pepita") as passes:
+        with two_pass(model, "pepita") as passes, out_of_place(model):  # h_l apart from the layer's output a_l
             return self._step(model, x, y, passes)
 
     def _step(self, model: Net, x: torch.Tensor, y: torch.Tensor, passes) -> StepOutput:  # noqa: ANN001
