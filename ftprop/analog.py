@@ -168,7 +168,8 @@ def pulse_update(g: torch.Tensor, dg: torch.Tensor, spec: DeviceSpec, gen: torch
     One pulse's step, with sign sgn = sign(dg): sgn dg_0 (1 + sgn asymmetry) (1 - sgn nonlinearity (2g - 1)), which is
     the up and down formulas of the module docstring in one expression (no branch: these tensors are the size of the
     largest weights and are updated every step, so the update is written in place). Only the devices that get a pulse
-    draw noise and move (`on_touched`; `sparse` as there).
+    draw noise and move (`on_touched`; `sparse` as there). A NaN request makes the conductance NaN, so a diverged
+    optimizer shows in the presented weights instead of being dropped as "no pulse".
     """
     step0 = 1.0 / (spec.n_states - 1)
     rand = lambda shape: torch.rand(shape, generator=gen, device=g.device, dtype=g.dtype)  # noqa: E731
@@ -184,7 +185,7 @@ def pulse_update(g: torch.Tensor, dg: torch.Tensor, spec: DeviceSpec, gen: torch
         new = change.add_(g).clamp_(0, 1)
         return rand(g.shape).add_(new, alpha=1.0 / step0).floor_().clamp_(0, spec.n_states - 1).mul_(step0)  # snap
 
-    touched = n > 0
+    touched = n != 0  # n >= 0, so this is n > 0, except that a NaN count (NaN request) is touched
     return on_touched(touched, move, g, g, dg, n, sparse=sparse), touched
 
 

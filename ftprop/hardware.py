@@ -30,7 +30,8 @@ Number format: signed fixed point with b bits and a per-tensor scale s, values q
 [-2^(b-1), 2^(b-1) - 1]. s is chosen per tensor and per use from its largest magnitude m: scale="pow2" (default)
 takes the smallest power of two with m <= (2^(b-1) - 1) s (a true fixed-point format whose binary point moves per
 tensor, i.e. block floating point; grids of different scales are nested, so requantizing is exact); scale="max"
-takes s = m / (2^(b-1) - 1) (the usual float scale of fake quantization). Round to nearest (ties to even) uses
+takes s = m / (2^(b-1) - 1) (the usual float scale of fake quantization); a tensor with a NaN or an infinity gets a
+non-finite s, so it comes out non-finite and a diverged run is seen (`quant_scale`). Round to nearest (ties to even) uses
 `torch.fake_quantize_per_tensor_affine`; stochastic rounding q = floor(x/s + u), u ~ U[0,1) (the dither), is
 unbiased, drawn from a generator owned by this object (seeded, in state_dict), so the global RNG and reproducibility
 are untouched. rounding="stochastic" draws one dither per activation position per training step and reuses it for
@@ -114,7 +115,12 @@ def parse_quant(text: str | None, rounding: str = "nearest", scale: str = "pow2"
 
 
 def quant_scale(x: torch.Tensor, bits: int, scale: str = "pow2") -> torch.Tensor:
-    """The per-tensor step s (a float32 scalar tensor, no host sync) for `bits`-bit signed fixed point."""
+    """The per-tensor step s (a float32 scalar tensor, no host sync) for `bits`-bit signed fixed point.
+
+    A tensor holding a NaN or an infinity gets a non-finite step (NaN or inf), so everything quantized with it comes
+    out non-finite: a diverged value must reach the loss and the weights, where the training loop looks for it,
+    instead of being rounded onto the grid (the nearest-rounding kernel maps NaN to the most negative level). An
+    all-zero tensor gets step 1 (any step holds it)."""
     qmax = 2 ** (bits - 1) - 1
     x = x.detach()
     amax = torch.maximum(x.amax(), -x.amin()).float()  # max |x| without an |x| temporary (the fastest on CPU)
@@ -123,7 +129,7 @@ def quant_scale(x: torch.Tensor, bits: int, scale: str = "pow2") -> torch.Tensor
         s = torch.exp2(torch.ceil(torch.log2(s)))
         s = torch.where(amax > s * qmax, s * 2, s)  # guard against log2 rounding
     tiny = torch.finfo(torch.float32).tiny
-    return torch.where(amax > 0, s, torch.ones_like(s)).clamp_min(tiny)
+    return torch.where(amax == 0, torch.ones_like(s), s).clamp_min(tiny)  # NaN == 0 is False: NaN stays
 
 
 def quantize(x: torch.Tensor, bits: int, rounding: str = "nearest", scale: str = "pow2",

@@ -188,6 +188,17 @@ def test_pulse_statistics_match_the_parameters(sparse):
     assert ((small - g) / step0).mean() == pytest.approx(0.3, abs=0.01)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_nan_request_reaches_the_device(sparse):
+    """A NaN update (a diverged optimizer) used to count as no pulse, so the devices silently dropped it; now the
+    pair turns NaN, the presented weight too, and the training loop sees it. Finite requests move as before."""
+    g = torch.full((6,), 0.5)
+    dg = torch.tensor([float("nan"), 0.0, 0.3, -0.3, 1e-6, 0.0])
+    new, touched = pulse_update(g, dg, PRESETS["reram"], torch.Generator().manual_seed(0), sparse)
+    assert touched[0] and new[0].isnan() and torch.isfinite(new[1:]).all()
+    assert torch.equal(touched[1:], torch.tensor([False, True, True, False, False]))
+
+
 def test_converters_quantize_inputs_and_outputs():
     torch.manual_seed(0)
     layer = nn.Linear(30, 20)
