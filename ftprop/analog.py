@@ -84,6 +84,11 @@ class DeviceSpec:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        # NaN fails every comparison below (and infinity passes `>= 0`), so finiteness is checked first, for every field
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "name" and not math.isfinite(value):
+                raise ValueError(f"analog: {f.name} must be a finite number, got {value}")
         if self.n_states == 1 or self.n_states < 0:
             raise ValueError(f"analog: n_states must be 0 (ideal) or >= 2, got {self.n_states}")
         if not -1 < self.asymmetry < 1:

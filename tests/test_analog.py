@@ -32,6 +32,18 @@ def test_parse_device():
         TrainConfig(analog="flash")
 
 
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(DeviceSpec) if f.name != "name"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_device_parameter_must_be_finite(field, value):
+    """NaN passed every range check (a comparison with NaN is False) and infinity the noise and w_range checks, so
+    `reram:read_noise=nan` trained at chance without an error."""
+    with pytest.raises(ValueError, match=f"analog: {field} must be a finite number, got {value}"):
+        DeviceSpec(**{field: float(value)})
+    if field not in ("n_states", "dac_bits", "adc_bits"):  # integer overrides already refuse "nan" as a number
+        with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+            TrainConfig(analog=f"reram:{field}={value}")
+
+
 def steps(rule: str, analog: str, n: int = 5, seed: int = 0):
     torch.manual_seed(0)
     model = mlp(20, (16, 12), 4)
