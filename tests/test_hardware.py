@@ -72,6 +72,22 @@ def test_non_finite_values_stay_non_finite(bad, rounding, scale):
     assert torch.isfinite(quantize(x[1:], 8, rounding, scale, generator=torch.Generator().manual_seed(0))).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1e-6, 1e-3, 1.0, 300.0])
+def test_stochastic_rounding_of_16_bit_floats_is_the_float32_rounding(dtype, magnitude):
+    """A float16 tensor of values near 1e-6 has a step (2^-25) below float16's range: it became 0, 1/s inf, and the
+    result NaN and zeros. 16-bit tensors now round in float32 and come back exactly on the grid."""
+    x = (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * magnitude).to(dtype)
+    q = quantize(x, 8, "stochastic", generator=torch.Generator().manual_seed(1))
+    ref = quantize(x.float(), 8, "stochastic", generator=torch.Generator().manual_seed(1))
+    assert q.dtype == dtype and torch.equal(q.float(), ref)            # the float32 result, exactly representable
+    s = quant_scale(x, 8)
+    k = q.float() / s
+    assert torch.equal(k, k.round()) and k.abs().max() <= 128 and ((q.float() - x.float()).abs() < s).all()
+    dither = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))  # LowPrecision's shared dither
+    assert torch.equal(quantize(x, 8, "stochastic", dither=dither).float(), ref)
+
+
 def test_stochastic_rounding_is_unbiased():
     x = torch.tensor([0.1, -0.37, 0.5, 0.93, -1.0, 0.013]).repeat(20000, 1)  # one tensor: one scale for all draws
     q = quantize(x, 4, "stochastic", "pow2", generator=torch.Generator().manual_seed(0))
