@@ -241,6 +241,10 @@ class _Array:
     g_plus: torch.Tensor
     g_minus: torch.Tensor
     deviation: torch.Tensor  # programming deviation of the presented weight (write noise)
+    # The forward in progress: its input hook leaves here where its backward read will find the delta (or None, no
+    # backward read), its output hook takes it. Kept here, not on the module, so that remove() leaves the model as
+    # it was, and cleared when taken, so that no delta tensor outlives its step.
+    pending: dict[str, torch.Tensor] | None = None
 
 
 class AnalogCrossbar:
@@ -315,7 +319,7 @@ class AnalogCrossbar:
             if spec.dac_bits:
                 x = fake_quant(x, lambda t: self._convert(t, spec.dac_bits))
             if x.requires_grad and (spec.read_noise or spec.adc_bits):  # a backward read will cross the array
-                box = module._ftprop_backward_box = {}
+                box = arr.pending = {}
                 shape = x.shape
 
                 def backward_read(g: torch.Tensor) -> torch.Tensor:
@@ -325,7 +329,7 @@ class AnalogCrossbar:
                     return self._convert(g, spec.adc_bits)
                 x = _BackwardRead.apply(x, backward_read)
             else:
-                module._ftprop_backward_box = None
+                arr.pending = None
             return (x, *args[1:])
         return hook
 
@@ -344,7 +348,7 @@ class AnalogCrossbar:
                 analog = self._convert(analog, spec.adc_bits)
                 return analog + bias.view(shape) if bias is not None else analog
             out = fake_quant(out, read)
-            box = getattr(module, "_ftprop_backward_box", None)
+            box, arr.pending = arr.pending, None
             if box is not None and out.requires_grad:
                 out.register_hook(lambda g: box.__setitem__("delta", g))
             return out

@@ -225,6 +225,23 @@ def test_converters_quantize_inputs_and_outputs():
         assert (k - k.round()).abs().max() < 1e-3 and k.round().unique().numel() <= 2 ** bits
 
 
+@pytest.mark.parametrize("rule", ["bp", "ftp"])
+def test_remove_leaves_the_model_as_it_found_it(rule):
+    """The input hook used to hand the backward read's box to the output hook through an attribute of the layer,
+    which stayed after remove() (the last one holding a delta tensor of the last step)."""
+    torch.manual_seed(0)
+    model = mlp(20, (16, 12), 4)
+    before = {name: set(m.__dict__) for name, m in model.named_modules()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    xbar = AnalogCrossbar(model, opt, parse_device("reram"), seed=0)
+    make_rule(rule).step(model, torch.randn(8, 20), torch.randint(0, 4, (8,)))
+    opt.step()
+    assert all(arr.pending is None for arr in xbar.arrays)  # no delta kept past its step
+    xbar.remove()
+    assert {name: set(m.__dict__) for name, m in model.named_modules()} == before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_analog_state_round_trips():
     _, hw = steps("ftp", "reram", n=3)
     state = hw.state_dict()
