@@ -84,6 +84,11 @@ class DeviceSpec:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        # NaN fails every comparison below (and infinity passes `>= 0`), so finiteness is checked first, for every field
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "name" and not math.isfinite(value):
+                raise ValueError(f"analog: {f.name} must be a finite number, got {value}")
         if self.n_states == 1 or self.n_states < 0:
             raise ValueError(f"analog: n_states must be 0 (ideal) or >= 2, got {self.n_states}")
         if not -1 < self.asymmetry < 1:
@@ -168,7 +173,8 @@ def pulse_update(g: torch.Tensor, dg: torch.Tensor, spec: DeviceSpec, gen: torch
     One pulse's step, with sign sgn = sign(dg): sgn dg_0 (1 + sgn asymmetry) (1 - sgn nonlinearity (2g - 1)), which is
     the up and down formulas of the module docstring in one expression (no branch: these tensors are the size of the
     largest weights and are updated every step, so the update is written in place). Only the devices that get a pulse
-    draw noise and move (`on_touched`; `sparse` as there).
+    draw noise and move (`on_touched`; `sparse` as there). A NaN request makes the conductance NaN, so a diverged
+    optimizer shows in the presented weights instead of being dropped as "no pulse".
     """
     step0 = 1.0 / (spec.n_states - 1)
     rand = lambda shape: torch.rand(shape, generator=gen, device=g.device, dtype=g.dtype)  # noqa: E731
@@ -184,7 +190,7 @@ def pulse_update(g: torch.Tensor, dg: torch.Tensor, spec: DeviceSpec, gen: torch
         new = change.add_(g).clamp_(0, 1)
         return rand(g.shape).add_(new, alpha=1.0 / step0).floor_().clamp_(0, spec.n_states - 1).mul_(step0)  # snap
 
-    touched = n > 0
+    touched = n != 0  # n >= 0, so this is n > 0, except that a NaN count (NaN request) is touched
     return on_touched(touched, move, g, g, dg, n, sparse=sparse), touched
 
 
@@ -235,6 +241,10 @@ class _Array:
     g_plus: torch.Tensor
     g_minus: torch.Tensor
     deviation: torch.Tensor  # programming deviation of the presented weight (write noise)
+    # The forward in progress: its input hook leaves here where its backward read will find the delta (or None, no
+    # backward read), its output hook takes it. Kept here, not on the module, so that remove() leaves the model as
+    # it was, and cleared when taken, so that no delta tensor outlives its step.
+    pending: dict[str, torch.Tensor] | None = None
 
 
 class AnalogCrossbar:
@@ -309,7 +319,7 @@ class AnalogCrossbar:
             if spec.dac_bits:
                 x = fake_quant(x, lambda t: self._convert(t, spec.dac_bits))
             if x.requires_grad and (spec.read_noise or spec.adc_bits):  # a backward read will cross the array
-                box = module._ftprop_backward_box = {}
+                box = arr.pending = {}
                 shape = x.shape
 
                 def backward_read(g: torch.Tensor) -> torch.Tensor:
@@ -319,7 +329,7 @@ class AnalogCrossbar:
                     return self._convert(g, spec.adc_bits)
                 x = _BackwardRead.apply(x, backward_read)
             else:
-                module._ftprop_backward_box = None
+                arr.pending = None
             return (x, *args[1:])
         return hook
 
@@ -338,7 +348,7 @@ class AnalogCrossbar:
                 analog = self._convert(analog, spec.adc_bits)
                 return analog + bias.view(shape) if bias is not None else analog
             out = fake_quant(out, read)
-            box = getattr(module, "_ftprop_backward_box", None)
+            box, arr.pending = arr.pending, None
             if box is not None and out.requires_grad:
                 out.register_hook(lambda g: box.__setitem__("delta", g))
             return out

@@ -30,7 +30,8 @@ Number format: signed fixed point with b bits and a per-tensor scale s, values q
 [-2^(b-1), 2^(b-1) - 1]. s is chosen per tensor and per use from its largest magnitude m: scale="pow2" (default)
 takes the smallest power of two with m <= (2^(b-1) - 1) s (a true fixed-point format whose binary point moves per
 tensor, i.e. block floating point; grids of different scales are nested, so requantizing is exact); scale="max"
-takes s = m / (2^(b-1) - 1) (the usual float scale of fake quantization). Round to nearest (ties to even) uses
+takes s = m / (2^(b-1) - 1) (the usual float scale of fake quantization); a tensor with a NaN or an infinity gets a
+non-finite s, so it comes out non-finite and a diverged run is seen (`quant_scale`). Round to nearest (ties to even) uses
 `torch.fake_quantize_per_tensor_affine`; stochastic rounding q = floor(x/s + u), u ~ U[0,1) (the dither), is
 unbiased, drawn from a generator owned by this object (seeded, in state_dict), so the global RNG and reproducibility
 are untouched. rounding="stochastic" draws one dither per activation position per training step and reuses it for
@@ -114,7 +115,12 @@ def parse_quant(text: str | None, rounding: str = "nearest", scale: str = "pow2"
 
 
 def quant_scale(x: torch.Tensor, bits: int, scale: str = "pow2") -> torch.Tensor:
-    """The per-tensor step s (a float32 scalar tensor, no host sync) for `bits`-bit signed fixed point."""
+    """The per-tensor step s (a float32 scalar tensor, no host sync) for `bits`-bit signed fixed point.
+
+    A tensor holding a NaN or an infinity gets a non-finite step (NaN or inf), so everything quantized with it comes
+    out non-finite: a diverged value must reach the loss and the weights, where the training loop looks for it,
+    instead of being rounded onto the grid (the nearest-rounding kernel maps NaN to the most negative level). An
+    all-zero tensor gets step 1 (any step holds it)."""
     qmax = 2 ** (bits - 1) - 1
     x = x.detach()
     amax = torch.maximum(x.amax(), -x.amin()).float()  # max |x| without an |x| temporary (the fastest on CPU)
@@ -123,15 +129,24 @@ def quant_scale(x: torch.Tensor, bits: int, scale: str = "pow2") -> torch.Tensor
         s = torch.exp2(torch.ceil(torch.log2(s)))
         s = torch.where(amax > s * qmax, s * 2, s)  # guard against log2 rounding
     tiny = torch.finfo(torch.float32).tiny
-    return torch.where(amax > 0, s, torch.ones_like(s)).clamp_min(tiny)
+    return torch.where(amax == 0, torch.ones_like(s), s).clamp_min(tiny)  # NaN == 0 is False: NaN stays
+
+
+def rounding_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype stochastic rounding computes in: float32 for 16-bit floats, whose range cannot hold every step s
+    (float16's smallest is 6e-8: the step of a tensor of values near 1e-6 becomes 0 and 1/s inf, giving NaN and 0)
+    and whose U[0,1) dither has too few levels to be unbiased; the tensor's own dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def quantize(x: torch.Tensor, bits: int, rounding: str = "nearest", scale: str = "pow2",
              generator: torch.Generator | None = None, dither: torch.Tensor | None = None) -> torch.Tensor:
     """x rounded onto the grid {q * s : q integer in [-2^(b-1), 2^(b-1) - 1]}; no autograd (use `fake_quant`).
 
-    Any rounding but "nearest" is stochastic: it adds `dither` (U[0,1) of x's shape) before the floor, or draws it
-    from `generator` (which draws are shared is the caller's choice, see LowPrecision.q).
+    Any rounding but "nearest" is stochastic: it adds `dither` (U[0,1) of x's shape, in `rounding_dtype`) before the
+    floor, or draws it from `generator` (which draws are shared is the caller's choice, see LowPrecision.q). A 16-bit
+    x is rounded in float32 and cast back, exactly for the pow2 scale up to 12 bits (float16) or 9 (bfloat16): each
+    grid value is then a number of x's dtype, and where the grid is finer than x's own spacing x lies on it already.
     """
     if bits >= FLOAT_BITS:
         return x
@@ -141,14 +156,15 @@ def quantize(x: torch.Tensor, bits: int, rounding: str = "nearest", scale: str =
     if rounding == "nearest":
         return torch.fake_quantize_per_tensor_affine(x, s, torch.zeros((), dtype=torch.int32, device=x.device),
                                                      qmin, qmax)
-    s = s.to(x.dtype)
+    dtype = rounding_dtype(x.dtype)
+    s = s.to(dtype)
     # x * (1/s) is x / s exactly for the pow2 scale; the dither is never written (it may be shared), the draw is
     # reused as the output buffer (these tensors are the size of the largest weights, every step).
     if dither is None:
-        out = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).addcmul_(x, s.reciprocal())
+        out = torch.rand(x.shape, generator=generator, device=x.device, dtype=dtype).addcmul_(x, s.reciprocal())
     else:
         out = torch.addcmul(dither, x, s.reciprocal())
-    return out.floor_().clamp_(qmin, qmax).mul_(s)
+    return out.floor_().clamp_(qmin, qmax).mul_(s).to(x.dtype)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -215,8 +231,9 @@ class LowPrecision:
         dither = None
         if position is not None and self.spec.rounding == "stochastic" and self.model.training:
             dither = self._dithers.get(position)
-            if dither is None or dither.shape != x.shape or dither.device != x.device or dither.dtype != x.dtype:
-                dither = self._dithers[position] = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            dtype = rounding_dtype(x.dtype)
+            if dither is None or dither.shape != x.shape or dither.device != x.device or dither.dtype != dtype:
+                dither = self._dithers[position] = torch.rand(x.shape, generator=gen, device=x.device, dtype=dtype)
         out = quantize(x, bits, self.spec.rounding, self.spec.scale, gen, dither)
         if self.trace is not None:
             self.trace.append((kind, where, out.detach().clone()))

@@ -22,7 +22,7 @@ from .data import batches
 from .recurrent import RecurrentNet, build_recurrent
 from .rules import Rule, make_sequence_rule, rule_variant
 from .rules._recurrent import sequence_loss
-from .sequences import SeqData, load_sequence_task
+from .sequences import SeqData, check_window, load_sequence_task
 
 
 @dataclass
@@ -55,6 +55,8 @@ class SeqConfig:
         for name in ("T", "n_train", "n_test", "hidden", "layers", "epochs", "batch_size", "lr_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lookback", "horizon"):
+            check_window(name, getattr(self, name))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:

@@ -186,13 +186,22 @@ def ett_borders(dates: list[datetime.datetime], lookback: int) -> list[tuple[int
     return [(0, train), (train - lookback, val), (val - lookback, test)]
 
 
-def load_ett(path: str | Path | None = None, lookback: int = 96, horizon: int = 96) -> SeqData:
+def check_window(option: str, value: int | None) -> None:
+    """A look-back or horizon (`option` names it) is None (the task's default) or at least 1. 0 must not stand for
+    the default (a window of 0 rows is a mistake, not a request for the default), and a negative one would build
+    windows of inconsistent lengths that fail much later with a message naming neither option."""
+    if value is not None and value < 1:
+        raise ValueError(f"{option} must be >= 1, got {value} (leave it unset for the task's default)")
+
+
+def load_ett(path: str | Path | None = None, lookback: int | None = None, horizon: int | None = None) -> SeqData:
     """ETT forecasting with the standard protocol (module docstring); `path` defaults to $FTPROP_ETT, then
-    ../shared/data/ett/ETTh1.csv beside the repository."""
+    ../shared/data/ett/ETTh1.csv beside the repository; look-back and horizon None take 96."""
+    check_window("lookback", lookback)
+    check_window("horizon", horizon)
+    lookback, horizon = 96 if lookback is None else lookback, 96 if horizon is None else horizon
     if horizon not in ETT_HORIZONS:
         raise ValueError(f"ETT horizon must be one of {', '.join(map(str, ETT_HORIZONS))}, got {horizon}")
-    if lookback < 1:
-        raise ValueError(f"look-back must be >= 1, got {lookback}")
     resolved = _resolve_ett(path)
     dates, values = read_ett_csv(resolved)
     return split_and_window(f"{resolved.stem} horizon {horizon}", values, ett_borders(dates, lookback), lookback,
@@ -238,10 +247,14 @@ def read_statsmodels_series(name: str) -> torch.Tensor:
 
 
 def load_statsmodels_series(name: str, lookback: int | None = None, horizon: int | None = None) -> SeqData:
-    """A statsmodels series split 70/10/20 chronologically (validation and test windows start `lookback` rows early)."""
+    """A statsmodels series split 70/10/20 chronologically (validation and test windows start `lookback` rows early);
+    look-back and horizon None take the series' defaults (STATSMODELS_SERIES)."""
+    check_window("lookback", lookback)  # before the file is read: a bad option is the first thing to report
+    check_window("horizon", horizon)
     series = read_statsmodels_series(name)
     default_lookback, default_horizon = STATSMODELS_SERIES[name][2:]
-    lookback, horizon = lookback or default_lookback, horizon or default_horizon
+    lookback = default_lookback if lookback is None else lookback
+    horizon = default_horizon if horizon is None else horizon
     rows = series.shape[0]
     train, val = int(0.7 * rows), int(0.8 * rows)
     borders = [(0, train), (train - lookback, val), (val - lookback, rows)]
@@ -259,7 +272,7 @@ def load_sequence_task(task: str, T: int = 50, classes: int = 4, n_train: int = 
     if task in ("adding", "order"):
         return synthetic(task, T, n_train, n_test, classes)
     if task in ("ett", "etth1"):
-        return load_ett(csv_path, lookback or 96, horizon or 96)
+        return load_ett(csv_path, lookback, horizon)
     if task in STATSMODELS_SERIES:
         return load_statsmodels_series(task, lookback, horizon)
     raise ValueError(f"unknown sequence task {task!r}; choose one of {', '.join(SEQUENCE_TASKS)} (or etth1)")

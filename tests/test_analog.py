@@ -32,6 +32,18 @@ def test_parse_device():
         TrainConfig(analog="flash")
 
 
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(DeviceSpec) if f.name != "name"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_device_parameter_must_be_finite(field, value):
+    """NaN passed every range check (a comparison with NaN is False) and infinity the noise and w_range checks, so
+    `reram:read_noise=nan` trained at chance without an error."""
+    with pytest.raises(ValueError, match=f"analog: {field} must be a finite number, got {value}"):
+        DeviceSpec(**{field: float(value)})
+    if field not in ("n_states", "dac_bits", "adc_bits"):  # integer overrides already refuse "nan" as a number
+        with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+            TrainConfig(analog=f"reram:{field}={value}")
+
+
 def steps(rule: str, analog: str, n: int = 5, seed: int = 0):
     torch.manual_seed(0)
     model = mlp(20, (16, 12), 4)
@@ -188,6 +200,17 @@ def test_pulse_statistics_match_the_parameters(sparse):
     assert ((small - g) / step0).mean() == pytest.approx(0.3, abs=0.01)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_nan_request_reaches_the_device(sparse):
+    """A NaN update (a diverged optimizer) used to count as no pulse, so the devices silently dropped it; now the
+    pair turns NaN, the presented weight too, and the training loop sees it. Finite requests move as before."""
+    g = torch.full((6,), 0.5)
+    dg = torch.tensor([float("nan"), 0.0, 0.3, -0.3, 1e-6, 0.0])
+    new, touched = pulse_update(g, dg, PRESETS["reram"], torch.Generator().manual_seed(0), sparse)
+    assert touched[0] and new[0].isnan() and torch.isfinite(new[1:]).all()
+    assert torch.equal(touched[1:], torch.tensor([False, True, True, False, False]))
+
+
 def test_converters_quantize_inputs_and_outputs():
     torch.manual_seed(0)
     layer = nn.Linear(30, 20)
@@ -200,6 +223,23 @@ def test_converters_quantize_inputs_and_outputs():
     for t, bits in ((x, 4), (y, 5)):
         k = t / quant_scale(t, bits, "max")
         assert (k - k.round()).abs().max() < 1e-3 and k.round().unique().numel() <= 2 ** bits
+
+
+@pytest.mark.parametrize("rule", ["bp", "ftp"])
+def test_remove_leaves_the_model_as_it_found_it(rule):
+    """The input hook used to hand the backward read's box to the output hook through an attribute of the layer,
+    which stayed after remove() (the last one holding a delta tensor of the last step)."""
+    torch.manual_seed(0)
+    model = mlp(20, (16, 12), 4)
+    before = {name: set(m.__dict__) for name, m in model.named_modules()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    xbar = AnalogCrossbar(model, opt, parse_device("reram"), seed=0)
+    make_rule(rule).step(model, torch.randn(8, 20), torch.randint(0, 4, (8,)))
+    opt.step()
+    assert all(arr.pending is None for arr in xbar.arrays)  # no delta kept past its step
+    xbar.remove()
+    assert {name: set(m.__dict__) for name, m in model.named_modules()} == before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_analog_state_round_trips():

@@ -59,6 +59,35 @@ def test_quantized_tensors_take_only_the_allowed_levels(bits, rounding, scale):
     assert s * (2 ** (bits - 1) - 1) >= x.abs().max()                  # nothing clips
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("scale", ["pow2", "max"])
+def test_non_finite_values_stay_non_finite(bad, rounding, scale):
+    """A NaN or an infinity is never rounded onto the grid (the nearest kernel used to map NaN to -128 s with s = 1):
+    the step is non-finite and so is every value quantized with it, so a diverged run shows in its loss and weights."""
+    x = torch.tensor([bad, 0.3, -0.2, 0.05, 0.0])
+    assert not torch.isfinite(quant_scale(x, 8, scale))
+    q = quantize(x, 8, rounding, scale, generator=torch.Generator().manual_seed(0))
+    assert not torch.isfinite(q).any(), q
+    assert torch.isfinite(quantize(x[1:], 8, rounding, scale, generator=torch.Generator().manual_seed(0))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1e-6, 1e-3, 1.0, 300.0])
+def test_stochastic_rounding_of_16_bit_floats_is_the_float32_rounding(dtype, magnitude):
+    """A float16 tensor of values near 1e-6 has a step (2^-25) below float16's range: it became 0, 1/s inf, and the
+    result NaN and zeros. 16-bit tensors now round in float32 and come back exactly on the grid."""
+    x = (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * magnitude).to(dtype)
+    q = quantize(x, 8, "stochastic", generator=torch.Generator().manual_seed(1))
+    ref = quantize(x.float(), 8, "stochastic", generator=torch.Generator().manual_seed(1))
+    assert q.dtype == dtype and torch.equal(q.float(), ref)            # the float32 result, exactly representable
+    s = quant_scale(x, 8)
+    k = q.float() / s
+    assert torch.equal(k, k.round()) and k.abs().max() <= 128 and ((q.float() - x.float()).abs() < s).all()
+    dither = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))  # LowPrecision's shared dither
+    assert torch.equal(quantize(x, 8, "stochastic", dither=dither).float(), ref)
+
+
 def test_stochastic_rounding_is_unbiased():
     x = torch.tensor([0.1, -0.37, 0.5, 0.93, -1.0, 0.013]).repeat(20000, 1)  # one tensor: one scale for all draws
     q = quantize(x, 4, "stochastic", "pow2", generator=torch.Generator().manual_seed(0))
@@ -246,3 +275,30 @@ def test_cli_flags(capsys, tmp_path):
                      (["--quant", "w8", "--analog", "reram"], "weight/update bits")]:
         assert main(["train", *fast, *bad]) == 2
         assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hardware", [dict(quant="w8a8e8u8", rounding="nearest"),
+                                      dict(quant="w8a8e8u8", rounding="stochastic"),
+                                      dict(quant="a8e8", rounding="nearest", analog="reram")])
+def test_a_nan_gradient_makes_a_quantized_or_analog_run_diverge(hardware, mini_mnist, monkeypatch):
+    """One NaN in one gradient of the third step: the float run's weights turn NaN and the loop stops. Quantization
+    used to round the NaN weight to -128 s and the rest of its tensor to 0, and the devices took a NaN update for no
+    pulse, so these runs went on at chance; now the next step's loss is NaN and the loop reports it."""
+    build, calls = TrainConfig.build_model, []
+
+    def build_with_a_bad_gradient(self, *args):
+        model = build(self, *args)
+
+        def poison(grad: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            if len(calls) == 3:
+                grad = grad.clone()
+                grad.view(-1)[0] = float("nan")
+            return grad
+        model.blocks[0].layer.weight.register_hook(poison)
+        return model
+
+    monkeypatch.setattr(TrainConfig, "build_model", build_with_a_bad_gradient)
+    cfg = TrainConfig(rule="bp", hidden="16", epochs=1, batch_size=100, progress=False, **hardware)
+    with pytest.raises(train_mod.TrainingDiverged, match="loss became nan at epoch 1, step 4"):
+        train(cfg, mini_mnist)

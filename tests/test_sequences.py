@@ -63,6 +63,21 @@ def test_bad_task_arguments():
         load_sequence_task("nope")
 
 
+@pytest.mark.parametrize("task", ["ett", "sunspots", "co2"])
+@pytest.mark.parametrize("option, value", [("lookback", 0), ("lookback", -2), ("horizon", 0), ("horizon", -3)])
+def test_look_back_and_horizon_must_be_at_least_one(task, option, value, tmp_path, capsys):
+    """0 used to stand for the task's default (`lookback or 24`), and a negative window built data of inconsistent
+    shapes or failed later with a message naming neither option; now each is refused by name, before any file is
+    read, by the loader, by SeqConfig and so by the command line."""
+    msg = f"{option} must be >= 1, got {value}"
+    with pytest.raises(ValueError, match=msg):
+        load_sequence_task(task, csv_path=str(tmp_path / "missing.csv"), **{option: value})
+    with pytest.raises(ValueError, match=msg):
+        SeqConfig(task=task, **{option: value})
+    assert cli.main(["sequences", "--task", task, f"--{option}", str(value)]) == 2
+    assert msg in capsys.readouterr().err
+
+
 def _write_ett(path, rows: int, every: datetime.timedelta, seed: int = 0) -> torch.Tensor:
     values = torch.randn(rows, 7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3 + 10
     start = datetime.datetime(2016, 7, 1)
