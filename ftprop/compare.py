@@ -79,7 +79,13 @@ def load_rule_config(path: str | Path, rule: str | None = None) -> dict[str, Any
     if shared:
         raise ValueError(f"{path}: {', '.join(shared)} must be the same for every rule in a comparison; "
                          f"set them on the command line instead")
-    TrainConfig.from_dict(values, source=str(path))  # validates keys and values
+    # Validates keys and values; the [rule] table against `rule`'s options when known (a file without a rule name
+    # holds the options of the rule it is given for, not of TrainConfig's default rule), else by rule_config later.
+    table = values.get("rule")
+    checked = values if rule is None else {**values, "rule": {**(table if isinstance(table, dict) else {}), "name": rule}}
+    if rule is None and isinstance(table, dict) and "name" not in table:
+        checked = {k: v for k, v in values.items() if k != "rule"}
+    TrainConfig.from_dict(checked, source=str(path))
     return values
 
 

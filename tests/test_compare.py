@@ -136,3 +136,19 @@ def test_table_without_a_validation_split_shows_no_best_val():
     runs = [_summary(0.9, 1.0) | {"best_val_accuracy": None}, _summary(0.8, 1.0) | {"best_val_accuracy": None}]
     row = compare_table({"bp": runs}).splitlines()[2]
     assert row.startswith("| bp | 85.00 ± 7.07 | - |")
+
+
+def test_rule_config_options_are_checked_against_their_own_rule(tmp_path):
+    """A [rule] table without a name holds the options of the rule it is given for (not of the default rule, FTP)."""
+    import pytest
+
+    from ftprop.compare import load_rule_config, repo_rule_configs
+    from ftprop.rules import RULES
+
+    assert set(repo_rule_configs(list(RULES))) >= {"pepita", "dfa", "ff"}  # the repository's own configs load
+    toml = tmp_path / "pepita.toml"
+    toml.write_text("[rule]\nf_scale = 0.05\n")
+    assert load_rule_config(toml, "pepita")["rule"] == {"f_scale": 0.05}
+    toml.write_text('[rule]\nf_scale = "big"\n')
+    with pytest.raises(ValueError, match=f"{toml}: pepita: option f_scale must be a number, got 'big'"):
+        load_rule_config(toml, "pepita")
