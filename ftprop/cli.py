@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,8 +19,8 @@ from .compare import load_rule_config, run_compare
 from .data import DATASETS, Dataset, DatasetError, cache_dir, fetch, load_dataset
 from .hardware import ROUNDINGS
 from .models import ACTIVATIONS, MEMORY_FORMATS
-from .rules import RULES, make_rule, parse_options
-from .train import TrainConfig, TrainingDiverged, resolve_device, train
+from .rules import RULES, make_rule, parse_options, rule_variant
+from .train import TrainConfig, TrainingDiverged, read_toml, resolve_device, train
 
 # Flags that set a rule option directly (the commonest FTP knobs); any other option via --rule-opt KEY=VALUE.
 RULE_OPTION_FLAGS = {"gamma": float, "g_scale": float}
@@ -77,10 +76,15 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def _read_config(path: str) -> TrainConfig:
     """The TrainConfig a --config TOML file describes (its keys and values checked)."""
-    if not Path(path).exists():
-        raise ValueError(f"--config: no such file {path}")
-    with open(path, "rb") as f:
-        return TrainConfig.from_dict(dict(tomllib.load(f)), source=str(path))
+    return TrainConfig.from_dict(read_toml(path, "--config"), source=str(path))
+
+
+def _check_options_target(rule: str, options: dict[str, Any], names: list[str], instead: str) -> None:
+    """Rule options (--rule-opt, --gamma, a config's [rule] table) apply to --rule alone: with --rule outside the
+    rules run they would be dropped unchecked, and the runs would silently go without them."""
+    if options and rule not in names:
+        raise ValueError(f"the rule option(s) {', '.join(sorted(options))} apply to --rule {rule}, which is not among "
+                         f"--rules {','.join(names)}; pass --rule NAME for the rule they are for{instead}")
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
@@ -107,7 +111,8 @@ def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _config(args, rule=args.rule or TrainConfig.rule, seed=args.seed, out=args.out)
+    # --rule and --seed are TrainConfig fields (_config takes them when given); --out is one for train only
+    cfg = _config(args, **({"out": args.out} if args.out is not None else {}))
     make_rule(cfg.rule, **cfg.rule_options)  # fail on a bad rule or option before loading data
     summary = train(cfg, resume=args.resume)  # data-parallel when launched by torchrun (docs/SCALING.md)
     if distributed.rank() == 0:  # every rank returns the same summary
@@ -123,9 +128,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if "=" not in item:
             raise ValueError(f"--rule-config expects RULE=FILE, got {item!r}")
         rule, path = item.split("=", 1)
-        rule_configs[rule.strip()] = load_rule_config(path)
+        rule_configs[rule.strip()] = load_rule_config(path, rule.strip())
     out = Path(args.out)
-    comparison = run_compare(_config(args), rules, args.seeds, out, args.resume, rule_configs)
+    cfg = _config(args)
+    _check_options_target(cfg.rule, cfg.rule_options, rules, ", or give a rule its own options with "
+                          "--rule-config NAME=FILE (a [rule] table)")
+    comparison = run_compare(cfg, rules, args.seeds, out, args.resume, rule_configs)
     print(f"{comparison.describe()}\n\n{comparison.machine_line()}\n\n{comparison.table()}\n")
     print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {out / 'curves.png'}", file=sys.stderr)
     return 0
@@ -133,8 +141,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    rules = {r.strip(): make_rule(r.strip(), **(cfg.rule_options if r.strip() == cfg.rule else {}))
-             for r in args.rules.split(",") if r.strip()}
+    names = [r.strip() for r in args.rules.split(",") if r.strip()]
+    _check_options_target(cfg.rule, cfg.rule_options, names, "")
+    rules = {name: make_rule(name, **(cfg.rule_options if name == cfg.rule else {})) for name in names}
     if args.pipeline:  # FTP once more, updating each block as soon as its target exists (ftprop/pipeline.py)
         ftp_options = cfg.rule_options if cfg.rule == "ftp" else {}
         rules["ftp-pipelined"] = make_rule("ftp", **{**ftp_options, "pipeline": True})
@@ -188,6 +197,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     names = [r.strip() for r in args.rules.split(",") if r.strip()]
     # the [rule] table of a training config (the options a study's runs trained with), then any --rule-opt
     options = (_read_config(args.config).rule_options if args.config else {}) | parse_options(args.rule_opt)
+    _check_options_target(args.rule, options, names, "")
     rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
     skipped: dict[str, str] = {}
     shape = {k: v for k, v in (("depth", args.depth), ("spec", args.spec)) if v is not None}
@@ -235,12 +245,14 @@ def cmd_sequences(args: argparse.Namespace) -> int:
     if args.cell not in CELLS:
         raise ValueError(f"unknown cell {args.cell!r}; choose one of {', '.join(CELLS)}")
     options = parse_options(args.rule_opt)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    _check_options_target(args.rule, options, [rule_variant(r)[0] for r in rules],
+                          ", or give an entry of --rules its own options as NAME:KEY=VALUE")
     cfg = SeqConfig(task=args.task, T=args.T, classes=args.classes, n_train=args.n_train, n_test=args.n_test,
                     csv=args.csv, lookback=args.lookback, horizon=args.horizon, cell=args.cell, hidden=args.hidden,
                     layers=args.layers, rule=args.rule, rule_options=options, epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, lr_step=args.lr_step,
                     lr_decay=args.lr_decay)
-    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     results, _ = run_sequences(cfg, rules, args.seeds, bench_rounds=args.bench_rounds)
     schedule = {"cosine": ", cosine", "step": f", x{cfg.lr_decay} every {cfg.lr_step} epochs"}.get(cfg.schedule, "")
     print(f"{results['data']}, {cfg.cell} {cfg.layers}x{cfg.hidden}, Adam lr {cfg.lr}{schedule}, "
@@ -269,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model with one rule")
     t.add_argument("--rule", help=f"one of {', '.join(RULES)} (default {TrainConfig.rule})")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, help=f"(default {TrainConfig.seed})")
     t.add_argument("--out", help="run directory (config, metrics, checkpoints)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     _add_config_flags(t)

@@ -10,7 +10,6 @@ import collections
 import dataclasses
 import json
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from . import report
 from .bench import benchmark
 from .data import load_dataset
 from .rules import make_rule
-from .train import TrainConfig, TrainingDiverged, resolve_device, train
+from .train import TrainConfig, TrainingDiverged, make_dir, read_toml, resolve_device, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings (RULE.toml)
 
@@ -59,32 +58,50 @@ class Comparison:
                           + (f", {c.rule_options}" if c.rule_options else "") for r, c in self.configs.items()))
 
 
-def load_rule_config(path: str | Path) -> dict[str, Any]:
-    """A rule's own settings from TOML: TrainConfig keys except SHARED_KEYS, rule options in a [rule] table."""
+def _check_rule_named(settings: dict[str, Any], rule: str, source: str) -> None:
+    """A rule's settings may name their rule (`rule = "x"` or `[rule] name = "x"`) only as `rule`: they would
+    otherwise train another rule under `rule`'s name."""
+    named = settings.get("rule")
+    named = named.get("name", rule) if isinstance(named, dict) else rule if named is None else named
+    if named != rule:
+        raise ValueError(f"{source} names rule {named!r}, not {rule!r}: it would train {named} under {rule}'s name; "
+                         f"give it as --rule-config {named}=FILE (with {named} among --rules) or drop the rule name")
+
+
+def load_rule_config(path: str | Path, rule: str | None = None) -> dict[str, Any]:
+    """A rule's own settings from TOML: TrainConfig keys except SHARED_KEYS, rule options in a [rule] table. With
+    `rule`, a file that names another rule is refused."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"--rule-config: no such file {path}")
-    with open(path, "rb") as f:
-        values = dict(tomllib.load(f))
+    values = read_toml(path, "--rule-config")
+    if rule is not None:
+        _check_rule_named(values, rule, str(path))
     shared = sorted(set(values) & set(SHARED_KEYS))
     if shared:
         raise ValueError(f"{path}: {', '.join(shared)} must be the same for every rule in a comparison; "
                          f"set them on the command line instead")
-    TrainConfig.from_dict(values, source=str(path))  # validates keys and values
+    # Validates keys and values; the [rule] table against `rule`'s options when known (a file without a rule name
+    # holds the options of the rule it is given for, not of TrainConfig's default rule), else by rule_config later.
+    table = values.get("rule")
+    checked = values if rule is None else {**values, "rule": {**(table if isinstance(table, dict) else {}), "name": rule}}
+    if rule is None and isinstance(table, dict) and "name" not in table:
+        checked = {k: v for k, v in values.items() if k != "rule"}
+    TrainConfig.from_dict(checked, source=str(path))
     return values
 
 
 def repo_rule_configs(rules: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """configs/RULE.toml for each rule that has one (rules without one use the comparison's settings)."""
-    return {r: load_rule_config(CONFIGS / f"{r}.toml") for r in rules if (CONFIGS / f"{r}.toml").exists()}
+    return {r: load_rule_config(CONFIGS / f"{r}.toml", r) for r in rules if (CONFIGS / f"{r}.toml").exists()}
 
 
 def rule_config(base: TrainConfig, rule: str, overrides: dict[str, Any] | None) -> TrainConfig:
     """The base config for `rule`: base rule options apply only to base.rule; a rule config file overrides."""
     values = dataclasses.asdict(base) | {"rule": rule, "rule_options": base.rule_options if rule == base.rule else {}}
     if overrides:
+        _check_rule_named(overrides, rule, f"the rule config for {rule!r}")
         settings = dict(overrides)
         table = settings.pop("rule", {})
+        table = table if isinstance(table, dict) else {}  # `rule = NAME`: checked above to be this rule
         extra = TrainConfig.from_dict({**settings, "rule": {"name": rule, **table}})
         values |= {k: v for k, v in dataclasses.asdict(extra).items() if k in overrides or k == "rule_options"}
     cfg = TrainConfig(**values)
@@ -108,11 +125,16 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
     """Train every rule on seeds 0..seeds-1 (seed-major, so a partial run already compares every rule)."""
     if seeds < 1:
         raise ValueError("--seeds must be >= 1")
+    if not rules:
+        raise ValueError("--rules names no rule; give a comma-separated list, e.g. --rules bp,ftp")
+    repeated = sorted({r for r in rules if rules.count(r) > 1})
+    if repeated:  # one run directory per rule and seed: a repeat would train (or reuse) the same runs twice
+        raise ValueError(f"--rules names {', '.join(repeated)} more than once")
     unknown = sorted(set(rule_configs or {}) - set(rules))
     if unknown:
         raise ValueError(f"--rule-config given for {', '.join(unknown)}, which is not among --rules {','.join(rules)}")
     configs = {r: rule_config(base, r, (rule_configs or {}).get(r)) for r in rules}
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     data = load_dataset(base.dataset, base.data_dir, val_size=base.val_size, device=resolve_device(base.device))
     results: dict[str, list[dict[str, Any]]] = {r: [] for r in rules}
     histories: dict[str, list[list[dict[str, Any]]]] = {r: [] for r in rules}

@@ -164,7 +164,8 @@ def compare_table(results: dict[str, list[dict[str, Any]]], costs: dict[str, dic
         good = ok[rule]
         row = [rule,
                pct([r["test_accuracy"] for r in good]) if good else "diverged",
-               pct([r["best_val_accuracy"] for r in good if r["best_val_accuracy"] is not None]) if good else "-",
+               pct(vals) if (vals := [r["best_val_accuracy"] for r in good if r["best_val_accuracy"] is not None])
+               else "-",  # no validation split (--val-size 0), or every run diverged
                f"{sec[rule]:.2f}" if sec[rule] is not None else "-"]
         if timed:
             row.append(ratio_cell(costs[rule]))

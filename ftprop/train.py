@@ -18,6 +18,8 @@ import math
 import os
 import statistics
 import time
+import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +33,8 @@ from .data import Dataset, batches, load_dataset, shift_images
 from .diagnostics import alignment, rng_state
 from .hardware import attach as attach_hardware, check_hardware
 from .models import MEMORY_FORMATS, Net, build_model, parse_hidden
-from .rules import Rule, make_rule
+from .rules import RULES, Rule, checked_options, make_rule
+from .rules.base import typed_value
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("none", "step", "cosine")
@@ -75,8 +78,17 @@ class TrainConfig:
     memory_format: str = "contiguous"  # "channels_last": conv maps stored N x H x W x C (faster pooling on CPU)
 
     def __post_init__(self) -> None:
+        if isinstance(self.hidden, int) and not isinstance(self.hidden, bool):  # TOML `hidden = 32`: one layer
+            self.hidden = [self.hidden]
         if isinstance(self.hidden, (list, tuple)):
             self.hidden = ",".join(str(h) for h in self.hidden)
+        # Every key against its field's type (a TOML `epochs = "3"` or `batch_size = 64.0` fails here, naming the key,
+        # not as a traceback mid-run); the rule options against the rule's own fields, the same way (make_rule).
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, typed_value(getattr(self, f.name), hints[f.name], f.name))
+        if self.rule in RULES:  # an unknown rule is reported by make_rule, which lists the rules
+            self.rule_options = checked_options(self.rule, self.rule_options)
         parse_hidden(self.hidden)
         for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES)):
             if value not in allowed:
@@ -84,8 +96,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr", "lr_decay"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.log_alignment < 0:
+            raise ValueError(f"log_alignment must be >= 0 steps (0: off), got {self.log_alignment}")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
         if not 0 <= self.label_noise < 1:
@@ -122,7 +137,38 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as err:  # a bad value: say which file it came from
+            raise ValueError(f"{source}: {err}") from None
+
+
+def read_toml(path: str | Path, flag: str) -> dict[str, Any]:
+    """The contents of the TOML file `path` given with `flag`; a missing file, a directory, bad TOML or bad UTF-8
+    raises ValueError naming the flag and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag}: {path} is a directory, not a TOML file" if path.is_dir() else
+                         f"{flag}: no such file {path}")
+    try:
+        with open(path, "rb") as f:
+            return dict(tomllib.load(f))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{flag}: {path} is not valid TOML: {err}") from None
+    except OSError as err:
+        raise ValueError(f"{flag}: cannot read {path}: {err.strerror}") from None
+
+
+def make_dir(path: Path, flag: str) -> None:
+    """Create the output directory `path` (given with `flag`), or say why it cannot be one."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{flag} {path} is a file, not a directory; choose another {flag}") from None
+    except NotADirectoryError:
+        raise ValueError(f"{flag} {path} lies under a file, not a directory; choose another {flag}") from None
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create the directory: {err.strerror}") from None
 
 
 LABEL_NOISE_SEED = 0x4E015E  # offset so the noise stream differs from the batch-order stream of the same seed
@@ -152,7 +198,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's own message is a list of every backend it was built to know
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -215,7 +264,8 @@ def _summary(history: list[dict[str, Any]], seconds: float, diverged: str | None
     return {
         "test_accuracy": last["test_accuracy"] if last else None,
         "best_val_accuracy": best["val_accuracy"] if best and best["val_accuracy"] == best["val_accuracy"] else None,
-        "test_accuracy_at_best_val": best["test_accuracy"] if best else None,
+        "test_accuracy_at_best_val": best["test_accuracy"] if best and best["val_accuracy"] == best["val_accuracy"]
+        else None,  # without a validation split there is no best epoch to report
         "seconds": seconds,
         "seconds_per_epoch": statistics.median(m["train_seconds"] for m in history) if history else None,
         "epochs": len(history),
@@ -251,7 +301,9 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
 
     ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
     if resume:
-        if ckpt_path is None or not ckpt_path.exists():
+        if ckpt_path is None:
+            raise ValueError("--resume needs --out: the run directory whose checkpoint to continue")
+        if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         saved = ckpt["config"]
@@ -260,9 +312,17 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
                    and saved[k] != mine.get(k)}
         if changed:
             raise ValueError(f"--resume: config differs from the checkpoint in {', '.join(sorted(changed))}")
+        if ckpt["epoch"] > cfg.epochs:
+            raise ValueError(f"--resume: {run_dir} has already trained {ckpt['epoch']} epochs, more than the "
+                             f"{cfg.epochs} asked for; give --epochs {ckpt['epoch']} or more, or another --out")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if saved["epochs"] != cfg.epochs:
+            # The optimizer restored the learning rate of the old run's schedule (0 at the end of a cosine run);
+            # a schedule that depends on the total (cosine) continues from this epoch on the new total's curve.
+            for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
         rule.load_state_dict(ckpt["rule"])
         hardware.load_state_dict(ckpt.get("hardware", {}))
         order.set_state(ckpt["order_rng"])
@@ -271,7 +331,13 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
         history, start_epoch, elapsed = ckpt["history"], ckpt["epoch"], ckpt["elapsed"]
     distributed.broadcast_model(model, ctx)
     if out:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, "--out")
+        # config.json says which run this directory holds, and `compare --resume` (so `ftprop reproduce`) reuses
+        # metrics.json and checkpoint.pt by it: another run's results go before this config is recorded, so that an
+        # interruption from here on never leaves this config beside an older run's results.
+        (out / "metrics.json").unlink(missing_ok=True)  # rewritten when this run ends
+        if not resume:
+            ckpt_path.unlink(missing_ok=True)
         _write_json(dataclasses.asdict(cfg) | {"resolved_rule_options": rule.options(), "code": report.code_version(),
                                                "machine": report.machine()},
                     out / "config.json")

@@ -173,3 +173,82 @@ def test_compare_rule_configs_change_settings_but_not_the_budget(capsys, tmp_pat
     assert code == 0 and "bp: sgd lr 0.05" in out
     lr = lambda rule: json.loads((tmp_path / "c" / f"{rule}-seed0" / "config.json").read_text())["lr"]  # noqa: E731
     assert lr("bp") == 0.05 and lr("ftp") == 0.01
+
+
+def test_config_file_sets_rule_seed_and_out_unless_flags_do(capsys, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'hidden = "8"\nepochs = 1\nval_size = 59000\nseed = 5\nout = "{tmp_path / "from_file"}"\n'
+                    '[rule]\nname = "dfa"\nb_scale = 0.5\n')
+    code, _, err = run(capsys, "train", "--config", str(toml), "--no-progress")
+    assert code == 0, err
+    config = json.loads((tmp_path / "from_file" / "config.json").read_text())
+    assert (config["rule"], config["seed"], config["rule_options"]) == ("dfa", 5, {"b_scale": 0.5})
+    code, _, err = run(capsys, "train", "--config", str(toml), "--seed", "2", "--out", str(tmp_path / "flags"),
+                       "--no-progress")
+    assert code == 0, err
+    config = json.loads((tmp_path / "flags" / "config.json").read_text())
+    assert (config["rule"], config["seed"]) == ("dfa", 2)
+
+
+@pytest.mark.parametrize("value, expected", [("false", False), ("No", False), ("OFF", False), ("0", False),
+                                             ("true", True), ("yes", True), ("on", True), ("1", True)])
+def test_boolean_rule_options_read_as_words(value, expected):
+    from ftprop.rules import make_rule, parse_options
+    assert make_rule("ftp", **parse_options([f"tangent={value}"])).tangent is expected
+    assert make_rule("ftp", tangent=value).tangent is expected  # the Python API (and TOML strings) too
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rule-opt", "gamma=abc"], "ftp: option gamma must be a number, got 'abc'"),
+    (["--rule-opt", "seed=abc"], "ftp: option seed must be an integer, got 'abc'"),
+    (["--rule-opt", "seed=1.5"], "ftp: option seed must be an integer, got 1.5"),
+    (["--rule-opt", "tangent=maybe"], "ftp: option tangent must be a boolean (true/false, yes/no, on/off, 1/0), "
+                                      "got 'maybe'"),
+    (["--rule", "ff", "--rule-opt", "theta=abc"], "ff: option theta must be a number, got 'abc'"),
+    (["--device", "foo"], "unknown device 'foo'"),
+    (["--lr-decay", "-1"], "lr_decay must be > 0"),
+    (["--log-alignment", "-1"], "log_alignment must be >= 0"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_bad_train_values_exit_2_before_training(capsys, argv, message):
+    code, _, err = run(capsys, "train", *argv, "--no-progress")
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--rules", "bp,dfa", "--gamma", "0.2"], "apply to --rule ftp, which is not among --rules bp,dfa"),
+    (["cost", "--rules", "bp,dfa", "--rule-opt", "gamma=0.2"], "apply to --rule ftp, which is not among --rules"),
+    (["sequences", "--rules", "bptt,dfa", "--rule-opt", "inject=final"], "NAME:KEY=VALUE"),
+    (["bench", "--rules", "bp,dfa", "--gamma", "0.2"], "pass --rule NAME"),
+    (["compare", "--rules", ""], "--rules names no rule"),
+    (["compare", "--rules", "bp,bp"], "--rules names bp more than once"),
+])
+def test_rule_options_for_no_rule_and_bad_rule_lists_are_errors(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_bad_paths_are_named(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    bad_toml, bad_utf8 = tmp_path / "bad.toml", tmp_path / "utf.toml"
+    bad_toml.write_text("epochs = \n")
+    bad_utf8.write_bytes(b"epochs = 1\n# \xff\n")
+    cases = [(["train", "--out", str(afile), *FAST], f"--out {afile} is a file"),
+             (["train", "--out", str(afile / "run"), *FAST], f"--out {afile / 'run'} lies under a file"),
+             (["compare", "--out", str(afile), *FAST], f"--out {afile} is a file"),
+             (["train", "--config", str(tmp_path)], f"--config: {tmp_path} is a directory"),
+             (["cost", "--config", str(tmp_path)], f"--config: {tmp_path} is a directory"),
+             (["compare", "--rule-config", f"bp={tmp_path}"], f"--rule-config: {tmp_path} is a directory"),
+             (["train", "--config", str(bad_toml)], f"--config: {bad_toml} is not valid TOML"),
+             (["train", "--config", str(bad_utf8)], f"--config: {bad_utf8} is not valid TOML")]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_compare_rule_config_naming_another_rule_exits_2(capsys, tmp_path):
+    toml = tmp_path / "dfa.toml"
+    toml.write_text('[rule]\nname = "dfa"\n')
+    code, _, err = run(capsys, "compare", "--rules", "bp,ftp", "--rule-config", f"ftp={toml}")
+    assert code == 2 and f"{toml} names rule 'dfa', not 'ftp'" in err

@@ -79,3 +79,76 @@ def test_compare_times_the_rules_side_by_side_except_under_simulated_hardware(tm
     quantized = compare.run_compare(dataclasses.replace(base, quant="w8a8"), ["bp", "ftp"], 1, tmp_path / "q",
                                     resume=True)
     assert quantized.costs["ftp"]["ratio_to_bp"] is None and "step time / BP" not in quantized.table()
+
+
+def test_resume_after_an_interrupted_rerun_with_another_config_trains_that_config(tmp_path, tiny, monkeypatch):
+    """A rerun at lr 0.02 interrupted in its first epoch once left its config beside the lr 0.01 run's metrics.json,
+    and the next `--resume` reported the lr 0.01 result as the lr 0.02 one."""
+    import importlib
+
+    import pytest
+
+    from ftprop import compare
+
+    train_mod = importlib.import_module("ftprop.train")
+    base = TrainConfig(hidden="16", epochs=1, progress=False)
+    old = compare.run_compare(base, ["bp"], 1, tmp_path, resume=True).results["bp"][0]
+    real_evaluate = train_mod.evaluate
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_compare(dataclasses.replace(base, lr=0.02), ["bp"], 1, tmp_path, resume=True)
+    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    new = compare.run_compare(dataclasses.replace(base, lr=0.02), ["bp"], 1, tmp_path, resume=True).results["bp"][0]
+    fresh = compare.run_compare(dataclasses.replace(base, lr=0.02), ["bp"], 1, tmp_path / "fresh").results["bp"][0]
+    assert new["test_accuracy"] == fresh["test_accuracy"] != old["test_accuracy"]
+
+
+def test_a_rule_config_naming_another_rule_is_refused(tmp_path):
+    import pytest
+
+    from ftprop.compare import load_rule_config, rule_config
+
+    table, top = tmp_path / "table.toml", tmp_path / "top.toml"
+    table.write_text('lr = 0.02\n[rule]\nname = "dfa"\n')
+    top.write_text('lr = 0.02\nrule = "dfa"\n')
+    for path in (table, top):
+        with pytest.raises(ValueError, match=f"{path} names rule 'dfa', not 'ftp'"):
+            load_rule_config(path, "ftp")
+        assert rule_config(TrainConfig(), "dfa", load_rule_config(path, "dfa")).lr == 0.02  # its own rule: fine
+    with pytest.raises(ValueError, match="names rule 'dfa'"):
+        rule_config(TrainConfig(), "ftp", {"rule": "dfa"})
+
+
+def test_compare_refuses_no_rules_and_a_rule_twice(tmp_path):
+    import pytest
+
+    from ftprop.compare import run_compare
+
+    with pytest.raises(ValueError, match="--rules names no rule"):
+        run_compare(TrainConfig(), [], 1, tmp_path)
+    with pytest.raises(ValueError, match="--rules names bp more than once"):
+        run_compare(TrainConfig(), ["bp", "ftp", "bp"], 1, tmp_path)
+
+
+def test_table_without_a_validation_split_shows_no_best_val():
+    from ftprop.report import compare_table
+
+    runs = [_summary(0.9, 1.0) | {"best_val_accuracy": None}, _summary(0.8, 1.0) | {"best_val_accuracy": None}]
+    row = compare_table({"bp": runs}).splitlines()[2]
+    assert row.startswith("| bp | 85.00 ± 7.07 | - |")
+
+
+def test_rule_config_options_are_checked_against_their_own_rule(tmp_path):
+    """A [rule] table without a name holds the options of the rule it is given for (not of the default rule, FTP)."""
+    import pytest
+
+    from ftprop.compare import load_rule_config, repo_rule_configs
+    from ftprop.rules import RULES
+
+    assert set(repo_rule_configs(list(RULES))) >= {"pepita", "dfa", "ff"}  # the repository's own configs load
+    toml = tmp_path / "pepita.toml"
+    toml.write_text("[rule]\nf_scale = 0.05\n")
+    assert load_rule_config(toml, "pepita")["rule"] == {"f_scale": 0.05}
+    toml.write_text('[rule]\nf_scale = "big"\n')
+    with pytest.raises(ValueError, match=f"{toml}: pepita: option f_scale must be a number, got 'big'"):
+        load_rule_config(toml, "pepita")

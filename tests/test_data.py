@@ -286,6 +286,47 @@ def test_cifar_bad_files(no_data, small_counts):
     expect("has no b'label_names' entry")
 
 
+
+@pytest.mark.parametrize("entry, value, problem", [
+    (b"data", lambda x: x.astype(np.int64) + 300, r"pixels span \[300, 555\], outside \[0, 255\]"),  # no wrap
+    (b"data", lambda x: -x.astype(np.int64), r"pixels span \[-255, 0\]"),
+    (b"data", lambda x: x.astype(np.float32) / 255, "b'data' entry holds float32 values; expected integer pixels"),
+    (b"data", lambda x: None, "b'data' entry holds object values"),
+    (b"labels", lambda y: [v + 0.7 for v in y], "b'labels' entry holds float64 values; expected integer class labels"),
+    (b"labels", lambda y: [True] * len(y), "b'labels' entry holds bool values"),
+    (b"labels", lambda y: ["a"] * len(y), "b'labels' entry holds str32 values"),
+])
+def test_cifar_entries_of_the_wrong_type_are_refused_not_cast(no_data, small_counts, entry, value, problem):
+    """A bare cast to uint8 / int64 wrapped pixels above 255, turned float pixels in [0, 1] into zeros and truncated
+    float labels; each is now refused, naming the file."""
+    test_batch = write_cifar(no_data, "cifar10", 50, 10)["folder"] / "test_batch"
+    batch = pickle.loads(test_batch.read_bytes(), encoding="bytes")
+    test_batch.write_bytes(pickle.dumps({**batch, entry: value(batch[entry])}, protocol=2))
+    with pytest.raises(DatasetError, match=problem) as e:
+        data.load_dataset("cifar10", data_dir=no_data)
+    assert str(test_batch) in str(e.value)
+
+
+@pytest.mark.parametrize("names, problem", [
+    ([f"c{i}".encode() for i in range(11)], "should list 10 class names"),  # once 11 classes
+    ([f"c{i}".encode() for i in range(3)], "should list 10 class names"),
+    (None, "should list 10 class names .* but it is None"),
+    ([1] * 10, "should list 10 class names"),
+])
+def test_cifar_meta_must_name_the_datasets_classes(no_data, small_counts, names, problem):
+    meta = write_cifar(no_data, "cifar10", 50, 10)["folder"] / "batches.meta"
+    meta.write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    with pytest.raises(DatasetError, match=problem) as e:
+        data.load_dataset("cifar10", data_dir=no_data)
+    assert str(meta) in str(e.value)
+
+
+def test_cifar_meta_names_may_be_str(no_data, small_counts):
+    meta = write_cifar(no_data, "cifar10", 50, 10)["folder"] / "batches.meta"
+    meta.write_bytes(pickle.dumps({b"label_names": [f"c{i}" for i in range(10)]}, protocol=2))
+    assert data.load_dataset("cifar10", data_dir=no_data).classes == [f"c{i}" for i in range(10)]
+
+
 # ---- fetch, with the network replaced ----
 
 def test_fetch_offline(tmp_path, monkeypatch):

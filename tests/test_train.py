@@ -254,3 +254,75 @@ def test_shift_validation_and_cli():
     with pytest.raises(ValueError, match="shift must be >= 0"):
         TrainConfig(shift=-1)
     assert _config(parser().parse_args(["train", "--shift", "2"])).shift == 2
+
+
+def test_a_fresh_run_removes_the_old_results_before_it_records_its_config(small_mnist, tmp_path, monkeypatch):
+    """config.json says which run a directory holds (compare --resume reuses metrics.json by it): a run interrupted
+    before its first epoch ended once left its own config beside the previous run's metrics.json and checkpoint."""
+    train(cfg(tmp_path, rule="bp", hidden="16", epochs=1), small_mnist)
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path, rule="bp", hidden="16", epochs=1, lr=0.02), small_mnist)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.02
+    assert not (run / "metrics.json").exists() and not (run / "checkpoint.pt").exists()
+
+
+def test_extending_a_cosine_run_continues_on_the_new_total_schedule(small_mnist, tmp_path):
+    """A 1-epoch cosine run ends at lr 0; resumed with --epochs 3 it once trained on at lr 0. Cosine's first epoch is
+    the same for every total, so the extended run is the 3-epoch run, bit for bit."""
+    straight = train(cfg(tmp_path / "straight", rule="ftp", hidden="16", epochs=3, schedule="cosine"), small_mnist)
+    train(cfg(tmp_path / "ext", rule="ftp", hidden="16", epochs=1, schedule="cosine"), small_mnist)
+    extended = train(cfg(tmp_path / "ext", rule="ftp", hidden="16", epochs=3, schedule="cosine"), small_mnist,
+                     resume=True)
+    assert extended["test_accuracy"] == straight["test_accuracy"]
+    straight_params, extended_params = _params(tmp_path / "straight" / "run"), _params(tmp_path / "ext" / "run")
+    assert all(torch.equal(a, b) for a, b in zip(straight_params, extended_params))
+
+
+def test_resume_refuses_fewer_epochs_than_trained_and_needs_a_run_directory(small_mnist, tmp_path):
+    train(cfg(tmp_path, rule="bp", hidden="16", epochs=2), small_mnist)
+    with pytest.raises(ValueError, match="already trained 2 epochs, more than the 1 asked for"):
+        train(cfg(tmp_path, rule="bp", hidden="16", epochs=1), small_mnist, resume=True)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2  # left as it was
+    with pytest.raises(ValueError, match="--resume needs --out"):
+        train(cfg(tmp_path, rule="bp", hidden="16", out=None), small_mnist, resume=True)
+
+
+def test_without_a_validation_split_no_test_accuracy_at_best_val_is_made_up():
+    nan = float("nan")
+    history = [{"val_accuracy": nan, "test_accuracy": 0.5, "train_seconds": 1.0},
+               {"val_accuracy": nan, "test_accuracy": 0.7, "train_seconds": 1.0}]
+    summary = train_mod._summary(history, 2.0, None)
+    assert summary["best_val_accuracy"] is None and summary["test_accuracy_at_best_val"] is None
+    assert summary["test_accuracy"] == 0.7
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"epochs": "3"}, "epochs must be an integer, got '3'"),
+    ({"epochs": 1.5}, "epochs must be an integer, got 1.5"),
+    ({"batch_size": 64.0}, "batch_size must be an integer, got 64.0"),
+    ({"val_size": 1.5}, "val_size must be an integer"),
+    ({"lr": "0.1"}, "lr must be a number, got '0.1'"),
+    ({"shift": True}, "shift must be an integer, got True"),
+    ({"hidden": 1.5}, "hidden must be a string"),
+    ({"rule": 3}, "rule must be a string"),
+    ({"progress": "maybe"}, "progress must be a boolean"),
+    ({"lr_decay": -1.0}, "lr_decay must be > 0"),
+    ({"log_alignment": -1}, "log_alignment must be >= 0"),
+    ({"rule": {"name": "ftp", "gamma": "abc"}}, "ftp: option gamma must be a number, got 'abc'"),
+])
+def test_config_values_of_the_wrong_type_name_the_key(values, message):
+    with pytest.raises(ValueError, match="^c.toml: " + __import__("re").escape(message)):
+        TrainConfig.from_dict(values, source="c.toml")
+
+
+def test_config_values_are_held_as_their_fields_types():
+    c = TrainConfig.from_dict({"hidden": 32, "lr": 1, "depth": None, "rule": {"name": "ftp", "tangent": "false"}})
+    assert c.hidden == "32" and c.lr == 1.0 and isinstance(c.lr, float) and c.depth is None
+    assert c.rule_options == {"tangent": False}
+
+
+def test_unknown_device_is_named():
+    with pytest.raises(ValueError, match="unknown device 'foo'; use cpu, cuda, cuda:N or auto"):
+        train_mod.resolve_device("foo")

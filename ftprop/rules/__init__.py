@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-from .base import Rule, StepOutput, rule_options
+from .base import Rule, StepOutput, rule_options, typed_options
 from .bp import BP
 from .bptt import BPTT
 from .dfa import DFA
@@ -43,7 +43,8 @@ def make_sequence_rule(name: str, **options: object) -> Rule:
 
 
 def _option_value(text: str) -> Any:
-    """A rule option's value from text: a Python literal (0.1, True, "x"), else the bare word (g_dist=uniform)."""
+    """A rule option's value from text: a Python literal (0.1, True, "x"), else the bare word (g_dist=uniform,
+    tangent=false); make_rule then converts or refuses it by the option's type (typed_options)."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -69,7 +70,9 @@ def rule_variant(entry: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), parse_options(items, f"rule {entry!r}")
 
 
-def _make(registry: dict[str, type[Rule]], name: str, options: dict[str, object]) -> Rule:
+def checked_options(name: str, options: dict[str, Any], registry: dict[str, type[Rule]] = RULES) -> dict[str, Any]:
+    """The options of rule `name` as its fields hold them (a bool written "false" is False, an int option 3 for a
+    float field 3.0); an unknown rule or option, or a value of the wrong type, raises ValueError naming it."""
     if name not in registry:
         raise ValueError(f"unknown rule {name!r}; choose one of: {', '.join(registry)}")
     cls = registry[name]
@@ -78,9 +81,14 @@ def _make(registry: dict[str, type[Rule]], name: str, options: dict[str, object]
     if unknown:
         raise ValueError(f"rule {name!r} has no option(s) {', '.join(unknown)}; "
                          f"its options are: {', '.join(known) or '(none)'}")
-    return cls(**options)
+    return typed_options(cls, options)
+
+
+def _make(registry: dict[str, type[Rule]], name: str, options: dict[str, Any]) -> Rule:
+    options = checked_options(name, options, registry)  # first: it names an unknown rule
+    return registry[name](**options)
 
 
 __all__ = ["RULES", "SEQUENCE_RULES", "Rule", "StepOutput", "make_rule", "make_sequence_rule", "rule_options",
-           "parse_options", "rule_variant", "BP", "FTP", "FA", "DFA",
+           "parse_options", "rule_variant", "checked_options", "BP", "FTP", "FA", "DFA",
            "DRTP", "PEPITA", "DTP", "FF", "BPTT", "FTPThroughTime", "DFAThroughTime"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -72,6 +74,58 @@ class Rule:
 
 def rule_options(cls: type[Rule]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+# Words a boolean may be written as: options come as text from the command line (`--rule-opt tangent=false`) and
+# TOML files, where a non-empty string such as "false" would otherwise be truthy and silently mean True.
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+_KIND = {bool: "a boolean (true/false, yes/no, on/off, 1/0)", int: "an integer", float: "a number", str: "a string",
+         dict: "a table"}
+
+
+def typed_value(value: Any, annotation: Any, what: str) -> Any:
+    """`value` as a dataclass field annotated `annotation` holds it, or ValueError naming `what`, the value and the
+    type expected: the one check behind rule options (make_rule) and config keys (TrainConfig), so a wrong type fails
+    where it is given rather than mid-training, or is silently truthy.
+
+    A bool accepts BOOL_WORDS (any case) and the integers 0 and 1; an int refuses floats and bools; a float accepts
+    ints (as floats); `X | None` accepts None; anything else must be an instance of the annotation's class."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None and len(kinds) < len(typing.get_args(annotation)):
+            return None
+        if len(kinds) == 1:
+            return typed_value(value, kinds[0], what)
+        return value  # no field is a union of several types yet; checking one would need a rule for the order
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.strip().lower()]
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    else:
+        cls = typing.get_origin(annotation) or annotation
+        if not isinstance(cls, type) or isinstance(value, cls):
+            return value
+    kind = _KIND.get(typing.get_origin(annotation) or annotation, getattr(annotation, "__name__", str(annotation)))
+    raise ValueError(f"{what} must be {kind}, got {value!r}")
+
+
+def typed_options(cls: type[Rule], options: dict[str, Any]) -> dict[str, Any]:
+    """`options` of rule `cls`, each checked against (and converted to) the type of the dataclass field it sets."""
+    hints = typing.get_type_hints(cls)
+    return {key: typed_value(value, hints[key], f"{cls.name}: option {key}") if key in hints else value
+            for key, value in options.items()}
 
 
 def check_grad_mode() -> None:
