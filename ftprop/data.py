@@ -284,13 +284,29 @@ def _read_cifar_dataset(name: str, directory: Path, labels: str) -> _Arrays:
     *train_files, test_file, meta_file = _spec(name).files
     prefix = "" if name == "cifar10" else f"{labels}_"
 
+    def array(batch: dict, key: bytes, path: Path, kinds: str, what: str) -> np.ndarray:
+        """The entry `key` as an array, refused unless its dtype kind is among `kinds` (numpy kind codes): a cast
+        alone would wrap pixels above 255, floor float pixels in [0, 1] to 0 and truncate float labels."""
+        try:
+            values = np.asarray(_entry(batch, key, path, name))
+        except ValueError as e:  # ragged nested lists
+            raise DatasetError(f"{path}: its {key!r} entry is not an array ({e}). {_how_to_get(name)}") from e
+        if values.dtype.kind not in kinds:
+            raise DatasetError(f"{path}: its {key!r} entry holds {values.dtype.name} values; expected {what}. "
+                               f"The file is corrupt or not a {_spec(name).title} batch. {_how_to_get(name)}")
+        return values
+
     def read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
         for file in files:
             path = directory / file
             batch = _unpickle(path, name)
-            x = np.asarray(_entry(batch, b"data", path, name), dtype=np.uint8)
-            y = np.asarray(_entry(batch, f"{prefix}labels".encode(), path, name), dtype=np.int64)
+            x = array(batch, b"data", path, "ui", "integer pixels in [0, 255]")
+            y = array(batch, f"{prefix}labels".encode(), path, "ui", "integer class labels").astype(np.int64)
+            if x.size and (x.min() < 0 or x.max() > 255):
+                raise DatasetError(f"{path}: its pixels span [{x.min()}, {x.max()}], outside [0, 255]. The file is "
+                                   f"corrupt. {_how_to_get(name)}")
+            x = x.astype(np.uint8)
             if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (len(x),):
                 raise DatasetError(f"{path} holds data of shape {x.shape} and labels of shape {y.shape}; expected "
                                    f"(N, 3072) and (N,). {_how_to_get(name)}")
@@ -299,7 +315,13 @@ def _read_cifar_dataset(name: str, directory: Path, labels: str) -> _Arrays:
         return np.concatenate(xs), np.concatenate(ys)
 
     meta_path = directory / meta_file
-    classes = [c.decode() for c in _entry(_unpickle(meta_path, name), f"{prefix}label_names".encode(), meta_path, name)]
+    names = _entry(_unpickle(meta_path, name), f"{prefix}label_names".encode(), meta_path, name)
+    expected = {"cifar10": 10, "fine_": 100, "coarse_": 20}[prefix or name]
+    if not isinstance(names, (list, tuple)) or len(names) != expected \
+            or not all(isinstance(c, (bytes, str)) for c in names):
+        raise DatasetError(f"{meta_path}: its {prefix}label_names entry should list {expected} class names (bytes "
+                           f"or str), but it is {names!r:.200}. The file is corrupt. {_how_to_get(name)}")
+    classes = [c.decode() if isinstance(c, bytes) else c for c in names]  # the real files hold bytes
     return *read(train_files), *read([test_file]), classes
 
 
