@@ -400,6 +400,8 @@ def spec_model(spec: str, input_shape: tuple[int, ...], num_classes: int | None 
             elif tok == "f":
                 m = nn.Flatten()
             elif tok == "gap":
+                if len(shape) != 3:  # on a flat (N, F) batch the pool would take N as a channel: it mixed samples
+                    raise ValueError("global average pooling needs a (C, H, W) input")
                 m = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # unpacked below: both open the next block
             elif tok in ("bn", "ln", "ln0"):
                 m = _norm_module(tok, shape)
@@ -429,6 +431,8 @@ def spec_model(spec: str, input_shape: tuple[int, ...], num_classes: int | None 
                 m = _residual(shape[0], _positive(mt.group(1)), stride, mt.group(3) or "none", activation, init,
                               zero_branch=bool(mt.group(4)))
             elif mt := re.fullmatch(r"(a?)p(\d+)(.*)", tok):
+                if len(shape) != 3:
+                    raise ValueError("pooling needs a (C, H, W) input")
                 o = _int_opts(mt.group(3), "s")
                 k = _positive(mt.group(2))
                 m = (nn.AvgPool2d if mt.group(1) else nn.MaxPool2d)(k, _positive(o.get("s", k)))

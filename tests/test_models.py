@@ -125,6 +125,9 @@ def test_residual_z_starts_the_branch_at_zero_so_the_block_starts_as_its_shortcu
     ("f-l3-c4", "needs a (C, H, W) input"),
     ("c4k13-f-l3", "token 1 'c4k13'"),  # kernel larger than the input
     ("c4-f-l7", "data has 3 classes"),
+    ("c4-f-gap-l3", "token 3 'gap': global average pooling needs a (C, H, W) input"),  # it pooled over the batch
+    ("c4-gap-gap-l3", "global average pooling needs a (C, H, W) input"),
+    ("c4-f-ap2-l3", "token 3 'ap2': pooling needs a (C, H, W) input"),
 ])
 def test_spec_errors_name_the_token(spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
