@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 import weakref
 from typing import Any, Callable, Iterator, Sequence
@@ -112,6 +113,11 @@ def parse_hidden(hidden: str | Sequence[int]) -> tuple[int, ...]:
         except ValueError:
             raise ValueError(f"--hidden must be a comma-separated list of positive integers, got {hidden!r}") from None
     else:
+        # integers only: int() would truncate 128.7 to 128 and read True as 1
+        if not isinstance(hidden, Sequence) or any(isinstance(h, bool) or not isinstance(h, numbers.Integral)
+                                                    for h in hidden):
+            raise ValueError(f"hidden sizes must be a sequence of positive integers (or a string such as '1024,128'), "
+                             f"got {hidden!r}")
         sizes = tuple(int(h) for h in hidden)
     if not sizes or any(s <= 0 for s in sizes):
         raise ValueError(f"--hidden must be a non-empty list of positive integers, got {hidden!r}")
@@ -136,15 +142,20 @@ def _init_linear(layer: nn.Linear | nn.Conv2d, activation: str, init: str) -> No
         nn.init.zeros_(layer.bias)
 
 
-def mlp(in_features: int, hidden: Sequence[int], num_classes: int, activation: str = "tanh",
+def mlp(in_features: int, hidden: str | Sequence[int], num_classes: int, activation: str = "tanh",
         norm: str = "none", init: str = "torch") -> Net:
-    """Fully connected net in_features-hidden...-num_classes.
+    """Fully connected net in_features-hidden...-num_classes (`hidden` as `parse_hidden` reads it; empty: no hidden
+    layer). Sizes are checked: a zero-width layer would build and run, and pass nothing on.
 
     norm='layernorm' inserts a LayerNorm without affine parameters before each
     hidden nonlinearity (a scale-invariant block; see docs/ALGORITHM.md).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    hidden = parse_hidden(hidden) if hidden else ()  # no hidden layer: a linear classifier
+    for what, n in (("in_features", in_features), ("num_classes", num_classes)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"mlp: {what} must be a positive integer, got {n!r}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if init not in INITS:
@@ -400,6 +411,8 @@ def spec_model(spec: str, input_shape: tuple[int, ...], num_classes: int | None 
             elif tok == "f":
                 m = nn.Flatten()
             elif tok == "gap":
+                if len(shape) != 3:  # on a flat (N, F) batch the pool would take N as a channel: it mixed samples
+                    raise ValueError("global average pooling needs a (C, H, W) input")
                 m = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # unpacked below: both open the next block
             elif tok in ("bn", "ln", "ln0"):
                 m = _norm_module(tok, shape)
@@ -429,6 +442,8 @@ def spec_model(spec: str, input_shape: tuple[int, ...], num_classes: int | None 
                 m = _residual(shape[0], _positive(mt.group(1)), stride, mt.group(3) or "none", activation, init,
                               zero_branch=bool(mt.group(4)))
             elif mt := re.fullmatch(r"(a?)p(\d+)(.*)", tok):
+                if len(shape) != 3:
+                    raise ValueError("pooling needs a (C, H, W) input")
                 o = _int_opts(mt.group(3), "s")
                 k = _positive(mt.group(2))
                 m = (nn.AvgPool2d if mt.group(1) else nn.MaxPool2d)(k, _positive(o.get("s", k)))

@@ -50,11 +50,21 @@ def step_group(opt: torch.optim.Optimizer, index: int) -> None:
 def wire(rule: Rule, model: Net, opt: torch.optim.Optimizer,
          before_step: Callable[[list[torch.Tensor]], None] | None = None) -> None:
     """Make the rule's `block_ready(l)` step block l's parameter group of `opt` (built from `param_groups`);
-    `before_step(params)` runs first (data-parallel training averages the block's gradients there)."""
+    `before_step(params)` runs first (data-parallel training averages the block's gradients there).
+
+    `opt`'s groups must be `param_groups(model)`'s, in that order: block_ready(l) steps a group by its index, so an
+    optimizer with other groups (one for all parameters, weights apart from biases) would step another block's
+    parameters, on gradients of the last step or of none, or none at all. Checked here, once."""
     group_of, g = {}, 0
     for l, block in enumerate(as_net(model).blocks):
         if any(True for _ in block.parameters()):
             group_of[l], g = g, g + 1
+    expected = [[id(p) for p in group["params"]] for group in param_groups(model)]
+    got = [[id(p) for p in group["params"]] for group in opt.param_groups]
+    if got != expected:
+        raise ValueError(f"pipeline: the optimizer has {len(got)} parameter group(s) that are not the model's blocks' "
+                         f"({len(expected)}, one per block with parameters, in block order); build it as "
+                         f"torch.optim.SGD(ftprop.pipeline.param_groups(model), ...)")
 
     def block_ready(l: int) -> None:
         if l in group_of:

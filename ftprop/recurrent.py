@@ -116,6 +116,9 @@ class RecurrentNet(nn.Module):
         super().__init__()
         if subtract_last and not horizon:
             raise ValueError("subtract_last applies to forecasting heads only")
+        if horizon and horizon * channels != readout.out_features:  # else forecast() and subtract_last fail later
+            raise ValueError(f"a forecasting head reads horizon x channels = {horizon} x {channels} outputs, but the "
+                             f"readout has {readout.out_features}")
         self.cells = nn.ModuleList(cells)
         self.readout = readout
         self.horizon, self.channels, self.subtract_last = horizon, channels, subtract_last
@@ -165,7 +168,8 @@ def build_recurrent(cell: str, input_size: int, hidden: int, outputs: int, layer
     """`layers` stacked cells of `hidden` units and a readout to `outputs` (horizon * channels for forecasting)."""
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}")
-    if hidden < 1 or layers < 1 or outputs < 1:
-        raise ValueError(f"hidden, layers and outputs must be >= 1, got {hidden}, {layers}, {outputs}")
+    if input_size < 1 or hidden < 1 or layers < 1 or outputs < 1:
+        raise ValueError(f"input_size, hidden, layers and outputs must be >= 1, got {input_size}, {hidden}, {layers}, "
+                         f"{outputs}")
     cells = [CELLS[cell](input_size if l == 0 else hidden, hidden) for l in range(layers)]
     return RecurrentNet(cells, nn.Linear(hidden, outputs), horizon, channels, subtract_last)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftprop.data import DatasetError, load_dataset
-from ftprop.models import (Block, Net, Residual, as_net, build_model, from_sequential, paper_cnn, paper_cnn_spec, resnet,
-                           resnet_spec, spec_model)
+from ftprop.models import (Block, Net, Residual, as_net, build_model, from_sequential, mlp, paper_cnn, paper_cnn_spec,
+                           parse_hidden, resnet, resnet_spec, spec_model)
 from ftprop.rules import make_rule
 from tests.conftest import sgd_losses
 
@@ -125,12 +125,33 @@ def test_residual_z_starts_the_branch_at_zero_so_the_block_starts_as_its_shortcu
     ("f-l3-c4", "needs a (C, H, W) input"),
     ("c4k13-f-l3", "token 1 'c4k13'"),  # kernel larger than the input
     ("c4-f-l7", "data has 3 classes"),
+    ("c4-f-gap-l3", "token 3 'gap': global average pooling needs a (C, H, W) input"),  # it pooled over the batch
+    ("c4-gap-gap-l3", "global average pooling needs a (C, H, W) input"),
+    ("c4-f-ap2-l3", "token 3 'ap2': pooling needs a (C, H, W) input"),
 ])
 def test_spec_errors_name_the_token(spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         spec_model(spec, SHAPE, 3)
     with pytest.raises(ValueError, match="no Linear or Conv2d"):
         spec_model("relu-f", SHAPE)
+
+
+@pytest.mark.parametrize("hidden", [[128.7], [True], (16, 0), (-1,), 64])
+def test_hidden_sizes_must_be_positive_integers(hidden):
+    """parse_hidden truncated 128.7 to 128 and read True as 1; mlp built a zero-width hidden layer (a net whose
+    output ignores its input) and raised TypeError or torch's RuntimeError for the rest."""
+    with pytest.raises(ValueError, match="positive integers"):
+        parse_hidden(hidden)
+    with pytest.raises(ValueError, match="positive integers"):
+        mlp(36, hidden, 4)
+
+
+def test_mlp_checks_its_sizes_and_reads_hidden_as_parse_hidden_does():
+    for kw in ({"in_features": 0}, {"num_classes": 0}, {"num_classes": 2.5}):
+        with pytest.raises(ValueError, match=f"mlp: {next(iter(kw))} must be a positive integer"):
+            mlp(**{"in_features": 36, "hidden": (8,), "num_classes": 4, **kw})
+    assert [b.layer.out_features for b in mlp(36, "16,8", 4).blocks] == [16, 8, 4]
+    assert [b.layer.out_features for b in mlp(36, (), 4).blocks] == [4]  # a linear classifier, as before
 
 
 @pytest.mark.parametrize("depth, n_res", [(2, 0), (4, 1), (6, 2), (10, 4)])

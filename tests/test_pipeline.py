@@ -69,3 +69,18 @@ def test_benchmark_times_a_pipelined_rule():
                     lambda: mlp(36, (16, 8), 4), x, y, batch_size=16, rounds=1, steps_per_round=2, warmup=1)
     assert res["ftp-pipelined"]["flops_per_sample"] == res["ftp"]["flops_per_sample"]
     assert res["ftp-pipelined"]["step_time_median_s"] > 0
+
+
+@pytest.mark.parametrize("groups", ["one", "weights-biases", "reversed"])
+def test_wire_refuses_an_optimizer_whose_groups_are_not_the_blocks(groups):
+    """block_ready(l) steps the optimizer's group number l: with other groups it stepped another block's parameters
+    (reversed groups left the head untrained, silently) or raised an IndexError mid-step."""
+    net = mlp(36, (16, 8), 4)
+    named = list(net.named_parameters())
+    made = {"one": [{"params": list(net.parameters())}],
+            "weights-biases": [{"params": [p for n, p in named if n.endswith("weight")]},
+                               {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}],
+            "reversed": pipeline.param_groups(net)[::-1]}[groups]
+    rule = make_rule("ftp", pipeline=True)
+    with pytest.raises(ValueError, match=r"pipeline: the optimizer .*param_groups\(model\)"):
+        pipeline.wire(rule, net, torch.optim.SGD(made, lr=0.1))

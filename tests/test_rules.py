@@ -1,6 +1,8 @@
 """BP equals autograd; FTP's update equals its equations computed by hand; no gradient crosses a layer."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -533,3 +535,24 @@ def test_ftp_leaky_relu_with_a_negative_slope():
     make_rule("ftp", update_input="t").step(model, torch.randn(4, 1, 12, 12, dtype=torch.float64),
                                              torch.tensor([0, 1, 2, 0]))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("options", [{}, {"update_input": "t"}, {"fprime": False}, {"norm": True}])
+def test_ftp_on_a_layer_used_by_two_blocks_sums_their_local_gradients(options):
+    """A Linear used twice (tied weights, from an nn.Sequential) gets the sum of its two uses' local gradients, as
+    autograd gives it and as the same net with two untied copies would. The closed-form path assigned each use's
+    gradient, so the layer learned from its last use only (the autograd path, with a LayerNorm, summed)."""
+    norm = options.pop("norm", False)
+    torch.manual_seed(0)
+    first, tied, head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+    extra = [torch.nn.LayerNorm(6)] if norm else []  # a norm with parameters: the autograd path
+    copies = [copy.deepcopy(tied), copy.deepcopy(tied)]
+
+    def net(a: torch.nn.Module, b: torch.nn.Module) -> torch.nn.Sequential:
+        return torch.nn.Sequential(first, torch.nn.Tanh(), a, *extra, torch.nn.Tanh(), b, torch.nn.Tanh(), head)
+
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    make_rule("ftp", **options).step(net(*copies), x, y)
+    want = [copies[0].weight.grad + copies[1].weight.grad, copies[0].bias.grad + copies[1].bias.grad]
+    make_rule("ftp", **options).step(net(tied, tied), x, y)
+    torch.testing.assert_close([tied.weight.grad, tied.bias.grad], want)

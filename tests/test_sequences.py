@@ -412,6 +412,18 @@ def test_bad_inputs_raise_clear_errors():
         other.step(net, x, y)
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"outputs": 5, "horizon": 2, "channels": 3}, "horizon x channels = 2 x 3 outputs, but the readout has 5"),
+    ({"outputs": 6, "horizon": 2}, "horizon x channels = 2 x 0 outputs"),
+    ({"input_size": 0}, "input_size, hidden, layers and outputs must be >= 1"),
+])
+def test_recurrent_net_sizes_are_checked_when_built(kw, message):
+    """A forecasting head whose readout is not horizon x channels was built and failed only at forecast() (a view
+    error), and an input of no features built a net that ignores its input."""
+    with pytest.raises(ValueError, match=message):
+        build_recurrent("gru", **{"input_size": 3, "hidden": 4, "outputs": 6, **kw})
+
+
 def test_gru_cell_matches_its_equations():
     torch.manual_seed(0)
     net = build_recurrent("gru", 3, 4, 1).double()

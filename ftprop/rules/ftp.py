@@ -689,10 +689,14 @@ class FTP(Rule):
                 d = fn(post, err, outs[l]) if self.fprime or output else err
                 source = inputs[l] if self.update_input == "h" or output else t_input
                 layer = block.layer
-                if layer.weight.requires_grad:  # a frozen parameter keeps no gradient, as under autograd
-                    layer.weight.grad = d.t() @ source
+                # a frozen parameter keeps no gradient, as under autograd; a layer used by two blocks (tied) sums
+                # their local gradients, as autograd does (the gradients are None when the step begins)
+                if layer.weight.requires_grad:
+                    gw = d.t() @ source
+                    layer.weight.grad = gw if layer.weight.grad is None else layer.weight.grad.add_(gw)
                 if layer.bias is not None and layer.bias.requires_grad:
-                    layer.bias.grad = d.sum(0)
+                    gb = d.sum(0)
+                    layer.bias.grad = gb if layer.bias.grad is None else layer.bias.grad.add_(gb)
             elif output or self.update_input == "h":
                 pending.append((outs[l] if self.fprime or output else pre[l], err))
                 if l in mid_errs:  # the first conv's own local loss
