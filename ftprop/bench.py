@@ -147,8 +147,15 @@ def benchmark(rules: dict[str, Rule], make_model: Callable[[], Net], x: torch.Te
     `ratio_ci` (`median_interval`; None with fewer than 6 repeats); step times are medians of the repeats' medians.
     rounds=0 measures FLOPs and memory only (timing fields are then None).
     """
+    # Checked here, not left to the loop: no steps failed with an IndexError, and negative rounds silently timed
+    # nothing under a header that claimed them.
     if repeats < 1:
-        raise ValueError(f"benchmark: repeats must be >= 1, got {repeats}")
+        raise ValueError(f"benchmark: repeats must be >= 1 (--repeats), got {repeats}")
+    if steps_per_round < 1:
+        raise ValueError(f"benchmark: steps per round must be >= 1 (--steps), got {steps_per_round}")
+    if rounds < 0 or warmup < 0:
+        raise ValueError(f"benchmark: rounds (--rounds; 0: FLOPs and memory only) and warmup must be >= 0, got "
+                         f"{rounds} and {warmup}")
     device = x.device
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(y), (batch_size,), generator=gen).to(device) for _ in range(steps_per_round)]
@@ -206,6 +213,9 @@ def alignment_overhead(cfg: TrainConfig, data: Dataset, every: int, rounds: int 
     `records` BP gradients), alternating off/on `rounds` times from the same seed; each figure is the median epoch
     time (evaluation excluded), and the overhead is their ratio minus one, from the same run.
     """
+    if every < 1 or rounds < 1 or records < 1:  # rounds=0 failed in statistics.median with 'no median for empty data'
+        raise ValueError(f"alignment overhead: the logging interval (--log-alignment), rounds (--rounds) and records "
+                         f"must be >= 1, got {every}, {rounds} and {records}")
     n = records * every * cfg.batch_size
     if n > len(data.y_train):
         raise ValueError(f"alignment overhead: {records} records every {every} steps at batch {cfg.batch_size} need "

@@ -139,9 +139,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rule_names(text: str) -> list[str]:
+    """The rules of --rules for bench and cost: none gave an empty table, a repeat was silently measured once."""
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    if not names:
+        raise ValueError("--rules names no rule; give a comma-separated list, e.g. --rules bp,ftp")
+    repeated = sorted({r for r in names if names.count(r) > 1})
+    if repeated:
+        raise ValueError(f"--rules names {', '.join(repeated)} more than once")
+    return names
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    names = [r.strip() for r in args.rules.split(",") if r.strip()]
+    names = _rule_names(args.rules)
     _check_options_target(cfg.rule, cfg.rule_options, names, "")
     rules = {name: make_rule(name, **(cfg.rule_options if name == cfg.rule else {})) for name in names}
     if args.pipeline:  # FTP once more, updating each block as soon as its target exists (ftprop/pipeline.py)
@@ -175,7 +186,7 @@ def _bench_alignment(args: argparse.Namespace, cfg: TrainConfig, data: Dataset) 
     if args.pipeline:
         raise ValueError("--pipeline does not combine with --log-alignment")
     results = {}
-    for name in (r.strip() for r in args.rules.split(",") if r.strip()):
+    for name in _rule_names(args.rules):
         run = dataclasses.replace(cfg, rule=name, rule_options=cfg.rule_options if name == cfg.rule else {})
         results[name] = alignment_overhead(run, data, cfg.log_alignment, rounds=args.rounds)
     if args.json:
@@ -194,7 +205,7 @@ def _bench_alignment(args: argparse.Namespace, cfg: TrainConfig, data: Dataset) 
 def cmd_cost(args: argparse.Namespace) -> int:
     from . import cost
 
-    names = [r.strip() for r in args.rules.split(",") if r.strip()]
+    names = _rule_names(args.rules)
     # the [rule] table of a training config (the options a study's runs trained with), then any --rule-opt
     options = (_read_config(args.config).rule_options if args.config else {}) | parse_options(args.rule_opt)
     _check_options_target(args.rule, options, names, "")

@@ -174,5 +174,5 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
     (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(base), "rules": rules,
                                                   "rule_configs": {r: dataclasses.asdict(c) for r, c in configs.items()},
                                                   "results": results, "step_costs": costs}, indent=2) + "\n")
-    report.plot_curves(histories, out / "curves.png", f"{base.dataset}: {base.model_label()}")
+    report.plot_curves(histories, out / "curves.png", f"{base.dataset}: {base.model_label()}", results)
     return comparison

@@ -182,32 +182,60 @@ def compare_table(results: dict[str, list[dict[str, Any]]], costs: dict[str, dic
     return table
 
 
-def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:
-    """Test accuracy and training loss per epoch; line = mean over seeds, band = min..max."""
+CURVES = (("test_accuracy", 100.0), ("train_loss", 1.0))  # what curves.png draws, and its scale
+
+
+def curve_series(histories: dict[str, list[list[dict[str, Any]]]],
+                 results: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per rule, what plot_curves draws: {"label", "epochs", key: (mean, min, max) per epoch} over the rule's runs.
+
+    Runs that diverged (their summary in `results`, per seed in the order of `histories`) are left out, as
+    compare_table leaves them out of its mean: kept, a run that diverged in epoch 2 of 30 cut every seed's curve to
+    its one good epoch and pulled that epoch's mean away from the table's. A rule whose runs all diverged has no
+    curve.
+    """
+    series = {}
+    for rule, runs in histories.items():
+        summaries = (results or {}).get(rule) or [{} for _ in runs]
+        kept = [r for r, s in zip(runs, summaries) if r and not s.get("diverged")]
+        if not kept:
+            continue
+        left_out = sum(bool(s.get("diverged")) for s in summaries)
+        n = min(len(r) for r in kept)
+        entry: dict[str, Any] = {
+            "label": f"{rule} ({len(kept)} seeds" + (f"; {left_out} diverged, not shown" if left_out else "") + ")",
+            "epochs": list(range(1, n + 1))}
+        for key, scale in CURVES:
+            per_epoch = [[scale * r[i][key] for r in kept] for i in range(n)]
+            entry[key] = ([statistics.fmean(v) for v in per_epoch], [min(v) for v in per_epoch],
+                          [max(v) for v in per_epoch])
+        series[rule] = entry
+    return series
+
+
+def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], path: Path, title: str,
+                results: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    """Test accuracy and training loss per epoch; line = mean over seeds, band = min..max (curve_series: runs that
+    diverged per `results` left out)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for rule, runs in histories.items():
-        runs = [r for r in runs if r]
-        if not runs:
-            continue
-        n = min(len(r) for r in runs)
-        epochs = list(range(1, n + 1))
-        for ax, key, scale in ((ax_acc, "test_accuracy", 100.0), (ax_loss, "train_loss", 1.0)):
-            per_epoch = [[scale * r[i][key] for r in runs] for i in range(n)]
-            mean = [statistics.fmean(v) for v in per_epoch]
-            line, = ax.plot(epochs, mean, label=f"{rule} ({len(runs)} seeds)")
-            ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch],
-                            color=line.get_color(), alpha=0.2)
+    axes = {"test_accuracy": ax_acc, "train_loss": ax_loss}
+    for curve in curve_series(histories, results).values():
+        for key, ax in axes.items():
+            mean, lo, hi = curve[key]
+            line, = ax.plot(curve["epochs"], mean, label=curve["label"])
+            ax.fill_between(curve["epochs"], lo, hi, color=line.get_color(), alpha=0.2)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
     ax_loss.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log", title="training loss")
     for ax in (ax_acc, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:  # every run diverged: no curve to name
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -111,6 +111,20 @@ def test_alignment_overhead_refuses_a_window_larger_than_the_data(small_mnist):
         alignment_overhead(TrainConfig(hidden="16", batch_size=64), small_mnist, every=100, rounds=1)
 
 
+def test_benchmark_refuses_no_steps_and_negative_rounds_naming_the_option(small_mnist):
+    """--steps 0 failed with an IndexError inside the FLOP count, --rounds -1 printed a table of no timings under a
+    header claiming -1 rounds, and --log-alignment with --rounds 0 failed with 'no median for empty data'."""
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    args = ({"bp": make_rule("bp")}, lambda: mlp(6, (4,), 3), x, y)
+    with pytest.raises(ValueError, match=r"--steps\), got 0"):
+        benchmark(*args, batch_size=8, rounds=1, steps_per_round=0)
+    with pytest.raises(ValueError, match=r"--rounds.*got -1"):
+        benchmark(*args, batch_size=8, rounds=-1, steps_per_round=1)
+    assert benchmark(*args, batch_size=8, rounds=0, steps_per_round=1)["bp"]["ratio_to_bp"] is None  # still allowed
+    with pytest.raises(ValueError, match=r"--log-alignment\), rounds \(--rounds\).*got 5, 0"):
+        alignment_overhead(TrainConfig(hidden="16", batch_size=8), small_mnist, every=5, rounds=0)
+
+
 def test_cli_keeps_freed_memory_under_glibc_unless_told_not_to(monkeypatch, capsys):
     """`ftprop` commands set glibc's malloc so that freed step memory is reused (ftprop.runtime), say so in the
     machine line of every table, and leave it alone with FTPROP_MALLOC=default or without glibc."""

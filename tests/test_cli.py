@@ -100,6 +100,19 @@ def test_bench_without_timing_rounds_prints_flops_and_memory(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["bench", "--rules", ",", "--rounds", "0"], "--rules names no rule"),
+    (["bench", "--rules", "bp,ftp,bp", "--rounds", "0"], "--rules names bp more than once"),
+    (["bench", "--rules", "", "--log-alignment", "2"], "--rules names no rule"),
+    (["cost", "--rules", ""], "--rules names no rule"),
+    (["cost", "--rules", "ftp,ftp"], "--rules names ftp more than once"),
+])
+def test_bench_and_cost_refuse_no_rules_and_a_rule_twice(capsys, argv, message):
+    """Before, no rule printed an empty table and a repeated rule was silently measured once."""
+    code, out, err = run(capsys, *argv, "--hidden", "8")
+    assert code == 2 and message in err and "| rule |" not in out
+
+
+@pytest.mark.parametrize("argv, message", [
     (["train", "--rule", "sgd"], "unknown rule 'sgd'"),
     (["train", "--activation", "swish"], "unknown activation 'swish'"),
     (["train", "--hidden", "1024,abc"], "--hidden must be a comma-separated list of positive integers"),

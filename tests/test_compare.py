@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
+
 from ftprop.compare import _same_run
 from ftprop.train import TrainConfig
 
@@ -152,3 +154,23 @@ def test_rule_config_options_are_checked_against_their_own_rule(tmp_path):
     toml.write_text('[rule]\nf_scale = "big"\n')
     with pytest.raises(ValueError, match=f"{toml}: pepita: option f_scale must be a number, got 'big'"):
         load_rule_config(toml, "pepita")
+
+
+def test_curves_leave_out_diverged_runs_as_the_table_does(tmp_path):
+    """A seed that diverged in epoch 2 of 3 cut every seed's curve to one epoch and pulled the plotted mean away from
+    the table's mean over the runs that finished; the curves now draw the finished runs, and say one was left out."""
+    from ftprop import report
+
+    def run(accs: list[float]) -> list[dict]:
+        return [{"epoch": i + 1, "test_accuracy": a, "train_loss": 1.0 / (i + 1)} for i, a in enumerate(accs)]
+
+    histories = {"bp": [run([0.5, 0.6, 0.7]), run([0.5, 0.7, 0.9]), run([0.1])]}
+    results = {"bp": [_summary(0.7, 1.0), _summary(0.9, 1.0), {**_summary(0.1, 1.0), "diverged": "loss became nan"}]}
+    curve = report.curve_series(histories, results)["bp"]
+    assert curve["epochs"] == [1, 2, 3] and curve["label"] == "bp (2 seeds; 1 diverged, not shown)"
+    mean, lo, hi = curve["test_accuracy"]
+    assert mean[-1] == pytest.approx(80.0) and (lo[-1], hi[-1]) == pytest.approx((70.0, 90.0))
+    assert f"{mean[-1]:.2f} ± " in report.compare_table(results)  # the table's mean over the same runs
+    assert report.curve_series({"bp": [run([0.1])]}, {"bp": [results["bp"][2]]}) == {}  # all diverged: no curve
+    report.plot_curves(histories, tmp_path / "curves.png", "t", results)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
