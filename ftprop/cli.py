@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from . import distributed, report, runtime
 from .bench import alignment_overhead, benchmark
-from .compare import load_rule_config, run_compare
+from .compare import check_rule_list, load_rule_config, run_compare
 from .data import DATASETS, Dataset, DatasetError, cache_dir, fetch, load_dataset
 from .hardware import ROUNDINGS
 from .models import ACTIVATIONS, MEMORY_FORMATS
@@ -140,13 +140,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _rule_names(text: str) -> list[str]:
-    """The rules of --rules for bench and cost: none gave an empty table, a repeat was silently measured once."""
+    """The rules of --rules for bench and cost, checked as compare checks its own (`check_rule_list`)."""
     names = [r.strip() for r in text.split(",") if r.strip()]
-    if not names:
-        raise ValueError("--rules names no rule; give a comma-separated list, e.g. --rules bp,ftp")
-    repeated = sorted({r for r in names if names.count(r) > 1})
-    if repeated:
-        raise ValueError(f"--rules names {', '.join(repeated)} more than once")
+    check_rule_list(names)
     return names
 
 

@@ -120,16 +120,22 @@ def _same_run(run_dir: Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> 
                if k not in ("progress", "out", "device", "data_dir", *ignore))
 
 
+def check_rule_list(rules: list[str]) -> None:
+    """The rules a command runs side by side (compare, bench, cost): at least one, each once. No rule would print an
+    empty table; a repeat would be trained (or measured) once and reported twice."""
+    if not rules:
+        raise ValueError("--rules names no rule; give a comma-separated list, e.g. --rules bp,ftp")
+    repeated = sorted({r for r in rules if rules.count(r) > 1})
+    if repeated:
+        raise ValueError(f"--rules names {', '.join(repeated)} more than once")
+
+
 def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resume: bool = False,
                 rule_configs: dict[str, dict[str, Any]] | None = None) -> Comparison:
     """Train every rule on seeds 0..seeds-1 (seed-major, so a partial run already compares every rule)."""
     if seeds < 1:
         raise ValueError("--seeds must be >= 1")
-    if not rules:
-        raise ValueError("--rules names no rule; give a comma-separated list, e.g. --rules bp,ftp")
-    repeated = sorted({r for r in rules if rules.count(r) > 1})
-    if repeated:  # one run directory per rule and seed: a repeat would train (or reuse) the same runs twice
-        raise ValueError(f"--rules names {', '.join(repeated)} more than once")
+    check_rule_list(rules)  # one run directory per rule and seed: a repeat would train (or reuse) the same runs twice
     unknown = sorted(set(rule_configs or {}) - set(rules))
     if unknown:
         raise ValueError(f"--rule-config given for {', '.join(unknown)}, which is not among --rules {','.join(rules)}")

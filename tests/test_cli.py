@@ -105,9 +105,12 @@ def test_bench_without_timing_rounds_prints_flops_and_memory(capsys):
     (["bench", "--rules", "", "--log-alignment", "2"], "--rules names no rule"),
     (["cost", "--rules", ""], "--rules names no rule"),
     (["cost", "--rules", "ftp,ftp"], "--rules names ftp more than once"),
+    (["compare", "--rules", ""], "--rules names no rule"),
+    (["compare", "--rules", "bp,bp"], "--rules names bp more than once"),
 ])
-def test_bench_and_cost_refuse_no_rules_and_a_rule_twice(capsys, argv, message):
-    """Before, no rule printed an empty table and a repeated rule was silently measured once."""
+def test_no_rules_and_a_rule_twice_are_errors(capsys, argv, message):
+    """Before, no rule printed an empty table and a repeated rule was silently measured once (bench, cost) or trained
+    once and reported twice (compare)."""
     code, out, err = run(capsys, *argv, "--hidden", "8")
     assert code == 2 and message in err and "| rule |" not in out
 
@@ -233,10 +236,8 @@ def test_bad_train_values_exit_2_before_training(capsys, argv, message):
     (["cost", "--rules", "bp,dfa", "--rule-opt", "gamma=0.2"], "apply to --rule ftp, which is not among --rules"),
     (["sequences", "--rules", "bptt,dfa", "--rule-opt", "inject=final"], "NAME:KEY=VALUE"),
     (["bench", "--rules", "bp,dfa", "--gamma", "0.2"], "pass --rule NAME"),
-    (["compare", "--rules", ""], "--rules names no rule"),
-    (["compare", "--rules", "bp,bp"], "--rules names bp more than once"),
 ])
-def test_rule_options_for_no_rule_and_bad_rule_lists_are_errors(capsys, argv, message):
+def test_rule_options_for_a_rule_not_run_are_errors(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err and "Traceback" not in err
 
