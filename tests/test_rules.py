@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -239,6 +240,17 @@ def test_every_parameter_gets_a_gradient():
         net = tiny_net()
         make_rule(name).step(net, *tiny_batch())
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("rule, option", [("ftp", "gamma"), ("ftp", "g_scale"), ("fa", "b_scale"), ("dfa", "b_scale"),
+                                          ("drtp", "b_scale"), ("pepita", "f_scale"), ("dtp", "eta"),
+                                          ("dtp", "inverse_lr")])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_positive_rule_options_must_be_finite(rule, option, value):
+    """inf passed the `> 0` check (NaN gave a message without the word finite) and showed only later, as non-finite
+    weights."""
+    with pytest.raises(ValueError, match=f"{rule}: {option} must be > 0 and finite"):
+        make_rule(rule, **{option: value})
 
 
 def test_bad_rule_options_raise_clear_errors():

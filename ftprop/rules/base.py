@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -54,11 +55,12 @@ class Rule:
         return dataclasses.asdict(self)
 
     def check_options(self, positive: Sequence[str] = (), choices: dict[str, Sequence[Any]] | None = None) -> None:
-        """Raise ValueError naming the rule and the option when a numeric option is not > 0 or a categorical one is
-        not among its choices: every rule validates its options here, so a bad flag reads the same for all."""
+        """Raise ValueError naming the rule and the option when a numeric option is not a finite number > 0 or a
+        categorical one is not among its choices: every rule validates its options here, so a bad flag reads the same
+        for all. (An infinite scale or step passes `> 0` and only shows later, as non-finite weights.)"""
         for opt in positive:
-            if not getattr(self, opt) > 0:
-                raise ValueError(f"{self.name}: {opt} must be > 0, got {getattr(self, opt)}")
+            if not 0 < getattr(self, opt) < math.inf:
+                raise ValueError(f"{self.name}: {opt} must be > 0 and finite, got {getattr(self, opt)}")
         for opt, allowed in (choices or {}).items():
             if getattr(self, opt) not in allowed:
                 raise ValueError(f"{self.name}: {opt} must be one of {', '.join(map(str, allowed))}, "
