@@ -389,6 +389,24 @@ def test_every_rule_fills_every_grad_and_keeps_its_state(name, cell):
     assert all(torch.equal(first[k], v) for k, v in _grads(net).items())
 
 
+@pytest.mark.parametrize("name", list(SEQUENCE_RULES))
+def test_float64_targets_on_a_float32_net_train_as_float32_ones(name):
+    """FTP and DFA through time failed in a matmul of mixed dtypes on float64 regression targets; BPTT promoted."""
+    torch.manual_seed(0)
+    net = build_recurrent("gru", 2, 4, 3)
+    x, y = torch.randn(5, 6, 2), torch.randn(5, 3, dtype=torch.float64)
+    make_sequence_rule(name).step(net, x, y.float())
+    want = _grads(net)
+    make_sequence_rule(name).step(net, x, y)
+    assert all(torch.allclose(g, want[k], atol=1e-6) for k, g in _grads(net).items())
+
+
+def test_class_targets_of_another_shape_are_refused():
+    net, x, _ = _tiny()
+    with pytest.raises(ValueError, match=r"class targets must have shape \(batch,\)"):
+        make_sequence_rule("ftp").step(net, x, torch.zeros(5, 1, dtype=torch.int64))
+
+
 def test_bad_inputs_raise_clear_errors():
     net, x, y = _tiny()
     rule = make_sequence_rule("ftp")

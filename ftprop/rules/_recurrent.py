@@ -36,6 +36,8 @@ def check_sequence_batch(model: RecurrentNet, x: torch.Tensor, y: torch.Tensor, 
         raise ValueError(f"batch size mismatch: x has {x.shape[0]} sequences, y has {y.shape[0]}")
     if y.dtype != torch.int64 and not y.is_floating_point():
         raise ValueError(f"targets must be int64 classes or float values, got {y.dtype}")
+    if y.dtype == torch.int64 and y.dim() != 1:  # (batch, 1) would broadcast in the error and fail in a gather
+        raise ValueError(f"class targets must have shape (batch,), got {tuple(y.shape)}")
     if y.is_floating_point() and tuple(y.shape) != (x.shape[0], model.readout.out_features):
         raise ValueError(f"regression targets must have shape (batch, {model.readout.out_features}), "
                          f"got {tuple(y.shape)}")
@@ -43,12 +45,14 @@ def check_sequence_batch(model: RecurrentNet, x: torch.Tensor, y: torch.Tensor, 
 
 @torch.no_grad()
 def sequence_error(z: torch.Tensor, y: torch.Tensor) -> SequenceError:
-    """CE for int64 targets, MSE (mean over batch and outputs) for float targets."""
+    """CE for int64 targets, MSE (mean over batch and outputs) for float targets, taken in the outputs' dtype: float64
+    targets for a float32 net, which BPTT's loss promotes, would otherwise make float64 errors that fail in the
+    rules' float32 matmuls."""
     if y.dtype == torch.int64:
         logp = torch.log_softmax(z, dim=1)
         e = logp.exp().scatter_add(1, y.unsqueeze(1), torch.full_like(z[:, :1], -1.0))  # p - onehot(y)
         return SequenceError(F.nll_loss(logp, y), e / z.shape[0], e)
-    e = z - y
+    e = z - y.to(z.dtype)
     return SequenceError(e.square().mean(), e * (2.0 / e.numel()), e)
 
 
