@@ -739,7 +739,8 @@ class FTP(Rule):
                     raise ValueError(f"ftp: stored G_deep has shapes {[tuple(g.shape) for g in self.G_deep or []]} "
                                      f"but inject='every' on this model needs {deep_shapes} (outputs x blocks 2..L-1's "
                                      f"outputs)")
-                self.G_deep = [g.to(device=h1.device, dtype=h1.dtype) for g in self.G_deep]
+                if any(g.dtype != h1.dtype or g.device != h1.device for g in self.G_deep):  # converted once, as G
+                    self.G_deep = [g.to(device=h1.device, dtype=h1.dtype) for g in self.G_deep]
             on_grid = self._on_grid(blocks)
             # On the grid (G equal over the windows of the max-pool that reads h_1) the contrast and the target live on
             # the pooled map: pool(t_1) = pool(h_1) - gamma B err exactly, since adding one number to every value of a
