@@ -490,9 +490,10 @@ def resnet_spec(num_classes: int, depth: int = 6, activation: str = "relu", chan
     dense layer reads the whole last map (2C x H/2 x W/2): the cnn study's second residual CNN, where a rule whose
     hidden blocks learn from feedback alignment (FTP, DFA) has four times the features to align its head with.
     """
-    if depth < 2 or depth % 2:
+    # a count of layers: 6.0 (from the Python API) failed inside range(), and True passed as an odd number
+    if not (isinstance(depth, int) and not isinstance(depth, bool)) or depth < 2 or depth % 2:
         raise ValueError(f"resnet depth must be an even number >= 2 (stem conv + stride-2 conv + (depth-2)/2 residual "
-                         f"blocks of two 3x3 convs), got {depth}")
+                         f"blocks of two 3x3 convs), got {depth!r}")
     n = _norm_tokens(norm)
     rn = {"": "", "-bn": "bn", "-ln0": "ln0"}[n]
     res = "".join(f"-r{2 * channels}{rn}" for _ in range((depth - 2) // 2))

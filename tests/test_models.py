@@ -202,8 +202,9 @@ def test_orthogonal_init_gives_orthogonal_weights_times_the_activations_gain(act
 
 
 def test_build_model_errors():
-    with pytest.raises(ValueError, match="even number >= 2"):
-        build_model("resnet", SHAPE, 3, depth=5)
+    for depth in (5, 6.0, 4.5, True, "6"):  # not an even integer (6.0 failed with a TypeError inside range())
+        with pytest.raises(ValueError, match="even number >= 2"):
+            build_model("resnet", SHAPE, 3, depth=depth)
     with pytest.raises(ValueError, match="--depth applies to --model resnet only"):
         build_model("mlp", SHAPE, 3, depth=4)
     with pytest.raises(ValueError, match="--model spec needs --spec"):
