@@ -170,8 +170,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
              ci(r["ratio_ci"]), f"{r['flops_per_sample'] / 1e6:.3f}", f"{r['peak_memory_bytes'] / 2**20:.2f}"]
             for name, r in results.items()]
     repeated = f"{args.repeats} repeats (fresh models each) of " if args.repeats > 1 else ""
-    print(f"{cfg.dataset}, {cfg.model_label()}, batch {cfg.batch_size}, {repeated}{args.rounds} interleaved "
-          f"rounds of {args.steps} steps; machine: {report.machine()}\n")
+    # --rounds 0 builds one set of models and times nothing, whatever --repeats says (ftprop.bench.benchmark)
+    timing = (f"{repeated}{args.rounds} interleaved rounds of {args.steps} steps" if args.rounds
+              else "FLOPs and memory only (--rounds 0: no step timed)")
+    print(f"{cfg.dataset}, {cfg.model_label()}, batch {cfg.batch_size}, {timing}; machine: {report.machine()}\n")
     print(report.markdown_table(["rule", "step ms (median)", "time / BP", "95% CI of its median", "MFLOP / sample",
                                  "peak MiB / step"], rows))
     return 0

@@ -93,10 +93,13 @@ def test_bench_prints_the_median_ratios_interval_from_six_repeats(capsys):
 
 
 def test_bench_without_timing_rounds_prints_flops_and_memory(capsys):
-    code, out, _ = run(capsys, "bench", "--rules", "bp,ftp", "--hidden", "64,32", "--batch-size", "16", "--rounds", "0")
+    code, out, _ = run(capsys, "bench", "--rules", "bp,ftp", "--hidden", "64,32", "--batch-size", "16", "--rounds", "0",
+                       "--repeats", "3")
     assert code == 0
     rows = [line for line in out.splitlines() if line.startswith(("| bp |", "| ftp |"))]
     assert len(rows) == 2 and all(row.split(" | ")[1:3] == ["-", "-"] for row in rows)
+    # the header says nothing was timed (it claimed "3 repeats (fresh models each) of 0 interleaved rounds")
+    assert "FLOPs and memory only (--rounds 0: no step timed)" in out and "repeats" not in out
 
 
 @pytest.mark.parametrize("argv, message", [
