@@ -128,7 +128,7 @@ class RecurrentNet(nn.Module):
         value per channel is subtracted from its look-back and added back to every forecast step (the
         normalisation of NLinear, Zeng et al. 2023): parameter-free, so every rule trains the same parameters,
         and it removes the level shifts between ETT's training and test months."""
-        check_sequence(x)
+        check_sequence(x, self.cells[0].inp.in_features)
         if not self.subtract_last:
             return x, None
         last = x[:, -1:, :]
@@ -158,9 +158,16 @@ class RecurrentNet(nn.Module):
         return z.view(z.shape[0], self.horizon, self.channels)
 
 
-def check_sequence(x: torch.Tensor) -> None:
+def check_sequence(x: torch.Tensor, features: int) -> None:
+    """x must be (batch, time, features) with at least one time step and the net's input features: an empty sequence
+    left the readout training on the zero initial state, and other features failed in a raw matmul error."""
     if x.dim() != 3:
         raise ValueError(f"recurrent nets take (batch, time, features) inputs, got shape {tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"recurrent nets need sequences of at least one time step, got shape {tuple(x.shape)}")
+    if x.shape[2] != features:
+        raise ValueError(f"this recurrent net takes {features} input features per time step, got {x.shape[2]} "
+                         f"(input shape {tuple(x.shape)})")
 
 
 def build_recurrent(cell: str, input_size: int, hidden: int, outputs: int, layers: int = 1, horizon: int = 0,

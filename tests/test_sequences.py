@@ -412,6 +412,13 @@ def test_bad_inputs_raise_clear_errors():
     rule = make_sequence_rule("ftp")
     with pytest.raises(ValueError, match="batch, time, features"):
         rule.step(net, x[:, 0], y)
+    for name in SEQUENCE_RULES:  # an empty sequence trained the readout on the zero state; other features hit a matmul
+        with pytest.raises(ValueError, match="at least one time step"):
+            make_sequence_rule(name).step(net, x[:, :0], y)
+        with pytest.raises(ValueError, match=f"takes {x.shape[2]} input features per time step, got {x.shape[2] + 1}"):
+            make_sequence_rule(name).step(net, torch.cat([x, x[:, :, :1]], 2), y)
+    with pytest.raises(ValueError, match="at least one time step"):
+        net(x[:, :0])
     with pytest.raises(ValueError, match="regression targets must have shape"):
         rule.step(net, x, y[:, :1])
     with pytest.raises(ValueError, match="RecurrentNet"):
