@@ -26,13 +26,15 @@ DOCS = [ROOT / "README.md", ROOT / "configs" / "README.md", *sorted((ROOT / "doc
 
 # Placeholders the docs write in commands, and a valid value to check the command with (after --rule, R is a rule).
 RULE_PLACEHOLDERS = {"R": "ftp", "RULE": "ftp"}
-PLACEHOLDERS = {"DATASET": "mnist", "GAMMA": "0.1", "SCALE": "0.1", "DIST": "gaussian", "P": "0.2", "R": "5",
-                "N": "2", "NAME": "mnist", "RULE": "ftp", "STUDY": "mlp", "SETTING": "g_scale=0.1", "HOST": "localhost"}
+PLACEHOLDERS = {"DATASET": "mnist", "GAMMA": "0.1", "SCALE": "0.1", "G": "0.1", "W": "0.3", "DIST": "gaussian",
+                "P": "0.2", "R": "5", "N": "2", "S": "0", "B": "64", "E": "10", "H": "96", "NAME": "mnist", "RULE": "ftp",
+                "STUDY": "mlp", "SETTING": "g_scale=0.1", "HOST": "localhost"}
 
 
 def _code_spans(text: str) -> list[str]:
-    """The lines of fenced code blocks (a trailing backslash joins the next line) and every inline `code` span."""
-    spans, fenced, block = [], False, []
+    """The lines of fenced code blocks (a trailing backslash joins the next line) and every inline `code` span (one
+    may wrap across lines of a paragraph)."""
+    spans, fenced, block, prose = [], False, [], []
     for line in text.splitlines():
         if line.startswith("```"):
             fenced = not fenced
@@ -43,8 +45,9 @@ def _code_spans(text: str) -> list[str]:
                 spans.append(" ".join(part.rstrip("\\ ") for part in block))
                 block = []
         else:
-            spans += re.findall(r"`([^`\n]+)`", line)
-    return spans
+            prose.append(line)
+    paragraphs = re.split(r"\n\s*\n", "\n".join(prose))
+    return spans + [span.replace("\n", " ") for p in paragraphs for span in re.findall(r"`([^`]+)`", p)]
 
 
 def _commands(prefix_pattern: str) -> list[tuple[str, str]]:
@@ -62,10 +65,11 @@ def _commands(prefix_pattern: str) -> list[tuple[str, str]]:
 
 def _argv_variants(words: list[str]) -> list[list[str]]:
     """A documented command as the argv lists it stands for: `...` dropped, `[--flag V]` made plain, `a|b` read as
-    `a`, placeholders filled in, and `CMD X | Y --opt` read as both `CMD X --opt` and `CMD Y --opt`."""
+    `a`, `256,...(10)` read as ten 256s, placeholders filled in, and `CMD X | Y --opt` read as both `CMD X --opt` and `CMD Y --opt`."""
     def fill(word: str, after: str) -> str:
         values = {**PLACEHOLDERS, **(RULE_PLACEHOLDERS if after == "--rule" else {})}
         word = word.strip("[]").split("|")[0]
+        word = re.sub(r"(\d+),\.\.\.\((\d+)\)", lambda m: ",".join([m.group(1)] * int(m.group(2))), word)  # 256,...(10)
         return re.sub(r"\b([A-Z]+)\b(\.\.\.)?", lambda m: values.get(m.group(1), m.group(0)), word)
 
     words = [w for w in words if w != "..."]
@@ -95,7 +99,7 @@ def _check_ftprop(argv: list[str]) -> None:
             rule, path = item.split("=", 1)
             load_rule_config(ROOT / path, rule)
     elif args.command == "cost":
-        options = (cli._read_config(str(ROOT / args.config)).rule_options if args.config else {})
+        options = (cli._read_config(str(ROOT / args.config), args.rule).rule_options if args.config else {})
         for name in cli._rule_names(args.rules):
             make_rule(name, **(options | parse_options(args.rule_opt) if name == args.rule else {}))
     elif args.command == "sequences":
