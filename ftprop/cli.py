@@ -74,9 +74,15 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _read_config(path: str) -> TrainConfig:
-    """The TrainConfig a --config TOML file describes (its keys and values checked)."""
-    return TrainConfig.from_dict(read_toml(path, "--config"), source=str(path))
+def _read_config(path: str, rule: str | None = None) -> TrainConfig:
+    """The TrainConfig a --config TOML file describes (its keys and values checked). A [rule] table without a `name`
+    holds the options of the rule the file is used with, `rule` (--rule) where the command line gives one, so that
+    `--rule pepita --config configs/pepita.toml` checks f_scale as PEPITA's option, not as one of the default rule's."""
+    values = read_toml(path, "--config")
+    table = values.get("rule")
+    if rule is not None and isinstance(table, dict) and "name" not in table:
+        values["rule"] = {**table, "name": rule}
+    return TrainConfig.from_dict(values, source=str(path))
 
 
 def _check_options_target(rule: str, options: dict[str, Any], names: list[str], instead: str) -> None:
@@ -88,7 +94,7 @@ def _check_options_target(rule: str, options: dict[str, Any], names: list[str], 
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
-    values: dict[str, Any] = dataclasses.asdict(_read_config(args.config)) if args.config else {}
+    values: dict[str, Any] = dataclasses.asdict(_read_config(args.config, args.rule)) if args.config else {}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for name in fields:
         value = getattr(args, name, None)
@@ -205,7 +211,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
     names = _rule_names(args.rules)
     # the [rule] table of a training config (the options a study's runs trained with), then any --rule-opt
-    options = (_read_config(args.config).rule_options if args.config else {}) | parse_options(args.rule_opt)
+    options = (_read_config(args.config, args.rule).rule_options if args.config else {}) | parse_options(args.rule_opt)
     _check_options_target(args.rule, options, names, "")
     rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
     skipped: dict[str, str] = {}

@@ -209,6 +209,22 @@ def test_config_file_sets_rule_seed_and_out_unless_flags_do(capsys, tmp_path):
     assert (config["rule"], config["seed"]) == ("dfa", 2)
 
 
+def test_config_rule_table_without_a_name_holds_the_options_of_the_rule_given(capsys, tmp_path):
+    # docs/PEERS.md's `ftprop train --rule pepita --config configs/pepita.toml`: the file's [rule] table names no rule,
+    # so its f_scale is PEPITA's option; it was checked against the default rule (FTP) and refused
+    toml = tmp_path / "pepita.toml"
+    toml.write_text('lr = 0.02\n[rule]\nf_scale = 0.1\n')
+    code, _, err = run(capsys, "train", "--rule", "pepita", "--config", str(toml), *FAST, "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["rule"], config["lr"], config["rule_options"]) == ("pepita", 0.02, {"f_scale": 0.1})
+    code, out, err = run(capsys, "cost", "--rules", "bp,pepita", "--rule", "pepita", "--config", str(toml))
+    assert code == 0 and "| pepita |" in out, err
+    # without --rule the table is the default rule's, as before: FTP has no f_scale
+    code, _, err = run(capsys, "train", "--config", str(toml), *FAST, "--out", str(tmp_path / "d"))
+    assert code == 2 and "rule 'ftp' has no option(s) f_scale" in err
+
+
 @pytest.mark.parametrize("value, expected", [("false", False), ("No", False), ("OFF", False), ("0", False),
                                              ("true", True), ("yes", True), ("on", True), ("1", True)])
 def test_boolean_rule_options_read_as_words(value, expected):
