@@ -300,3 +300,13 @@ def test_rule_config_missing_from_cwd_names_the_shipped_file(capsys, tmp_path, m
     code, _, err = run(capsys, "compare", "--rules", "bp,pepita", "--rule-config", "pepita=configs/pepita.toml")
     assert code == 2 and f"no such file configs/pepita.toml; the settings of that name that ship with ftprop are " \
                           f"{CONFIGS / 'pepita.toml'}" in err
+
+
+def test_requires_python_covers_the_standard_library_modules_used():
+    """ftprop.train imports tomllib, in the standard library from Python 3.11: with requires-python >= 3.10, pip
+    installed ftprop on 3.10, where `import ftprop` then failed with ModuleNotFoundError."""
+    spec = _pyproject()["project"]["requires-python"]
+    assert spec.startswith(">=")
+    minimum = tuple(int(part) for part in spec[2:].split("."))
+    uses_tomllib = any("import tomllib" in p.read_text() for p in Path(ftprop.__file__).parent.rglob("*.py"))
+    assert not uses_tomllib or minimum >= (3, 11)
