@@ -310,3 +310,11 @@ def test_requires_python_covers_the_standard_library_modules_used():
     minimum = tuple(int(part) for part in spec[2:].split("."))
     uses_tomllib = any("import tomllib" in p.read_text() for p in Path(ftprop.__file__).parent.rglob("*.py"))
     assert not uses_tomllib or minimum >= (3, 11)
+
+
+def test_the_version_has_one_source():
+    """pyproject.toml and ftprop/__init__.py each spelled the version out, free to drift apart (an installed copy
+    records `ftprop <version>` in every run it makes); the package metadata now reads ftprop.__version__."""
+    project = _pyproject()["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ftprop.__version__"}
