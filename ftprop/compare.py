@@ -1,7 +1,7 @@
 """Several rules, one budget: the same data, net, epochs and seeds for every rule.
 
 A rule may bring its own optimiser settings and rule options (a TOML file
-under configs/, passed as `--rule-config RULE=FILE`), but never its own net,
+like those of ftprop/configs/, passed as `--rule-config RULE=FILE`), but never its own net,
 data or epoch budget: those keys are refused so comparisons stay fair.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ from .data import load_dataset
 from .rules import make_rule
 from .train import TrainConfig, TrainingDiverged, make_dir, read_toml, resolve_device, train
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's per-rule settings (RULE.toml)
+# The per-rule settings (RULE.toml) the studies and `ftprop reproduce` read: package data, so that an installed copy
+# has them too (the checkout's configs/ is a link here, for the commands in the docs).
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 # The side-by-side step timing of every comparison table (bench.benchmark): sets of fresh models, each timed for a few
 # rounds, since the ratio moves more between sets than between rounds (bench.benchmark). 20 s on the residual CNN
@@ -72,6 +74,10 @@ def load_rule_config(path: str | Path, rule: str | None = None) -> dict[str, Any
     """A rule's own settings from TOML: TrainConfig keys except SHARED_KEYS, rule options in a [rule] table. With
     `rule`, a file that names another rule is refused."""
     path = Path(path)
+    if not path.exists() and (CONFIGS / path.name).is_file():
+        # the docs' commands name configs/RULE.toml, which is there only in a checkout of the repository
+        raise ValueError(f"--rule-config: no such file {path}; the settings of that name that ship with ftprop are "
+                         f"{CONFIGS / path.name}")
     values = read_toml(path, "--rule-config")
     if rule is not None:
         _check_rule_named(values, rule, str(path))

@@ -1,13 +1,18 @@
 """The command line: real runs end to end, and every bad input answered with one clear message."""
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 
+import ftprop
 import ftprop.data as data_mod
 from ftprop.cli import main
+from ftprop.compare import CONFIGS
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -285,3 +290,50 @@ def test_compare_rule_config_naming_another_rule_exits_2(capsys, tmp_path):
     toml.write_text('[rule]\nname = "dfa"\n')
     code, _, err = run(capsys, "compare", "--rules", "bp,ftp", "--rule-config", f"ftp={toml}")
     assert code == 2 and f"{toml} names rule 'dfa', not 'ftp'" in err
+
+
+# Packaging: an installed copy (a wheel, not the checkout) has only the package and its package data.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pyproject() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def test_files_the_code_opens_ship_as_package_data():
+    """The per-rule settings (`ftprop reproduce`, the studies, which load some at import) were read from configs/
+    beside the package, which a wheel does not hold: installed, importing ftprop.study_scaling failed and
+    repo_rule_configs silently found none. They must sit inside the package and be covered by package-data."""
+    package = Path(ftprop.__file__).resolve().parent
+    assert CONFIGS.is_relative_to(package)
+    patterns = _pyproject()["tool"]["setuptools"]["package-data"]["ftprop"]
+    shipped = [p.relative_to(package).as_posix() for p in CONFIGS.iterdir()]
+    assert "ftp.toml" in {Path(p).name for p in shipped}
+    assert [p for p in shipped if not any(fnmatch.fnmatch(p, pattern) for pattern in patterns)] == []
+
+
+def test_rule_config_missing_from_cwd_names_the_shipped_file(capsys, tmp_path, monkeypatch):
+    """The docs' `--rule-config pepita=configs/pepita.toml` run outside a checkout: the error says where that file is."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "compare", "--rules", "bp,pepita", "--rule-config", "pepita=configs/pepita.toml")
+    assert code == 2 and f"no such file configs/pepita.toml; the settings of that name that ship with ftprop are " \
+                          f"{CONFIGS / 'pepita.toml'}" in err
+
+
+def test_requires_python_covers_the_standard_library_modules_used():
+    """ftprop.train imports tomllib, in the standard library from Python 3.11: with requires-python >= 3.10, pip
+    installed ftprop on 3.10, where `import ftprop` then failed with ModuleNotFoundError."""
+    spec = _pyproject()["project"]["requires-python"]
+    assert spec.startswith(">=")
+    minimum = tuple(int(part) for part in spec[2:].split("."))
+    uses_tomllib = any("import tomllib" in p.read_text() for p in Path(ftprop.__file__).parent.rglob("*.py"))
+    assert not uses_tomllib or minimum >= (3, 11)
+
+
+def test_the_version_has_one_source():
+    """pyproject.toml and ftprop/__init__.py each spelled the version out, free to drift apart (an installed copy
+    records `ftprop <version>` in every run it makes); the package metadata now reads ftprop.__version__."""
+    project = _pyproject()["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ftprop.__version__"}

@@ -282,6 +282,17 @@ def test_a_checkpoint_with_foreign_rule_state_is_refused():
         make_rule("bp").step(tiny_net(), torch.zeros(3, 6, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
 
 
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_one_hot_labels_are_refused_by_every_rule(name):
+    """One-hot labels failed deep inside each rule, in torch's words for a cross-entropy (BP: "Expected floating point
+    type for target with class probabilities") or, for FF, an expand; every rule now says what it wants."""
+    net, x, y = tiny_net(), torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(ValueError, match=r"int64 class indices of shape \(batch,\), got torch.int64 of shape "
+                                         r"\(4, 3\) \(one-hot rows\? pass y.argmax\(1\)\)"):
+        make_rule(name).step(net, x, F.one_hot(y, 3))
+    make_rule(name).step(net, x, y)  # the labels as indices: no complaint
+
 def test_ftp_relu_stays_bounded_with_tangent_and_diverges_without(small_mnist):
     """The reason `tangent` exists: plain ReLU FTP blows up on real data within a few hundred steps."""
     def run(tangent: bool) -> float:

@@ -144,7 +144,8 @@ def check_batch(model: Net, x: torch.Tensor, y: torch.Tensor) -> None:
     Only metadata is checked, so the step never waits on the device.
     """
     check_grad_mode()
+    if y.dtype != torch.int64 or y.dim() != 1:  # one-hot rows would fail in each rule's loss in another way
+        raise ValueError(f"labels must be int64 class indices of shape (batch,), got {y.dtype} of shape "
+                         f"{tuple(y.shape)}" + (" (one-hot rows? pass y.argmax(1))" if y.dim() == 2 else ""))
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"batch size mismatch: x has {x.shape[0]} samples, y has {y.shape[0]}")
-    if y.dtype != torch.int64:
-        raise ValueError(f"labels must be int64 class indices, got {y.dtype}")
