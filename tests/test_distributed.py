@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ftprop import distributed
+from ftprop import cli, distributed
 from ftprop.data import Dataset
 from ftprop.train import TrainConfig, train
 
@@ -181,6 +181,18 @@ def test_ranks_with_different_settings_are_refused(ranks, name, keys):
         message = ranks[r].get(name)
         assert message is not None and "started with different settings" in message
         assert [k for k in ("batch_size", "lr", "resume", "rule", "seed") if f"{k}: rank 0" in message] == list(keys)
+
+
+@pytest.mark.parametrize("argv", [["compare", "--rules", "bp,ftp"], ["bench"], ["cost"], ["sequences"],
+                                  ["reproduce", "all"], ["data", "info", "mnist"]])
+def test_commands_other_than_train_refuse_torchrun(monkeypatch, capsys, argv):
+    """Under torchrun every rank ran its own copy of compare (its inner runs joining the process group as
+    data-parallel ones) or of the others, each rank writing the same table and results; now they refuse at once."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("compare", "bench", "cost", "sequences", "reproduce", "data"):  # were the check to miss, nothing
+        monkeypatch.setattr(cli, f"cmd_{name}", lambda args: 0)               # would run (reproduce rewrites docs/)
+    assert cli.main(argv) == 2
+    assert f"ftprop {argv[0]} runs in one process" in capsys.readouterr().err
 
 
 def test_shard_and_batch_size_checks():
