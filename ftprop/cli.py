@@ -403,6 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "seeds", 1) < 1:
         print("ftprop: error: --seeds must be >= 1", file=sys.stderr)
         return 2
+    if distributed.launched() and args.func is not cmd_train:  # one copy per rank: each writing the same files
+        print(f"ftprop: error: ftprop {args.command} runs in one process; of the commands only `ftprop train` runs "
+              f"data-parallel under torchrun (docs/SCALING.md): run ftprop {args.command} without torchrun",
+              file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (DatasetError, ValueError, FileNotFoundError, TrainingDiverged) as err:

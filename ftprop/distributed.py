@@ -92,6 +92,27 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+def check_same(settings: dict[str, Any], ctx: Context) -> None:
+    """Raise on every rank, naming the settings and ranks, unless every rank was given the same `settings`.
+
+    Each rank parses its own command line (and --config file), and nothing else would notice ranks that differ: the
+    start-up broadcast makes their models agree, and then another seed shuffles another batch order, another lr or
+    rule steps otherwise, so the run silently averages unrelated updates; another batch size sends buckets of other
+    sizes and fails deep inside gloo or NCCL, or hangs. One gather of the settings at start-up, before anything else.
+    """
+    if not ctx.active:
+        return
+    gathered: list[dict[str, Any] | None] = [None] * ctx.world
+    dist.all_gather_object(gathered, settings)
+    first = gathered[0]
+    differ = [f"{key}: rank 0 {first.get(key)!r}, rank {r} {theirs.get(key)!r}"
+              for r, theirs in enumerate(gathered) for key in sorted(first.keys() | theirs.keys())
+              if theirs.get(key) != first.get(key)]
+    if differ:
+        raise ValueError(f"the {ctx.world} processes were started with different settings ({'; '.join(differ)}); "
+                         f"give every rank the same command, --config file and --resume")
+
+
 def check_batch_size(batch_size: int, ctx: Context) -> None:
     if batch_size % ctx.world:
         raise ValueError(f"batch_size {batch_size} is the global batch and must be divisible by the number of "

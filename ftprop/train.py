@@ -276,6 +276,9 @@ def _summary(history: list[dict[str, Any]], seconds: float, diverged: str | None
 def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -> dict[str, Any]:
     """Train one run and return its summary (the contents of metrics.json)."""
     ctx, device = distributed.init(resolve_device(cfg.device))  # one process unless launched by torchrun
+    # the whole run must be the same on every rank; where the dataset is read and the progress bar may differ
+    distributed.check_same({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "progress")}
+                           | {"resume": resume}, ctx)
     distributed.check_batch_size(cfg.batch_size, ctx)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, device=device)  # one split for all seeds

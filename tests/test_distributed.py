@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ftprop import distributed
+from ftprop import cli, distributed
 from ftprop.data import Dataset
 from ftprop.train import TrainConfig, train
 
@@ -46,6 +46,12 @@ AGREE = {
     "ftp-analog": {"rule": "ftp", "analog": "reram"},
 }
 RESUMED = ("ftp", "dtp", "ftp-shift")  # also run as 1 epoch + resume to 2
+# Ranks started with different settings (per rank: rank 0's, rank 1's) and --resume on one rank only.
+MISMATCHED = [
+    ("mismatch-seed-lr-rule", {"seed": (0, 1), "lr": (0.05, 0.1), "rule": ("ftp", "fa")}, (False, False)),
+    ("mismatch-batch-size", {"batch_size": (32, 16)}, (False, False)),
+    ("mismatch-resume", {}, (False, True)),
+]
 
 
 def tiny_data(n: int = 96) -> Dataset:
@@ -78,7 +84,13 @@ def _worker(rank: int, port: int, data: Dataset, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    results = {name: run(config(Path(root) / name, **kw), data) for name, kw in {**EQUAL, **AGREE}.items()}
+    results: dict[str, Any] = {}
+    for name, kw, resume in MISMATCHED:  # each rank given its own settings: every rank must refuse, before training
+        try:
+            train(config(Path(root) / name, **{k: v[rank] for k, v in kw.items()}), data, resume=resume[rank])
+        except ValueError as err:
+            results[name] = str(err)
+    results.update({name: run(config(Path(root) / name, **kw), data) for name, kw in {**EQUAL, **AGREE}.items()})
     for name in RESUMED:
         out = Path(root) / f"{name}-resumed"
         run(config(out, epochs=1, **EQUAL[name]), data)
@@ -158,6 +170,29 @@ def test_batch_statistics_cases_differ_from_one_process(ranks, tmp_path):
     one = run(config(tmp_path / "bn", **AGREE["ftp-batchnorm"]), tiny_data())
     assert not all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ranks[0]["ftp-batchnorm"]["params"],
                                                                   one["params"]))
+
+
+@pytest.mark.parametrize("name, keys", [("mismatch-seed-lr-rule", ("lr", "rule", "seed")),
+                                       ("mismatch-batch-size", ("batch_size",)), ("mismatch-resume", ("resume",))])
+def test_ranks_with_different_settings_are_refused(ranks, name, keys):
+    """Ranks given other seeds, learning rates or rules trained on silently (the start-up broadcast hid it) and
+    averaged unrelated updates; another batch size failed inside gloo. Now every rank refuses, naming each setting."""
+    for r in range(WORLD):
+        message = ranks[r].get(name)
+        assert message is not None and "started with different settings" in message
+        assert [k for k in ("batch_size", "lr", "resume", "rule", "seed") if f"{k}: rank 0" in message] == list(keys)
+
+
+@pytest.mark.parametrize("argv", [["compare", "--rules", "bp,ftp"], ["bench"], ["cost"], ["sequences"],
+                                  ["reproduce", "all"], ["data", "info", "mnist"]])
+def test_commands_other_than_train_refuse_torchrun(monkeypatch, capsys, argv):
+    """Under torchrun every rank ran its own copy of compare (its inner runs joining the process group as
+    data-parallel ones) or of the others, each rank writing the same table and results; now they refuse at once."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("compare", "bench", "cost", "sequences", "reproduce", "data"):  # were the check to miss, nothing
+        monkeypatch.setattr(cli, f"cmd_{name}", lambda args: 0)               # would run (reproduce rewrites docs/)
+    assert cli.main(argv) == 2
+    assert f"ftprop {argv[0]} runs in one process" in capsys.readouterr().err
 
 
 def test_shard_and_batch_size_checks():
