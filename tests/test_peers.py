@@ -203,6 +203,20 @@ def test_drtp_hidden_updates_ignore_the_output_layer():
     assert not torch.equal(before[4], after[4])
 
 
+@pytest.mark.parametrize("name", ["dfa", "drtp"])
+def test_direct_feedback_range_follows_b_scale(name):
+    """B_l ~ b_scale * U(-a, a), a = sqrt(6 / (n_out + |h_l|)), as the module docstrings state: the formula tests
+    take B from the rule's state, so only this checks how it is drawn."""
+    net = tiny_net(hidden=(300, 200))
+    rule = make_rule(name, b_scale=2.0)
+    rule.step(net, *batch())
+    for B, width in zip(rule.state_dict()["B"], (300, 200), strict=True):
+        limit = 2.0 * (6 / (3 + width)) ** 0.5
+        assert B.shape == (3, width)
+        assert B.abs().max() <= limit and B.abs().max() > 0.95 * limit, (B.abs().max(), limit)
+        assert abs(B.mean().item()) < 0.1 * limit
+
+
 # ------------------------------------------------------------------------------------------------------- PEPITA
 
 @pytest.mark.parametrize("output_error", ["modulated", "first"])
@@ -223,6 +237,21 @@ def test_pepita_equals_formula(output_error):
     n = len(y)
     assert_grads(net, updates(x_mod, h1, h2, (h1 - m1) / n, (h2 - m2) / n, e_last / n, in2=m1, in3=m2))
     torch.testing.assert_close(out.loss, F.cross_entropy(net(x), y))  # the loss is the first pass's
+
+
+def test_pepita_input_projection_range_follows_f_scale():
+    """F ~ f_scale * U(-sqrt(6 / n_in), sqrt(6 / n_in)) (He uniform times f_scale): on 200 inputs its largest entry
+    reaches the bound, which a too narrow draw would not (the formula test takes F from the rule's state)."""
+    torch.manual_seed(0)
+    net = mlp(200, (5, 4), 3, "tanh").double()
+    x = torch.randn(7, 200, dtype=torch.float64)
+    rule = make_rule("pepita", f_scale=0.5)
+    rule.step(net, x, torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    Fm = rule.state_dict()["F"]
+    limit = 0.5 * (6 / 200) ** 0.5
+    assert Fm.shape == (3, 200)
+    assert Fm.abs().max() <= limit and Fm.abs().max() > 0.95 * limit, (Fm.abs().max(), limit)
+    assert abs(Fm.mean().item()) < 0.1 * limit
 
 
 # ---------------------------------------------------------------------------------------------------------- DTP
@@ -255,6 +284,49 @@ def test_dtp_equals_formula_and_trains_its_inverse():
     d_rec = (rec - h1) * (1 - rec ** 2) / n
     (V_new, c_new), = rule.state_dict()["inverses"]
     torch.testing.assert_close(V_new, V - lr * d_rec.T @ h2)
+    torch.testing.assert_close(c_new, c - lr * d_rec.sum(0))
+
+
+def test_dtp_inverses_start_glorot_uniform_with_zero_bias():
+    """V_l ~ U(-a, a), a = sqrt(6 / (|h_{l-1}| + |h_l|)), c_l = 0 (the module docstring); inverse_lr is tiny so the
+    one SGD step of the inverse leaves the initial draw visible."""
+    net = tiny_net(hidden=(300, 200))
+    rule = make_rule("dtp", inverse_lr=1e-12, noise_std=0.0)
+    rule.step(net, *batch())
+    (V, c), = rule.state_dict()["inverses"]
+    limit = (6 / (300 + 200)) ** 0.5
+    assert V.shape == (300, 200) and c.shape == (300,)
+    assert V.abs().max() <= limit * (1 + 1e-9) and V.abs().max() > 0.95 * limit, (V.abs().max(), limit)
+    assert abs(V.mean().item()) < 0.05 * limit
+    assert c.abs().max() < 1e-9
+
+
+def test_dtp_inverse_trains_on_inputs_with_noise_of_std_noise_std():
+    """The inverse's reconstruction loss |g(f(h_1 + eps)) - (h_1 + eps)|^2 / (2B) sees eps ~ N(0, noise_std^2): the
+    noisy input the rule hands block 2 (caught by a hook) is h_1 plus noise of that std, and the inverse's SGD step is
+    the formula's on that input (test_dtp_equals_formula_and_trains_its_inverse has no noise)."""
+    net = tiny_net(hidden=(5, 4))
+    x, y = batch(n=400)
+    noise_std, lr = 0.3, 0.2
+    gen = torch.Generator().manual_seed(5)
+    V, c = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    rule = make_rule("dtp", inverse_lr=lr, noise_std=noise_std)
+    rule.load_state_dict({"inverses": [[V.clone(), c.clone()]]})
+    seen = []
+    net.blocks[1].register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()))
+    rule.step(net, x, y)
+    (W1, b1), (W2, b2), _ = weights(net)
+    h1 = torch.tanh(x @ W1.T + b1)
+    first, noisy = seen  # the first pass on h_1, then the inverse's training input
+    torch.testing.assert_close(first, h1)
+    eps = noisy - h1
+    assert abs(eps.std().item() - noise_std) < 0.05 * noise_std, eps.std()
+    assert abs(eps.mean().item()) < 0.05 * noise_std
+    fwd = torch.tanh(noisy @ W2.T + b2)
+    rec = torch.tanh(fwd @ V.T + c)
+    d_rec = (rec - noisy) * (1 - rec ** 2) / len(y)
+    (V_new, c_new), = rule.state_dict()["inverses"]
+    torch.testing.assert_close(V_new, V - lr * d_rec.T @ fwd)
     torch.testing.assert_close(c_new, c - lr * d_rec.sum(0))
 
 
