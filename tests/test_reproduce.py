@@ -146,3 +146,22 @@ def test_run_compare_reuses_only_intact_matching_runs(tmp_path, tiny, monkeypatc
         assert len(trained) == n + 1 and summary["test_accuracy"] == first[0]["test_accuracy"]
         assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
     assert "cmp/bp-seed0/metrics.json is unreadable" in capsys.readouterr().err
+
+
+def test_sequences_task_with_damaged_results_is_trained_again(tmp_path, monkeypatch, capsys):
+    """A sequences task's results.json cut short (a bad copy of the versioned runs) is retrained, not a crash."""
+    from ftprop import study_sequences as seq
+    cfg = seq.SeqConfig(task="adding", T=5, n_train=64, n_test=32, epochs=1)
+    calls = []
+
+    def fake(cfg_, rules, seeds, bench_rounds, data, done):
+        calls.append(done)
+        return {"runs": {r: [] for r in rules}}, {r: cfg_.build(data) for r in rules}
+
+    monkeypatch.setattr(seq, "run_sequences", fake)
+    seq._run(cfg, 1, 1, tmp_path)
+    (tmp_path / "results.json").write_text('{"runs": {"bptt": [')
+    results, models, _ = seq._run(cfg, 1, 1, tmp_path)
+    assert calls == [{}, {}] and set(models) == set(seq.RULES)
+    assert f"{tmp_path / 'results.json'} is not reusable" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text())["key"]["seeds"] == 1  # rewritten whole
