@@ -379,12 +379,17 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_sequences)
 
     r = sub.add_parser("reproduce", help="rerun the studies behind docs/ and regenerate docs/RESULTS.md")
-    r.add_argument("studies", nargs="+", help="study names, or all")
+    r.add_argument("studies", nargs="+", help="study names, or all (each study runs once, in the registry's order "
+                   "for all)")
     r.add_argument("--budget", default="full", choices=("small", "full"),
-                   help="small: the same pipeline in minutes (fewer epochs and seeds); full: the published figures")
+                   help="small: the same pipeline in minutes (fewer epochs and seeds); full (the default): the published "
+                   "figures, hours per study")
     r.add_argument("--runs", default="results/runs", help="where runs go; finished runs are reused, "
                    "interrupted ones resumed (default results/runs, versioned without checkpoints)")
-    r.add_argument("--docs", default="docs", help="docs directory to write (default docs)")
+    r.add_argument("--docs", default="docs", help="docs directory to write (default docs, relative to the current "
+                   "directory: run from the checkout, it rewrites the checkout's docs/results/STUDY.BUDGET.*, "
+                   "docs/RESULTS.md and the results table of README.md beside docs/; give a scratch folder to leave "
+                   "them untouched). A full-budget section is kept in RESULTS.md over a small one")
     r.set_defaults(func=cmd_reproduce)
 
     d = sub.add_parser("data", help="check or fetch datasets")

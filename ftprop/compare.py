@@ -115,12 +115,28 @@ def rule_config(base: TrainConfig, rule: str, overrides: dict[str, Any] | None) 
     return cfg
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A run's config.json or metrics.json, or None (with a note) when it is missing or unreadable: train writes them
+    atomically, so a damaged one was damaged outside (a bad copy or merge of the versioned runs), and the run is
+    trained again rather than the whole study stopping on a bare JSONDecodeError."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        print(f"{path} is unreadable ({err}); training that run again", file=sys.stderr)
+        return None
+    if not isinstance(record, dict):
+        print(f"{path} holds no JSON object; training that run again", file=sys.stderr)
+        return None
+    return record
+
+
 def _same_run(run_dir: Path, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> bool:
     """Whether run_dir was trained with this config (ignoring `ignore`): only then may it be reused or resumed."""
-    path = run_dir / "config.json"
-    if not path.exists():
+    saved = _read_record(run_dir / "config.json")
+    if saved is None:
         return False
-    saved = json.loads(path.read_text())
     mine, default = dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig())  # a field newer than the run: default
     return all(saved.get(k, default[k]) == mine[k] for k in mine
                if k not in ("progress", "out", "device", "data_dir", *ignore))
@@ -156,8 +172,10 @@ def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resu
             run_dir = out / f"{rule}-seed{seed}"
             cfg = dataclasses.replace(configs[rule], seed=seed, out=str(run_dir))
             done = run_dir / "metrics.json"
-            saved = json.loads(done.read_text()) if resume and done.exists() and _same_run(run_dir, cfg) else None
-            if saved and (saved["epochs"] == cfg.epochs or saved["diverged"]):
+            saved = _read_record(done) if resume and _same_run(run_dir, cfg) else None
+            # its per-epoch log too, which the curves and tables read (a finished run has it; a copy may not)
+            if saved and (saved.get("epochs") == cfg.epochs or saved.get("diverged")) \
+                    and (run_dir / "metrics.jsonl").exists():
                 summary = saved  # finished, or ended by divergence (retraining it would only diverge again)
             else:
                 try:

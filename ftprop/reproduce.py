@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -263,16 +264,34 @@ def assemble(docs: Path) -> Path:
     return out
 
 
+def _check_writable(docs: Path, figures: Path) -> None:
+    """Refuse a docs folder this process cannot write before any study trains: the sections are written only after
+    a study's runs (hours at the full budget), and failing then would leave them unreported."""
+    try:
+        figures.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--docs {docs}: cannot create {figures} ({err.strerror}); give a writable --docs") from err
+    readme = docs.parent / "README.md"  # assemble rewrites its results table, when it has the markers
+    targets = [figures, docs, *(p for p in (docs / "RESULTS.md",) if p.exists()),
+               *(p for p in (readme,) if p.exists() and README_START in p.read_text())]
+    blocked = [str(p) for p in targets if not os.access(p, os.W_OK)]
+    if blocked:
+        raise ValueError(f"--docs {docs}: cannot write {', '.join(blocked)}; make it writable or give another --docs "
+                         "(a scratch folder leaves the checkout's docs and README untouched)")
+
+
 def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
+    """Run the studies `names` (or all) at `budget`, writing DOCS/results/STUDY.BUDGET.{md,png,summary.json}, then
+    DOCS/RESULTS.md and the results table between the markers of DOCS/../README.md (when it has them)."""
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; choose small or full")
-    if names == ["all"]:
-        names = list(STUDIES)
+    # `all` may sit among other names, and a name given twice runs once: a repeat would only retime its tables
+    names = list(dict.fromkeys(s for n in names for s in (STUDIES if n == "all" else [n])))
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
         raise ValueError(f"unknown study {', '.join(unknown)}; choose from all, {', '.join(STUDIES)}")
     figures = docs / "results"
-    figures.mkdir(parents=True, exist_ok=True)
+    _check_writable(docs, figures)
     for name in names:
         b = BUDGETS[budget]
         started = datetime.datetime.now(datetime.timezone.utc)
@@ -282,7 +301,7 @@ def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
         header = (f"## {STUDIES[name].title}\n\nStudy `{name}`, budget `{b.name}` (each setting line below gives its "
                   f"epochs and seeds); section generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
                   f"UTC (study started {started:%H:%M}) on {report.machine()}, which also measured any step-time "
-                  f"table below; runs read from results/runs/{b.name}, where finished runs are reused, made on: "
+                  f"table below; runs read from {runs / b.name}, where finished runs are reused, made on: "
                   f"{report.runs_line('machine') or report.machine()}; code: "
                   f"{report.runs_line('code') or report.code_version()}. "
                   f"Rerun: `ftprop reproduce {name} --budget {b.name}`.\n\n")

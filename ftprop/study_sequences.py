@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,10 +60,12 @@ def _run(cfg: SeqConfig, seeds: int, bench_rounds: int, where: Path) -> tuple[di
     results_path, models_path = where / "results.json", where / "models.pt"
     saved, models = None, {}
     if results_path.exists() and models_path.exists():
-        saved = json.loads(results_path.read_text())
         try:  # through the dataclass, so that a field added since takes its default, which older runs had
+            saved = json.loads(results_path.read_text())
             saved["key"]["config"] = dataclasses.asdict(SeqConfig(**saved["key"]["config"]))
-        except (KeyError, TypeError, ValueError):  # no key, or one this code's config cannot hold: not reusable
+        except (KeyError, TypeError, ValueError):  # no key, one this code's config cannot hold, or damaged JSON
+            # (JSONDecodeError is a ValueError): not reusable, the task is trained again
+            print(f"{results_path} is not reusable by this code; training the task again", file=sys.stderr)
             saved = None
         if saved is None or saved["key"] != key:
             saved = None

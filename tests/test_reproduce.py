@@ -1,8 +1,10 @@
 """The reproduce pipeline: runs, sections, plots and an assembled RESULTS.md, on a tiny budget."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +75,93 @@ def test_peers_study_runs_every_rule_with_its_config(tmp_path, tiny, monkeypatch
     bench = text.split("### Step time of every rule")[1]
     assert all(f"| {r} |" in bench for r in rules) and "FTP / BP = " in bench
     assert re.search(r"\| ftp \| [\d.]+ \| [\d.-]+ \| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", bench)
+
+
+@pytest.fixture
+def fake_studies(monkeypatch):
+    """Two studies that train nothing and record the order they ran in."""
+    ran = []
+
+    def study(name):
+        def run(budget, runs, figures):
+            ran.append(name)
+            return f"### {name}\n", [[name, "-", "-"]]
+        return rep.Study(name, f"title {name}", run)
+
+    monkeypatch.setattr(rep, "STUDIES", {n: study(n) for n in ("one", "two")})
+    return ran
+
+
+def test_study_names_all_anywhere_and_each_once(tmp_path, fake_studies):
+    rep.reproduce(["two", "all", "two"], "small", tmp_path / "runs", tmp_path / "docs")
+    assert fake_studies == ["two", "one"]  # `all` among other names adds the rest; a repeat does not rerun
+    with pytest.raises(ValueError, match="unknown study nope; choose from all, one, two"):
+        rep.reproduce(["all", "nope"], "small", tmp_path / "runs", tmp_path / "docs")
+
+
+def test_section_names_the_runs_folder_it_read(tmp_path, fake_studies):
+    text = rep.reproduce(["one"], "small", tmp_path / "elsewhere", tmp_path / "docs").read_text()
+    assert f"runs read from {tmp_path / 'elsewhere' / 'small'}, where" in text and "results/runs" not in text
+
+
+def test_unwritable_docs_refused_before_any_study_trains(tmp_path, fake_studies, monkeypatch):
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    (docs / "RESULTS.md").write_text("# Results\n")
+    real = rep.os.access  # chmod does not stop root, who runs the suite in some containers: the check is os.access
+    monkeypatch.setattr(rep.os, "access", lambda p, mode: Path(p).name != "RESULTS.md" and real(p, mode))
+    with pytest.raises(ValueError, match=f"--docs {docs}: cannot write {docs / 'RESULTS.md'}; .*another --docs"):
+        rep.reproduce(["one"], "small", tmp_path / "runs", docs)
+    assert fake_studies == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cannot create"):
+        rep.reproduce(["one"], "small", tmp_path / "runs", tmp_path / "file")
+
+
+def test_run_compare_reuses_only_intact_matching_runs(tmp_path, tiny, monkeypatch, capsys):
+    """A finished run is reused only when its config matches; a changed option, or a damaged or partial run
+    directory (truncated JSON, no metrics.json or metrics.jsonl), is trained again instead of stopping the study."""
+    import ftprop.compare as compare
+    trained = []
+    real = compare.train
+    monkeypatch.setattr(compare, "train", lambda cfg, *a, **k: trained.append(cfg.rule) or real(cfg, *a, **k))
+    base = rep.TrainConfig(dataset="mnist", hidden="32", epochs=1, progress=False)
+    out = tmp_path / "cmp"
+    first = compare.run_compare(base, ["bp"], 1, out, resume=True).results["bp"]
+    run = out / "bp-seed0"
+    assert trained == ["bp"]
+    assert compare.run_compare(base, ["bp"], 1, out, resume=True).results["bp"] == first and trained == ["bp"]
+    compare.run_compare(dataclasses.replace(base, lr=base.lr / 2), ["bp"], 1, out, resume=True)
+    assert len(trained) == 2  # another learning rate: another run
+    compare.run_compare(base, ["bp"], 1, out, resume=True)
+    assert len(trained) == 3
+    for damage in (lambda: (run / "metrics.json").write_text('{"test_accuracy": 0.'),
+                   lambda: (run / "config.json").write_text("{"),
+                   lambda: (run / "config.json").write_text("[]"),
+                   lambda: (run / "metrics.json").unlink(),
+                   lambda: (run / "metrics.jsonl").unlink()):
+        damage()
+        n = len(trained)
+        summary = compare.run_compare(base, ["bp"], 1, out, resume=True).results["bp"][0]
+        assert len(trained) == n + 1 and summary["test_accuracy"] == first[0]["test_accuracy"]
+        assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+    assert "cmp/bp-seed0/metrics.json is unreadable" in capsys.readouterr().err
+
+
+def test_sequences_task_with_damaged_results_is_trained_again(tmp_path, monkeypatch, capsys):
+    """A sequences task's results.json cut short (a bad copy of the versioned runs) is retrained, not a crash."""
+    from ftprop import study_sequences as seq
+    cfg = seq.SeqConfig(task="adding", T=5, n_train=64, n_test=32, epochs=1)
+    calls = []
+
+    def fake(cfg_, rules, seeds, bench_rounds, data, done):
+        calls.append(done)
+        return {"runs": {r: [] for r in rules}}, {r: cfg_.build(data) for r in rules}
+
+    monkeypatch.setattr(seq, "run_sequences", fake)
+    seq._run(cfg, 1, 1, tmp_path)
+    (tmp_path / "results.json").write_text('{"runs": {"bptt": [')
+    results, models, _ = seq._run(cfg, 1, 1, tmp_path)
+    assert calls == [{}, {}] and set(models) == set(seq.RULES)
+    assert f"{tmp_path / 'results.json'} is not reusable" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text())["key"]["seeds"] == 1  # rewritten whole
