@@ -118,9 +118,15 @@ def bench_method(repeats: int, rounds: int, steps: int, alternate: str = "BP and
             "the median of the repeats' ratios with their range in brackets")
 
 
+def spread(values: Sequence[float], digits: int = 2) -> str:
+    """'mean ± std' over runs, or 'value (1 run)': one run has no spread to show, and '± 0.00' read as a measured
+    spread of zero (every small-budget table has one seed)."""
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f} (1 run)"
+
+
 def pct(values: Sequence[float]) -> str:
-    m, s = mean_std([100 * v for v in values])
-    return f"{m:.2f} ± {s:.2f}"
+    return spread([100 * v for v in values])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

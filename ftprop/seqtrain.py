@@ -209,8 +209,7 @@ def results_table(results: dict[str, Any]) -> str:
     """Test metric (mean ± std over seeds, at each run's best validation epoch), cost per training sequence and
     time relative to BPTT; forecasting tasks get the linear baseline as a last row."""
     def stat(values: list[float], digits: int = 4) -> str:
-        m, s = report.mean_std(values)
-        return f"{m:.{digits}f} ± {s:.{digits}f}"
+        return report.spread(values, digits)
 
     classification = results["classification"]
     header = ["rule", "test accuracy %" if classification else "test MSE", *([] if classification else ["test MAE"]),

@@ -130,13 +130,12 @@ def _cell(entry: dict[str, Any]) -> str:
     """mean ± std, with the runs that diverged and those that finished at chance level counted beside it."""
     if not entry["acc"]:
         return f"diverged ({entry['diverged']}/{entry['runs']})"
-    m, s = report.mean_std(entry["acc"])
     # Finite weights at chance accuracy: a run that blew up and died (e.g. its loss reached 1e12 and its units went
     # silent) without a non-finite value to flag it as diverged; counted so the reader is not left to guess.
     at_chance = sum(a <= AT_CHANCE for a in entry["acc"])
     notes = [f"{entry['diverged']}/{entry['runs']} diverged"] * bool(entry["diverged"])
     notes += [f"{at_chance}/{entry['runs']} at chance"] * bool(at_chance)
-    return f"{m:.2f} ± {s:.2f}" + (f" ({', '.join(notes)})" if notes else "")
+    return report.spread(entry["acc"]) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _mean(entry: dict[str, Any]) -> float | None:
@@ -292,8 +291,8 @@ def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list
             figure = "diverged"
         else:
             holds = f32 - f8 <= 0.5
-            goal = (f"{'holds' if holds else 'does not hold'}: 8-bit FTP {f8:.2f} ± {report.mean_std(headline[1]['acc'])[1]:.2f}% "
-                    f"against float FTP {f32:.2f} ± {report.mean_std(headline[0]['acc'])[1]:.2f}% ({f8 - f32:+.2f} "
+            goal = (f"{'holds' if holds else 'does not hold'}: 8-bit FTP {report.spread(headline[1]['acc'])}% "
+                    f"against float FTP {report.spread(headline[0]['acc'])}% ({f8 - f32:+.2f} "
                     f"points; {budget.epochs} epochs, seeds 0..{budget.seeds - 1})")
             figure = f"{f8:.2f} vs {f32:.2f} ({f8 - f32:+.2f})"
         summary.append(["MNIST MLP, FTP w8a8e8u8 stochastic vs float", figure, "within 0.5 points of float"])

@@ -174,3 +174,13 @@ def test_curves_leave_out_diverged_runs_as_the_table_does(tmp_path):
     assert report.curve_series({"bp": [run([0.1])]}, {"bp": [results["bp"][2]]}) == {}  # all diverged: no curve
     report.plot_curves(histories, tmp_path / "curves.png", "t", results)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_accuracy_cells_show_a_spread_only_over_several_runs():
+    """Mean ± sample std over seeds; one run has no spread, and '± 0.00' read as a measured spread of zero."""
+    from ftprop import report
+    assert report.pct([0.9, 0.92, 0.94]) == "92.00 ± 2.00"
+    assert report.pct([0.9608]) == "96.08 (1 run)"
+    assert report.spread([0.5, 0.5], digits=4) == "0.5000 ± 0.0000"  # two equal runs: a real zero spread
+    assert report.compare_table({"bp": [{"test_accuracy": 0.97, "best_val_accuracy": 0.975, "diverged": False,
+                                         "seconds_per_epoch": 1.0}]}).count("97.00 (1 run)") == 1

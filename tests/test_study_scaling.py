@@ -141,7 +141,7 @@ def test_depth_study(tmp_path, tiny, monkeypatch):
     every_run = json.loads((tmp_path / "runs" / "small" / "depth-headline-mnist-mlp3-adam-every" / "ftp-seed0"
                             / "metrics.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith('| FTP, inject="every" |'))
-    assert row == (f'| FTP, inject="every" | - | {100 * every_run["test_accuracy"]:.2f} ± 0.00 (validation '
+    assert row == (f'| FTP, inject="every" | - | {100 * every_run["test_accuracy"]:.2f} (1 run) (validation '
                    f'{100 * every_run["best_val_accuracy"]:.2f}) | Adam |')
     assert 'FTP with inject="every" (Adam)' in text and ": diverged runs at any MLP depth: 0; goal " in text
     assert '| depth | ftp (grid) | ftp, inject="every" |' in text
