@@ -293,6 +293,40 @@ def test_one_hot_labels_are_refused_by_every_rule(name):
         make_rule(name).step(net, x, F.one_hot(y, 3))
     make_rule(name).step(net, x, y)  # the labels as indices: no complaint
 
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_a_batch_of_another_dtype_than_the_model_is_refused_by_every_rule(name):
+    """float64 data into a float32 model (or the reverse) failed in the first matmul, in torch's words ("mat1 and mat2
+    must have the same dtype, but got Double and Float"); every rule now names both dtypes and the casts that fix it.
+    Under torch.autocast, which casts per op, the batch's dtype is the user's choice and every rule runs."""
+    net, x, y = tiny_net(), torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(ValueError, match=r"x is torch.float32 but the model's parameters are torch.float64: cast the "
+                                         r"batch \(x.to\(torch.float64\)\) or the model \(model.to\(torch.float32\)\)"):
+        make_rule(name).step(net, x.float(), y)
+    with pytest.raises(ValueError, match=r"x is torch.float64 but the model's parameters are torch.float32"):
+        make_rule(name).step(net.float(), x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        make_rule(name).step(net, x.bfloat16(), y)
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters())
+
+
+def test_ftp_under_autocast_gives_gradients_in_the_parameters_dtype():
+    """Under torch.autocast FTP's closed-form path (Linear + pointwise activation blocks) assigned bfloat16 gradients
+    to float32 weights and torch refused them ("attempting to assign a gradient with dtype 'c10::BFloat16' to a tensor
+    with grad_dtype 'Float'"); autocast now takes the autograd path, whose gradients are the float32 step's up to
+    bfloat16's precision (one hidden block: no difference of two passes to lose digits in)."""
+    torch.manual_seed(0)
+    net = mlp(6, (16,), 3, "tanh")
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    assert _closed_form_derivatives(list(net.blocks)) is not None  # the path that failed
+    reference = copy.deepcopy(net)
+    make_rule("ftp").step(reference, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        make_rule("ftp").step(net, x, y)
+    for p, q in zip(net.parameters(), reference.parameters()):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=2e-2 * q.grad.abs().max().item())
+
 def test_ftp_relu_stays_bounded_with_tangent_and_diverges_without(small_mnist):
     """The reason `tangent` exists: plain ReLU FTP blows up on real data within a few hundred steps."""
     def run(tangent: bool) -> float:

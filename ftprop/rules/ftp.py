@@ -528,8 +528,14 @@ class FTP(Rule):
 
     def _run(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         blocks = list(model.blocks)  # a plain list: indexing or slicing the ModuleList costs 4-20 us a time
-        derivatives = _closed_form_derivatives(blocks)  # None unless every block is Linear + a pointwise activation
-        folded = self._folded(blocks) if derivatives is None else None  # (closed form: no backward to fold into)
+        # Under torch.autocast the layers compute in the autocast dtype, not the parameters': only autograd casts the
+        # gradients back (the closed form would assign bfloat16 gradients to float32 weights, which torch refuses),
+        # and folded unit errors could overflow in float16 (`_folded`).
+        plain = not torch.is_autocast_enabled(x.device.type)
+        # None unless every block is Linear + a pointwise activation
+        derivatives = _closed_form_derivatives(blocks) if plain else None
+        # (closed form: no backward to fold into)
+        folded = self._folded(blocks) if derivatives is None and plain else None
         op = self._low_rank_op(blocks)  # these three checked before FTP's own taps are hooked in
         acts = self._in_place_activations(blocks)
         first = _LowRankFirst(op) if op is not None else None
