@@ -613,3 +613,24 @@ def test_ftp_on_a_layer_used_by_two_blocks_sums_their_local_gradients(options):
     want = [copies[0].weight.grad + copies[1].weight.grad, copies[0].bias.grad + copies[1].bias.grad]
     make_rule("ftp", **options).step(net(tied, tied), x, y)
     torch.testing.assert_close([tied.weight.grad, tied.bias.grad], want)
+
+
+@pytest.mark.parametrize("batch", [2, 16])  # the rank-K first conv runs at 16, not at 2 (`rank_k_pays`)
+def test_stem_step_floor_script_computes_ftps_step(batch):
+    """scripts/stem_step_floor.py times FTP's step on the stem residual net written out op by op without the
+    library's Python (docs/ALGORITHM.md): its figure means something only while its gradients are the library's."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "scripts" / "stem_step_floor.py"
+    spec = importlib.util.spec_from_file_location("stem_step_floor", path)
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    torch.manual_seed(0)
+    net = build_model("spec", (1, 28, 28), 10, activation="relu", spec=floor.SPEC)
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    rule = make_rule("ftp", **floor.OPTIONS)
+    rule.step(net, x, y)
+    want = [p.grad.clone() for p in net.parameters()]
+    floor.floor_step(net, floor.pooled_grid(rule.G), x, y)
+    for p, w in zip(net.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
