@@ -219,6 +219,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
     results = cost.cost_for(args.dataset, rules, model=args.model, hidden=args.hidden, activation=args.activation,
                             norm=args.norm, batch_size=args.batch_size, bytes_per_value=args.bytes_per_value,
                             skipped=skipped, **shape)
+    if not results:  # every rule asked for refuses the model: an empty table would read as a result
+        raise ValueError("cost: no rule asked for runs on this model:\n" +
+                         "\n".join(f"  {reason}" for reason in skipped.values()))
     for name, reason in skipped.items():
         print(f"ftprop cost: {name} left out: {reason}", file=sys.stderr)
     if args.json:

@@ -119,7 +119,9 @@ from torch import nn
 
 from .models import Net, build_model
 from .rules import RULES, Rule, make_rule
-from .rules.ftp import StepPath, rank_k_pays
+from .rules._common import require_mlp
+from .rules.fa import check_layers
+from .rules.ftp import StepPath, check_g_block, rank_k_pays
 
 # Input shape (C, H, W) and number of classes of the datasets ftprop knows, so costing needs no data files.
 DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
@@ -182,6 +184,7 @@ class BlockCost:
     modules: list[ModuleCost] = field(default_factory=list)
     post_extra_numel: int = 0     # values a post must keep for its derivative beyond its output
     out_extra_numel: int = 0      # |h_l| when h_l is not itself the next layer's input (e.g. pooling in between)
+    out_shape: tuple[int, ...] = ()  # h_l's shape per sample (FTP's g_block needs a map it can tile)
 
     @property
     def forward(self) -> int:
@@ -284,7 +287,8 @@ def trace(model: Net, input_shape: Sequence[int], detach: Collection[str] = ()) 
             for m in block.post.modules():
                 if len(list(m.children())) == 0 and not isinstance(m, _FREE_POSTS):
                     extra = a[0].numel()  # one tensor of a_l's size covers any such post (LayerNorm, GELU)
-        blocks.append(BlockCost(idx, x_in[0].numel(), x[0].numel(), out[0].numel(), records, extra))
+        blocks.append(BlockCost(idx, x_in[0].numel(), x[0].numel(), out[0].numel(), records, extra,
+                                out_shape=tuple(out.shape[1:])))
         h = out.detach()
     for b, nxt, block in zip(blocks[:-1], blocks[1:], list(net.blocks)[1:]):
         pre = getattr(block, "pre", None)
@@ -296,12 +300,13 @@ def trace(model: Net, input_shape: Sequence[int], detach: Collection[str] = ()) 
 
 def _rule_state_numel(name: str, rule: Rule, blocks: list[BlockCost]) -> int:
     n_out, hidden = blocks[-1].out_numel, blocks[:-1]
-    if name == "ftp":
-        return n_out * blocks[0].out_numel
+    if name == "ftp":  # G, and with inject="every" one projection per deeper hidden block (G_deep)
+        deep = sum(n_out * b.out_numel for b in hidden[1:]) if rule.inject == "every" else 0
+        return n_out * blocks[0].out_numel + deep
     if name in ("dfa", "drtp"):
         return sum(n_out * b.out_numel for b in hidden)
-    if name == "fa":
-        return sum(m.weight_numel for b in blocks[1:] for m in b.modules)  # B_l has W_l's shape
+    if name == "fa":  # a B of W's shape for every weight but the first one run (`fa.feedback_layers`)
+        return sum(m.weight_numel for m in [m for b in blocks for m in b.modules][1:])
     if name == "pepita":
         return n_out * blocks[0].in_numel
     if name == "dtp":
@@ -423,6 +428,7 @@ def model_cost(model: Net, input_shape: Sequence[int], rules: dict[str, Rule] | 
     out = {}
     for name, rule in rules.items():
         try:
+            check_supported(rule, model, blocks)
             path = rule.step_path(model) if rule.name == "ftp" else None
             traced = trace(model, input_shape, path.inner_taps) if path is not None and path.inner_taps else blocks
             out[name] = rule_cost(rule.name, traced, rule, batch_size, bytes_per_value, path)
@@ -433,14 +439,28 @@ def model_cost(model: Net, input_shape: Sequence[int], rules: dict[str, Rule] | 
     return out
 
 
+def check_supported(rule: Rule, model: Net, blocks: list[BlockCost]) -> None:
+    """Raise, in the rule's own words, where its step refuses `model` (traced into `blocks`), so that no cost is given
+    for a step that cannot run: DTP and FF on anything but a plain MLP, FA on a layer it has no feedback matrix for,
+    FTP's g_block on a first block whose output it cannot tile."""
+    if rule.name in ("dtp", "ff"):
+        require_mlp(model, rule.name)
+    elif rule.name == "fa":
+        check_layers(model)
+    elif rule.name == "ftp":
+        check_g_block(rule.g_block, blocks[0].out_shape)
+
+
 def cost_for(dataset: str, rules: dict[str, Rule] | Sequence[str], model: str = "mlp", hidden: str = "1024,128",
              activation: str = "tanh", norm: str = "none", batch_size: int = 1, bytes_per_value: int = 4,
              skipped: dict[str, str] | None = None, **model_kwargs: Any) -> dict[str, dict[str, Any]]:
     """The cost table the CLI prints: the named model on the named dataset's shapes (no data files needed)."""
     if dataset not in DATASET_SHAPES:
         raise ValueError(f"cost: unknown dataset {dataset!r}; known: {', '.join(DATASET_SHAPES)}")
-    if batch_size < 1 or bytes_per_value < 1:
-        raise ValueError("cost: batch size and bytes per value must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"cost: --batch-size must be >= 1, got {batch_size}")
+    if bytes_per_value < 1:
+        raise ValueError(f"cost: --bytes-per-value must be >= 1, got {bytes_per_value}")
     shape, classes = DATASET_SHAPES[dataset]
     net = build_model(model, shape, classes, hidden, activation, norm, **model_kwargs)
     return model_cost(net, shape, rules, batch_size, bytes_per_value, skipped)

@@ -288,3 +288,72 @@ def test_the_paper_cnn_against_the_spreadsheet(dataset, published_bp, published_
     assert r["ftp"]["layers"][0]["projection"] == 2 * classes * conv_out
     assert abs(r["bp"]["macs_per_sample"] + 2 * conv_out - published_bp) < 500
     assert abs(r["ftp"]["macs_per_sample"] + 2 * conv_out + dense_input_grad - published_ftp) < 500
+
+
+def _refused_by_the_step(net: Net, rule, input_shape) -> str:
+    with pytest.raises(ValueError) as err:
+        rule.step(net, torch.randn(4, *input_shape), torch.randint(0, 3, (4,)))
+    return str(err.value)
+
+
+@pytest.mark.parametrize("rule_name, options, model", [
+    ("dtp", {}, "f-l16-bn-tanh-l3"),        # an MLP with batch norm: not a plain MLP
+    ("ff", {}, "f-l16-tanh-d0.1-l3"),       # dropout
+    ("ff", {}, "f-l16-ln-tanh-l3"),         # affine LayerNorm
+    ("ftp", {"g_block": 2}, "f-l16-tanh-l8-tanh-l3"),  # G's patches on a flat first output
+    ("ftp", {"g_block": 3}, "c4k3-relu-p2-f-l3"),      # 6 x 6 map, patches of 3 fit; 4 do not: below
+    ("fa", {}, "transpose"),                # a ConvTranspose2d FA has no feedback matrix for
+])
+def test_cost_refuses_a_model_the_step_refuses(rule_name, options, model):
+    """`ftprop cost` used to give a figure for steps that cannot run (DTP and FF on MLPs with norms or dropout, FTP's
+    g_block on a map it cannot tile, FA on a layer without a feedback matrix): it now refuses in the step's words."""
+    torch.manual_seed(0)
+    if model == "transpose":
+        net = Net([Block(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU()), Block(nn.ConvTranspose2d(4, 4, 2, stride=2), nn.ReLU()),
+                   Block(nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3)))])
+    else:
+        net = build_model("spec", (1, 8, 8), 3, spec=model)
+    if options.get("g_block") == 3:  # the first block's output is 4 x 6 x 6: g_block 3 runs, 4 is refused
+        assert model_cost(net, (1, 8, 8), {"ftp": make_rule("ftp", g_block=3)})["ftp"]["macs_per_sample"] > 0
+        options = {"g_block": 4}
+    rule = make_rule(rule_name, **options)
+    message = _refused_by_the_step(net, rule, (1, 8, 8))
+    with pytest.raises(ValueError) as err:
+        model_cost(net, (1, 8, 8), {rule_name: rule})
+    assert str(err.value) == message
+    skipped: dict[str, str] = {}
+    assert model_cost(net, (1, 8, 8), {rule_name: rule}, skipped=skipped) == {} and skipped == {rule_name: message}
+
+
+def _matrices(rule) -> int:
+    """Values in the rule's own matrices (its checkpoint state without the random generator's)."""
+    state = {k: v for k, v in rule.state_dict().items() if k != "rng"}
+    return sum(t.numel() for t in torch.utils._pytree.tree_flatten(state)[0] if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("spec, rules", [
+    ("f-l16-tanh-l12-tanh-l8-tanh-l3", [*RULES, "ftp-every"]),
+    ("r4s2-r4-f-l3", ["fa", "dfa", "drtp", "pepita", "ftp", "ftp-every"]),  # block 1 has three convs
+])
+def test_rule_state_is_the_rules_matrices(spec, rules):
+    """`bytes_rule_state` is what the rule holds after a step: it left out FTP's G_deep (inject="every"), and gave
+    FA's first block feedback matrices for none of its weights past the first (a residual first block has three)."""
+    torch.manual_seed(0)
+    net = build_model("spec", (1, 8, 8), 3, activation="relu", spec=spec)
+    for label in rules:
+        rule = make_rule("ftp", inject="every") if label == "ftp-every" else make_rule(label)
+        rule.step(net, torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))
+        r = model_cost(net, (1, 8, 8), {label: rule}, bytes_per_value=2)[label]
+        assert r["bytes_rule_state"] == 2 * _matrices(rule), label
+
+
+def test_cli_cost_refuses_when_no_rule_runs_on_the_model(capsys):
+    """Every rule asked for refusing the model printed an empty table and exit 0; bad sizes name their option."""
+    assert main(["cost", "--rules", "dtp,ff", "--dataset", "mnist", "--model", "paper-cnn"]) == 2
+    err = capsys.readouterr().err
+    assert "no rule asked for runs on this model" in err and "dtp supports MLPs only" in err and "ff supports" in err
+    assert main(["cost", "--rules", "bp,dtp", "--dataset", "mnist", "--model", "paper-cnn"]) == 0  # bp runs: a note
+    assert "dtp left out" in capsys.readouterr().err
+    for option in ("--batch-size", "--bytes-per-value"):
+        assert main(["cost", "--rules", "bp", "--dataset", "mnist", option, "0"]) == 2
+        assert f"{option} must be >= 1, got 0" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,15 @@ def _hooked(m: nn.Module | None = None) -> bool:
     if m is None:
         return any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def check_g_block(k: int, shape: Sequence[int]) -> None:
+    """g_block = k > 1 repeats G's entries over k x k patches, so the first block's output (`shape`, one sample) must be
+    a map C x H x W with H and W divisible by k. ftprop.cost checks it too, so that no cost is given for a step that
+    refuses the model."""
+    if k > 1 and (len(shape) != 3 or shape[1] % k or shape[2] % k):
+        raise ValueError(f"ftp: g_block={k} needs the first block's output to be a map C x H x W with H and W "
+                         f"divisible by {k}, got shape {tuple(shape)}")
 
 
 G_DISTS = ("gaussian", "uniform", "sparse", "orthogonal")
@@ -413,9 +422,7 @@ class FTP(Rule):
         """
         k = self.g_block if g_block is None else g_block
         if k > 1:
-            if like.dim() != 4 or like.shape[2] % k or like.shape[3] % k:
-                raise ValueError(f"ftp: g_block={k} needs the first block's output to be a map C x H x W with H and W "
-                                 f"divisible by {k}, got shape {tuple(like.shape[1:])}")
+            check_g_block(k, like.shape[1:])
             c, h, w = like.shape[1:]
             n_hidden = c * (h // k) * (w // k)
         gen = torch.Generator().manual_seed(self.seed) if gen is None else gen
