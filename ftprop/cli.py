@@ -46,7 +46,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     p.add_argument("--optimizer", help=f"sgd or adam (default {d.optimizer})")
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
-    p.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
+    p.add_argument("--momentum", type=float, help=f"SGD's momentum, or Adam's beta1 with --optimizer adam; in [0, 1) "
+                   f"(default {d.momentum})")
     p.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
     p.add_argument("--schedule", help=f"none, step or cosine (default {d.schedule})")
     p.add_argument("--lr-step", type=int, help=f"epochs between decays for --schedule step (default {d.lr_step})")

@@ -161,7 +161,8 @@ def _has_file(directory: Path, file: str, spec: _Spec) -> bool:
 def find_dataset_files(name: str, data_dir: str | Path | None = None) -> Path:
     """The directory holding all of `name`'s files: the first complete one among data_dir, $FTPROP_DATA, the user cache
     (each as <root>/<name>/ or <root>/ itself, plus the archive's canonical folder inside them for CIFAR) and the offline
-    sources. Raises DatasetError listing every place tried and how to get the data."""
+    sources. A data_dir without any of the files is passed over, but one holding only some of them is an error, not a
+    reason to load another copy. Raises DatasetError listing every place tried and how to get the data."""
     spec = _spec(name)
 
     def candidates(root: Path) -> list[Path]:
@@ -180,14 +181,21 @@ def find_dataset_files(name: str, data_dir: str | Path | None = None) -> Path:
         places.append((what, [found] if found else [], "not installed"))
 
     tried = []
+    given_incomplete = None  # a data_dir holding some of the files: the user meant that copy
     for what, dirs, if_none in places:
         tried.append(f"  {what}: {', '.join(map(str, dirs)) or if_none}")
         for d in dirs:
             missing = [f for f in spec.files if not _has_file(d, f, spec)]
+            if not missing and given_incomplete:  # never train on another copy than the one asked for, unsaid
+                raise DatasetError(f"{spec.title}: data_dir {given_incomplete} is incomplete; complete it, or drop "
+                                   f"data_dir (--data-dir) to use the complete copy in {d} ({what}).\n"
+                                   + "\n".join(tried) + "\n" + _how_to_get(name))
             if not missing:
                 return d
             if len(missing) < len(spec.files):
                 tried.append(f"    ({d} is incomplete, it lacks {', '.join(missing)})")
+                if what == "data_dir" and given_incomplete is None:
+                    given_incomplete = d
     raise DatasetError(f"{spec.title} not found. Looked in:\n" + "\n".join(tried) + "\n" + _how_to_get(name))
 
 
@@ -209,6 +217,9 @@ def _idx_bytes(path: Path) -> tuple[bytes, bytes]:
 
 
 def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
+    if raw[:2] == b"\x1f\x8b":  # gzip's magic: a .gz file renamed, or decompressed by name only
+        raise DatasetError(f"{path} is gzip-compressed, but only names ending in .gz are decompressed: rename it "
+                           f"to {path.name}.gz.")
     if len(raw) < 4 or raw[0] or raw[1] or raw[2] not in _IDX_DTYPES or raw[3] == 0:
         raise DatasetError(f"{path} is not an IDX file: bad magic number 0x{raw[:4].hex()} (expected 00 00, a type code in "
                            f"{{{', '.join(f'{c:02x}' for c in _IDX_DTYPES)}}} and a non-zero number of dimensions).")

@@ -58,7 +58,7 @@ class TrainConfig:
     batch_size: int = 64
     optimizer: str = "sgd"
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9             # SGD's momentum; with optimizer "adam" its beta1 (the same running mean of grads)
     weight_decay: float = 0.0
     schedule: str = "none"            # "step": lr *= lr_decay every lr_step epochs; "cosine": to 0 over the run
     lr_step: int = 10
@@ -97,8 +97,12 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "lr_decay"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:  # 1 or more: the running sum of gradients grows without bound
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
         if self.log_alignment < 0:
             raise ValueError(f"log_alignment must be >= 0 steps (0: off), got {self.log_alignment}")
         if self.val_size < 0:
@@ -205,9 +209,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """`cfg.momentum` is SGD's momentum or Adam's beta1, so the flag is never silently dropped (its default, 0.9, is
+    torch's default beta1: Adam runs as before); beta2 stays torch's 0.999."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
 
 
 def lr_factor(schedule: str, epochs: int, lr_step: int = 10, lr_decay: float = 0.1) -> Callable[[int], float]:
@@ -404,11 +410,12 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
             break
         correct = distributed.all_sum(correct, ctx)
         train_seconds = time.perf_counter() - t0
+        lr = opt.param_groups[0]["lr"]  # the rate this epoch trained with, before the schedule moves to the next's
         sched.step()
         val_loss, val_acc = evaluate(model, rule, data.x_val, data.y_val)
         test_loss, test_acc = evaluate(model, rule, data.x_test, data.y_test)
         elapsed += time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+        metrics = {"epoch": epoch + 1, "lr": lr,
                    "train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
                    "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
                    "train_seconds": train_seconds}

@@ -104,6 +104,19 @@ def test_lookup_order(no_data, monkeypatch):
     assert data.find_dataset_files("mnist", no_data / "elsewhere") == cache / "mnist"
 
 
+def test_incomplete_data_dir_is_not_passed_over_for_another_copy(no_data):
+    """A data_dir holding some of the files means that copy: loading another (the cache's) would train on other data."""
+    given, cache = no_data / "given", no_data / "cache" / "ftprop" / "mnist"
+    touch_idx_files(given)
+    touch_idx_files(cache)
+    (given / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetError) as e:
+        data.find_dataset_files("mnist", given)
+    for expected in (f"data_dir {given} is incomplete", "it lacks t10k-labels-idx1-ubyte", f"copy in {cache}",
+                     "ftprop data fetch mnist"):
+        assert expected in str(e.value)
+
+
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(no_data, monkeypatch):
     given, env = no_data / "given", no_data / "env"
     monkeypatch.setenv("FTPROP_DATA", str(env))
@@ -156,6 +169,8 @@ def test_read_idx_round_trip(tmp_path, array, suffix):
     (b"\x08\x03" + idx(np.zeros((3, 2), np.uint8))[2:], "not an IDX file: bad magic number 0x08030802"),
     (b"\0\0\x42\x01" + bytes(8), "bad magic number 0x00004201"),
     (gzip.compress(idx(np.zeros((3, 2), np.uint8)))[:-5], "Cannot read"),
+    (gzip.compress(idx(np.zeros((3, 2), np.uint8)), mtime=0), "is gzip-compressed, but only names ending in .gz are "
+     "decompressed: rename it to bad.gz"),
 ])
 def test_read_idx_rejects_bad_files(tmp_path, content, problem):
     path = tmp_path / ("bad.gz" if problem == "Cannot read" else "bad")

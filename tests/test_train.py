@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_run_directory_contents(small_mnist, tmp_path):
     assert summary["epochs"] == 2 and summary["seconds"] > 0 and summary["diverged"] is None
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
-    assert lines[-1]["lr"] == pytest.approx(0.0)  # cosine ends at zero
+    assert [m["lr"] for m in lines] == pytest.approx([0.01, 0.005])  # the rates the two cosine epochs trained at
     config = json.loads((run / "config.json").read_text())
     assert config["rule"] == "ftp" and config["resolved_rule_options"]["gamma"] == 0.1
     assert config["code"] == report.code_version()  # runs record the code that made them
@@ -310,6 +311,11 @@ def test_without_a_validation_split_no_test_accuracy_at_best_val_is_made_up():
     ({"progress": "maybe"}, "progress must be a boolean"),
     ({"lr_decay": -1.0}, "lr_decay must be > 0"),
     ({"log_alignment": -1}, "log_alignment must be >= 0"),
+    ({"lr": float("inf")}, "lr must be > 0 and finite, got inf"),
+    ({"momentum": -0.5}, "momentum must be in [0, 1), got -0.5"),
+    ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
+    ({"weight_decay": -1e-4}, "weight_decay must be >= 0 and finite, got -0.0001"),
+    ({"weight_decay": float("nan")}, "weight_decay must be >= 0 and finite, got nan"),
     ({"rule": {"name": "ftp", "gamma": "abc"}}, "ftp: option gamma must be a number, got 'abc'"),
 ])
 def test_config_values_of_the_wrong_type_name_the_key(values, message):
@@ -326,3 +332,40 @@ def test_config_values_are_held_as_their_fields_types():
 def test_unknown_device_is_named():
     with pytest.raises(ValueError, match="unknown device 'foo'; use cpu, cuda, cuda:N or auto"):
         train_mod.resolve_device("foo")
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("none", [0.1, 0.1, 0.1, 0.1]),
+    ("step", [0.1, 0.1, 0.05, 0.05]),  # lr_step 2, lr_decay 0.5
+    ("cosine", [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]),  # 0.1, 0.085, 0.05, 0.015
+])
+def test_metrics_log_the_lr_each_epoch_trained_with(tmp_path, schedule, expected):
+    """Each metrics.jsonl line holds the rate its epoch's steps used (read from the optimizer at every step), not
+    the next epoch's: the last cosine epoch trains at 0.015, not 0."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 2, 2, generator=gen), torch.arange(8) % 2
+    data = Dataset("toy", x, y, x[:0], y[:0], x, y, 2, ["a", "b"])
+    seen: list[float] = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.SGD, "step", step)
+        train(TrainConfig(hidden="4", epochs=4, batch_size=8, lr=0.1, schedule=schedule, lr_step=2, lr_decay=0.5,
+                          rule="bp", progress=False, val_size=0, out=str(tmp_path / "run")), data)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert seen == pytest.approx(expected) and logged == pytest.approx(expected)
+
+
+def test_momentum_is_adams_beta1():
+    """--momentum reaches the optimizer either way: SGD's momentum, Adam's beta1 (0.9, the default, is torch's)."""
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    adam = train_mod.make_optimizer(TrainConfig(optimizer="adam", momentum=0.5, weight_decay=1e-3), params)
+    assert adam.defaults["betas"] == (0.5, 0.999) and adam.defaults["weight_decay"] == 1e-3
+    assert train_mod.make_optimizer(TrainConfig(optimizer="adam"), params).defaults["betas"] == \
+        torch.optim.Adam(params).defaults["betas"]
+    sgd = train_mod.make_optimizer(TrainConfig(momentum=0.5, weight_decay=1e-3), params)
+    assert (sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.5, 1e-3)
