@@ -19,6 +19,7 @@ from .compare import check_rule_list, load_rule_config, run_compare
 from .data import DATASETS, Dataset, DatasetError, cache_dir, fetch, load_dataset
 from .hardware import ROUNDINGS
 from .models import ACTIVATIONS, MEMORY_FORMATS
+from .reproduce import DOCS as REPRODUCE_DOCS, RUNS as REPRODUCE_RUNS
 from .rules import RULES, make_rule, parse_options, rule_variant
 from .train import TrainConfig, TrainingDiverged, read_toml, resolve_device, train
 
@@ -388,9 +389,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", default="full", choices=("small", "full"),
                    help="small: the same pipeline in minutes (fewer epochs and seeds); full (the default): the published "
                    "figures, hours per study")
-    r.add_argument("--runs", default="results/runs", help="where runs go; finished runs are reused, "
+    r.add_argument("--runs", default=str(REPRODUCE_RUNS), help="where runs go; finished runs are reused, "
                    "interrupted ones resumed (default results/runs, versioned without checkpoints)")
-    r.add_argument("--docs", default="docs", help="docs directory to write (default docs, relative to the current "
+    r.add_argument("--docs", default=str(REPRODUCE_DOCS), help="docs directory to write (default docs, relative to the current "
                    "directory: run from the checkout, it rewrites the checkout's docs/results/STUDY.BUDGET.*, "
                    "docs/RESULTS.md and the results table of README.md beside docs/; give a scratch folder to leave "
                    "them untouched). A full-budget section is kept in RESULTS.md over a small one")

@@ -44,6 +44,10 @@ class Budget:
 
 
 # small checks the whole pipeline in minutes (one seed: `reproduce all --budget small` must fit 30 minutes on 2 cores)
+# `ftprop reproduce`'s default folders (relative to where it runs: the checkout's)
+RUNS = Path("results/runs")
+DOCS = Path("docs")
+
 BUDGETS = {"small": Budget("small", epochs=2, seeds=1, bench_rounds=5),
            "full": Budget("full", epochs=30, seeds=3, bench_rounds=21)}
 
@@ -292,6 +296,9 @@ def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
         raise ValueError(f"unknown study {', '.join(unknown)}; choose from all, {', '.join(STUDIES)}")
     figures = docs / "results"
     _check_writable(docs, figures)
+    # the rerun command each section gives names the folders this run used, where they are not the defaults
+    folders = "".join(f" --{flag} {path}" for flag, path, default in (("runs", runs, RUNS), ("docs", docs, DOCS))
+                      if Path(path) != default)
     for name in names:
         b = BUDGETS[budget]
         started = datetime.datetime.now(datetime.timezone.utc)
@@ -304,6 +311,6 @@ def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
                   f"table below; runs read from {runs / b.name}, where finished runs are reused, made on: "
                   f"{report.runs_line('machine') or report.machine()}; code: "
                   f"{report.runs_line('code') or report.code_version()}. "
-                  f"Rerun: `ftprop reproduce {name} --budget {b.name}`.\n\n")
+                  f"Rerun: `ftprop reproduce {name} --budget {b.name}{folders}`.\n\n")
         (figures / f"{name}.{b.name}.md").write_text(header + body)
     return assemble(docs)

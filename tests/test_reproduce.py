@@ -102,6 +102,15 @@ def test_study_names_all_anywhere_and_each_once(tmp_path, fake_studies):
 def test_section_names_the_runs_folder_it_read(tmp_path, fake_studies):
     text = rep.reproduce(["one"], "small", tmp_path / "elsewhere", tmp_path / "docs").read_text()
     assert f"runs read from {tmp_path / 'elsewhere' / 'small'}, where" in text and "results/runs" not in text
+    # and the rerun command it gives writes where this run did (it named neither folder)
+    assert (f"Rerun: `ftprop reproduce one --budget small --runs {tmp_path / 'elsewhere'} --docs {tmp_path / 'docs'}`"
+            in text)
+
+
+def test_section_rerun_command_names_only_folders_that_are_not_the_defaults(tmp_path, fake_studies, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the defaults are relative to where reproduce runs
+    text = rep.reproduce(["one"], "small", Path("results/runs"), Path("docs")).read_text()
+    assert "Rerun: `ftprop reproduce one --budget small`." in text
 
 
 def test_unwritable_docs_refused_before_any_study_trains(tmp_path, fake_studies, monkeypatch):
