@@ -430,6 +430,7 @@ def fetch(name: str, dest: str | Path) -> Path:
     naming the URLs that could not be reached and the offline alternatives."""
     spec = _spec(name)
     target = Path(dest).expanduser() / name
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     for file, accepted in spec.md5.items():
         errors = []
@@ -440,6 +441,8 @@ def fetch(name: str, dest: str | Path) -> Path:
             except (OSError, http.client.HTTPException, DatasetError) as e:  # URLError and timeouts are OSErrors
                 errors.append(f"  {base + file}: {getattr(e, 'reason', e)}")
         else:
+            if created and not any(target.iterdir()):  # offline from the first file: leave no empty folder behind
+                target.rmdir()
             raise DatasetError(f"Could not download {spec.title} ({file}) from any mirror:\n" + "\n".join(errors) + "\n"
                                + (f"Offline alternatives: {spec.offline}, or copy the files into {target}."
                                   if spec.offline else _how_to_get(name)))

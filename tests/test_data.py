@@ -357,6 +357,11 @@ def test_fetch_offline(tmp_path, monkeypatch):
         data.fetch("cifar10", tmp_path)
     assert "https://www.cs.toronto.edu/~kriz/cifar.html" in str(e.value)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    assert not any(tmp_path.iterdir())  # nor the empty <dest>/mnist/ and <dest>/cifar10/ folders it made
+    (tmp_path / "mnist").mkdir()  # a folder that was there before stays
+    with pytest.raises(DatasetError):
+        data.fetch("mnist", tmp_path)
+    assert (tmp_path / "mnist").is_dir()
 
 
 def serve(monkeypatch, files: dict[str, bytes]) -> list[str]:
