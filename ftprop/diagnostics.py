@@ -30,7 +30,9 @@ def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> Non
 
 def alignment(model: Net, x: torch.Tensor, y: torch.Tensor,
               rng_before_step: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None) -> list[dict[str, Any]]:
-    """Per block with parameters: {"block", "cosine", "angle_deg"} between p.grad (the rule's) and BP's gradient.
+    """Per block with parameters: {"block", "cosine", "angle_deg"} between p.grad (the rule's) and BP's gradient; both
+    None where the rule's update of the block is zero (FF's output block, FTP's deeper blocks with deep_weight 0): a
+    zero update has no direction, and its cosine of 0 read as an update at 90 degrees to BP's.
 
     `rng_before_step` (from rng_state, taken before the rule's step) makes BP's forward draw the same dropout masks
     as the rule's first pass, so both gradients belong to the same network.
@@ -55,6 +57,9 @@ def alignment(model: Net, x: torch.Tensor, y: torch.Tensor,
         if not pairs:
             continue
         rule_g = torch.cat([r for r, _ in pairs]).double()  # float32 sums over ~1M terms drift by ~1e-5
+        if not rule_g.any():
+            rows.append({"block": i, "cosine": None, "angle_deg": None})
+            continue
         bp_g = torch.cat([b for _, b in pairs]).double()
         cos = float(F.cosine_similarity(rule_g, bp_g, dim=0, eps=1e-30))
         rows.append({"block": i, "cosine": cos, "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, cos))))})

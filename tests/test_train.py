@@ -369,3 +369,20 @@ def test_momentum_is_adams_beta1():
         torch.optim.Adam(params).defaults["betas"]
     sgd = train_mod.make_optimizer(TrainConfig(momentum=0.5, weight_decay=1e-3), params)
     assert (sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.5, 1e-3)
+
+
+def test_alignment_of_a_block_the_rule_left_unchanged_is_none_not_90_degrees():
+    """A zero update has no direction: FF leaves its output block at zero, which was logged as cosine 0, 90 degrees."""
+    from ftprop.diagnostics import alignment
+    from ftprop.models import build_model
+    from ftprop.rules import make_rule
+    torch.manual_seed(0)
+    net = build_model("mlp", (1, 4, 4), 3, hidden="8", activation="relu")
+    x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
+    make_rule("ff").step(net, x, y)
+    rows = alignment(net, x, y)
+    assert rows[-1] == {"block": 1, "cosine": None, "angle_deg": None}
+    assert all(p.grad.abs().sum() == 0 for p in net.blocks[-1].parameters())  # what the None stands for
+    assert rows[0]["cosine"] is not None and 0 <= rows[0]["angle_deg"] <= 180
+    make_rule("bp").step(net, x, y)
+    assert all(abs(r["cosine"] - 1) < 1e-6 for r in alignment(net, x, y))
