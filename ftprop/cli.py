@@ -23,6 +23,14 @@ from .reproduce import DOCS as REPRODUCE_DOCS, RUNS as REPRODUCE_RUNS
 from .rules import RULES, make_rule, parse_options, rule_variant
 from .train import TrainConfig, TrainingDiverged, read_toml, resolve_device, train
 
+# The exit status of a run stopped by Ctrl-C (SIGINT): 128 + the signal's number, as shells report it.
+INTERRUPTED = 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command, with what was kept and how to continue (its message; `main` prints it)."""
+
+
 # Flags that set a rule option directly (the commonest FTP knobs); any other option via --rule-opt KEY=VALUE.
 RULE_OPTION_FLAGS = {"gamma": float, "g_scale": float}
 
@@ -122,7 +130,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     # --rule and --seed are TrainConfig fields (_config takes them when given); --out is one for train only
     cfg = _config(args, **({"out": args.out} if args.out is not None else {}))
     make_rule(cfg.rule, **cfg.rule_options)  # fail on a bad rule or option before loading data
-    summary = train(cfg, resume=args.resume)  # data-parallel when launched by torchrun (docs/SCALING.md)
+    try:
+        summary = train(cfg, resume=args.resume)  # data-parallel when launched by torchrun (docs/SCALING.md)
+    except KeyboardInterrupt:
+        # the checkpoint is written atomically after every epoch, so it is the last finished epoch's or absent
+        if cfg.out is None:
+            raise Interrupted("nothing was saved (no --out)") from None
+        if (Path(cfg.out) / "checkpoint.pt").exists():
+            raise Interrupted(f"{cfg.out} keeps the last finished epoch: the same command with --resume continues "
+                              "the run") from None
+        raise Interrupted(f"no epoch finished, so {cfg.out} holds no checkpoint: run the same command again (without "
+                          "--resume) to start over") from None
     if distributed.rank() == 0:  # every rank returns the same summary
         print(json.dumps(summary, indent=2))
     distributed.finish()
@@ -141,7 +159,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     _check_options_target(cfg.rule, cfg.rule_options, rules, ", or give a rule its own options with "
                           "--rule-config NAME=FILE (a [rule] table)")
-    comparison = run_compare(cfg, rules, args.seeds, out, args.resume, rule_configs)
+    try:
+        comparison = run_compare(cfg, rules, args.seeds, out, args.resume, rule_configs)
+    except KeyboardInterrupt:
+        raise Interrupted(f"the same command with --resume keeps the finished runs in {out} and resumes the "
+                          "interrupted one from its last finished epoch") from None
     print(f"{comparison.describe()}\n\n{comparison.machine_line()}\n\n{comparison.table()}\n")
     print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {out / 'curves.png'}", file=sys.stderr)
     return 0
@@ -289,7 +311,10 @@ def cmd_sequences(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
-    path = reproduce(args.studies, args.budget, Path(args.runs), Path(args.docs))
+    try:
+        path = reproduce(args.studies, args.budget, Path(args.runs), Path(args.docs))
+    except KeyboardInterrupt:
+        raise Interrupted("the same command again reuses the finished runs and resumes the interrupted one") from None
     print(f"wrote {path}")
     return 0
 
@@ -423,3 +448,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DatasetError, ValueError, FileNotFoundError, TrainingDiverged) as err:
         print(f"ftprop: error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, TrainingDiverged) else 1
+    except KeyboardInterrupt as err:  # Ctrl-C: one line saying what was kept, not a traceback from inside a step
+        print(f"ftprop: interrupted{f'; {err}' if isinstance(err, Interrupted) else ''}", file=sys.stderr)
+        return INTERRUPTED

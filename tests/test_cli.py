@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import gzip
 import json
 import tomllib
@@ -337,3 +338,28 @@ def test_the_version_has_one_source():
     project = _pyproject()["project"]
     assert "version" not in project and "version" in project["dynamic"]
     assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ftprop.__version__"}
+
+
+@pytest.mark.parametrize("calls, kept", [(1, "no epoch finished"), (3, "keeps the last finished epoch")])
+def test_ctrl_c_during_train_says_what_was_kept_and_resume_continues(capsys, tmp_path, monkeypatch, calls, kept):
+    """Ctrl-C printed a traceback from inside the step and exited 1 like a crash; now one line says whether the run
+    directory holds a checkpoint and how to continue, with the shell's status for SIGINT (130)."""
+    train_mod = importlib.import_module("ftprop.train")  # the module: ftprop.train is the function `train`
+    evaluate, seen = train_mod.evaluate, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C at the `calls`-th evaluation (two per epoch: validation, test)
+        seen.append(1)
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", interrupted)
+    argv = ["train", *FAST, "--epochs", "2", "--out", str(tmp_path / "r")]
+    code, out, err = run(capsys, *argv)
+    assert code == 130 and out == "" and "Traceback" not in err
+    assert err.startswith("ftprop: interrupted; ") and kept in err and len(err.splitlines()) == 1
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    if calls == 3:  # the first epoch is kept: --resume trains the second one only
+        code, out, _ = run(capsys, *argv, "--resume")
+        assert code == 0 and json.loads(out)["epochs"] == 2
+        assert [m["epoch"] for m in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())] == [1, 2]
