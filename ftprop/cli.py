@@ -35,53 +35,59 @@ class Interrupted(KeyboardInterrupt):
 RULE_OPTION_FLAGS = {"gamma": float, "g_scale": float}
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are None so we know which flags were given."""
+def _add_config_flags(parser: argparse.ArgumentParser, omit: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field; defaults are None so we know which flags were given. The flags named in `omit`
+    (as `--epochs`) are left out: a command that would ignore them refuses them as unrecognized arguments."""
     d = TrainConfig()
-    p.add_argument("--config", help="TOML file with TrainConfig keys (and a [rule] table of rule options)")
-    p.add_argument("--dataset", choices=DATASETS, help=f"dataset (default {d.dataset})")
-    p.add_argument("--data-dir", help="directory holding the dataset files (else $FTPROP_DATA, cache, offline sources)")
-    p.add_argument("--model", help=f"mlp, paper-cnn, resnet or spec (default {d.model})")
-    p.add_argument("--depth", type=int, help="conv layers of --model resnet: even, >= 2 (default 6)")
-    p.add_argument("--spec", help="the model as a spec string, with --model spec, e.g. c32k5-relu-p2-f-l10 "
-                   "(grammar: ftprop.models.SPEC_GRAMMAR and docs/ALGORITHM.md)")
-    p.add_argument("--hidden", help=f"hidden layer sizes, comma separated (default {d.hidden})")
-    p.add_argument("--activation", help=f"one of {', '.join(ACTIVATIONS)} (default {d.activation})")
-    p.add_argument("--norm", help=f"none or layernorm; CNN models also batchnorm (default {d.norm})")
-    p.add_argument("--init", help=f"auto, xavier, kaiming, orthogonal or torch (default {d.init})")
-    p.add_argument("--memory-format", choices=MEMORY_FORMATS, help="how conv feature maps are stored: channels_last "
-                   "pools about 10x faster on CPU (same function; default contiguous)")
-    p.add_argument("--epochs", type=int, help=f"(default {d.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
-    p.add_argument("--optimizer", help=f"sgd or adam (default {d.optimizer})")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
-    p.add_argument("--momentum", type=float, help=f"SGD's momentum, or Adam's beta1 with --optimizer adam; in [0, 1) "
-                   f"(default {d.momentum})")
-    p.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
-    p.add_argument("--schedule", help=f"none, step or cosine (default {d.schedule})")
-    p.add_argument("--lr-step", type=int, help=f"epochs between decays for --schedule step (default {d.lr_step})")
-    p.add_argument("--lr-decay", type=float, help=f"decay factor for --schedule step (default {d.lr_decay})")
-    p.add_argument("--val-size", type=int, help=f"training samples held out for validation (default {d.val_size})")
-    p.add_argument("--device", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--quant", help="low-precision training: bits of weights, activations, errors, updates, e.g. "
-                   "w8a8e8u8 (a letter left out stays float; default: float32)")
-    p.add_argument("--rounding", choices=ROUNDINGS, help="rounding of --quant: nearest, stochastic (dither shared "
-                   "by the passes of one training step at each activation) or stochastic-fresh (default nearest)")
-    p.add_argument("--analog", help="analog crossbar device: ideal, reram or poor, optionally with overrides, e.g. "
-                   "reram:read_noise=0.05 (default: none)")
-    p.add_argument("--gamma", type=float, help="FTP's gamma (rule option)")
-    p.add_argument("--g-scale", type=float, help="FTP's std of the projection G (rule option)")
-    p.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="any rule option, repeatable, e.g. --rule-opt tangent=False --rule-opt g_dist=uniform")
-    p.add_argument("--log-alignment", type=int, metavar="N",
-                   help="every N steps, log each layer's angle between the rule's update and BP's (alignment.jsonl)")
-    p.add_argument("--label-noise", type=float, metavar="P",
-                   help="symmetric label noise: this fraction of training labels (0 <= P < 1) is replaced by a "
-                        "random other class, drawn from the run's seed; validation and test labels stay clean")
-    p.add_argument("--shift", type=int, metavar="N",
-                   help="augmentation: each training image translated by a random offset of up to N pixels in each "
-                        "direction (the border reflected in), drawn from the run's seed; validation and test images stay put")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def add(flag: str, **kwargs: Any) -> None:
+        if flag not in omit:
+            parser.add_argument(flag, **kwargs)
+
+    add("--config", help="TOML file with TrainConfig keys (and a [rule] table of rule options)")
+    add("--dataset", choices=DATASETS, help=f"dataset (default {d.dataset})")
+    add("--data-dir", help="directory holding the dataset files (else $FTPROP_DATA, cache, offline sources)")
+    add("--model", help=f"mlp, paper-cnn, resnet or spec (default {d.model})")
+    add("--depth", type=int, help="conv layers of --model resnet: even, >= 2 (default 6)")
+    add("--spec", help="the model as a spec string, with --model spec, e.g. c32k5-relu-p2-f-l10 "
+        "(grammar: ftprop.models.SPEC_GRAMMAR and docs/ALGORITHM.md)")
+    add("--hidden", help=f"hidden layer sizes, comma separated (default {d.hidden})")
+    add("--activation", help=f"one of {', '.join(ACTIVATIONS)} (default {d.activation})")
+    add("--norm", help=f"none or layernorm; CNN models also batchnorm (default {d.norm})")
+    add("--init", help=f"auto, xavier, kaiming, orthogonal or torch (default {d.init})")
+    add("--memory-format", choices=MEMORY_FORMATS, help="how conv feature maps are stored: channels_last "
+        "pools about 10x faster on CPU (same function; default contiguous)")
+    add("--epochs", type=int, help=f"(default {d.epochs})")
+    add("--batch-size", type=int, help=f"(default {d.batch_size})")
+    add("--optimizer", help=f"sgd or adam (default {d.optimizer})")
+    add("--lr", type=float, help=f"learning rate (default {d.lr})")
+    add("--momentum", type=float, help=f"SGD's momentum, or Adam's beta1 with --optimizer adam; in [0, 1) "
+        f"(default {d.momentum})")
+    add("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    add("--schedule", help=f"none, step or cosine (default {d.schedule})")
+    add("--lr-step", type=int, help=f"epochs between decays for --schedule step (default {d.lr_step})")
+    add("--lr-decay", type=float, help=f"decay factor for --schedule step (default {d.lr_decay})")
+    add("--val-size", type=int, help=f"training samples held out for validation (default {d.val_size})")
+    add("--device", help="cpu, cuda or auto (default cpu)")
+    add("--quant", help="low-precision training: bits of weights, activations, errors, updates, e.g. "
+        "w8a8e8u8 (a letter left out stays float; default: float32)")
+    add("--rounding", choices=ROUNDINGS, help="rounding of --quant: nearest, stochastic (dither shared "
+        "by the passes of one training step at each activation) or stochastic-fresh (default nearest)")
+    add("--analog", help="analog crossbar device: ideal, reram or poor, optionally with overrides, e.g. "
+        "reram:read_noise=0.05 (default: none)")
+    add("--gamma", type=float, help="FTP's gamma (rule option)")
+    add("--g-scale", type=float, help="FTP's std of the projection G (rule option)")
+    add("--rule-opt", action="append", default=[], metavar="KEY=VALUE",
+        help="any rule option, repeatable, e.g. --rule-opt tangent=False --rule-opt g_dist=uniform")
+    add("--log-alignment", type=int, metavar="N",
+        help="every N steps, log each layer's angle between the rule's update and BP's (alignment.jsonl)")
+    add("--label-noise", type=float, metavar="P",
+        help="symmetric label noise: this fraction of training labels (0 <= P < 1) is replaced by a "
+             "random other class, drawn from the run's seed; validation and test labels stay clean")
+    add("--shift", type=int, metavar="N",
+        help="augmentation: each training image translated by a random offset of up to N pixels in each "
+             "direction (the border reflected in), drawn from the run's seed; validation and test images stay put")
+    add("--no-progress", action="store_true", help="no progress bars")
 
 
 def _read_config(path: str, rule: str | None = None) -> TrainConfig:
@@ -116,7 +122,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
             options[name] = getattr(args, name)
     options.update(parse_options(args.rule_opt))
     values["rule_options"] = options
-    if args.no_progress:
+    if getattr(args, "no_progress", False):
         values["progress"] = False
     values.update(overrides)
     model = values.get("model", TrainConfig.model)
@@ -176,8 +182,22 @@ def _rule_names(text: str) -> list[str]:
     return names
 
 
+# What `ftprop bench`'s step timing leaves out: it steps the float model (no --quant, --analog) with a fixed SGD
+# (lr 1e-3, momentum 0.9) on random batches of the whole training set, so these flags would change nothing it times.
+# --log-alignment trains whole epochs (ftprop.train), with them. --epochs, --val-size and --no-progress apply to
+# neither and are not bench flags at all.
+BENCH_OMITS = ("--epochs", "--val-size", "--no-progress")
+STEP_BENCH_IGNORES = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "lr_step", "lr_decay", "quant",
+                      "rounding", "analog", "label_noise", "shift")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    ignored = [f"--{name.replace('_', '-')}" for name in STEP_BENCH_IGNORES if getattr(args, name) is not None]
+    if ignored and not cfg.log_alignment:
+        raise ValueError(f"{', '.join(ignored)}: ftprop bench times steps of the float model with a fixed SGD (lr "
+                         f"1e-3, momentum 0.9) on random training batches, which these flags would not change; leave "
+                         f"them out (they apply with --log-alignment N, which trains whole epochs)")
     names = _rule_names(args.rules)
     _check_options_target(cfg.rule, cfg.rule_options, names, "")
     rules = {name: make_rule(name, **(cfg.rule_options if name == cfg.rule else {})) for name in names}
@@ -355,7 +375,7 @@ def parser() -> argparse.ArgumentParser:
                    "confidence interval for that median (default 1)")
     b.add_argument("--json", action="store_true", help="print one JSON object keyed by rule")
     b.add_argument("--pipeline", action="store_true", help="also time FTP with pipeline=True (per-block updates)")
-    _add_config_flags(b)
+    _add_config_flags(b, omit=BENCH_OMITS)
     b.set_defaults(func=cmd_bench)
 
     k = sub.add_parser("cost", help="MACs per sample, memory kept between passes and MCU latency per rule "

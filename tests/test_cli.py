@@ -363,3 +363,21 @@ def test_ctrl_c_during_train_says_what_was_kept_and_resume_continues(capsys, tmp
         code, out, _ = run(capsys, *argv, "--resume")
         assert code == 0 and json.loads(out)["epochs"] == 2
         assert [m["epoch"] for m in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quant", "w8a8e8u8"], "--quant: ftprop bench times steps of the float model"),
+    (["--optimizer", "adam", "--lr", "0.5"], "--optimizer, --lr: ftprop bench times steps"),
+    (["--analog", "reram"], "they apply with --log-alignment N"),
+    (["--epochs", "5"], "unrecognized arguments: --epochs 5"),
+    (["--val-size", "100"], "unrecognized arguments: --val-size 100"),
+    (["--no-progress"], "unrecognized arguments: --no-progress"),
+])
+def test_bench_refuses_the_training_flags_it_would_ignore(capsys, argv, message):
+    """bench took --quant, --analog, --optimizer, --lr, --epochs, ... and timed the same float SGD step without them
+    (identical FLOPs, memory and times), under a table that read as the quantised or Adam step's cost."""
+    try:
+        code, out, err = run(capsys, "bench", "--rules", "bp,ftp", "--hidden", "8", "--rounds", "0", *argv)
+    except SystemExit as exit_:  # argparse's own refusal of an unknown flag
+        code, (out, err) = exit_.code, capsys.readouterr()
+    assert code == 2 and message in err and "| rule |" not in out
