@@ -544,6 +544,15 @@ def test_options_and_errors():
         make_rule("drtp").step(Net([Block(torch.nn.Linear(6, 3).double())]), *batch())
 
 
+@pytest.mark.parametrize("name, option, check", [("dtp", "noise_std", ">= 0 and finite"),
+                                                  ("ff", "theta", "a finite number"),
+                                                  ("ff", "label_scale", "a finite number")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_peers_refuse_options_that_are_not_finite(name, option, check, value):
+    """An infinite noise std (DTP) or an infinite or NaN goodness threshold or label value (FF) was accepted and made
+    the loss, the gradients or the inverses non-finite from the first step; each is refused where the rule is made."""
+    with pytest.raises(ValueError, match=f"{name}: {option} must be {check}, got {value}"):
+        make_rule(name, **{option: value})
 @pytest.mark.parametrize("name", ["dtp", "ff"])
 def test_mlp_rules_refuse_a_linear_applied_per_position(name):
     """A Linear on each position of a (B, 2, 8) input, flattened only before the output layer, passes the MLP check;

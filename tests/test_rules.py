@@ -269,6 +269,14 @@ def test_bad_rule_options_raise_clear_errors():
         make_rule("ftp", deep_weight=-0.5)
 
 
+@pytest.mark.parametrize("weight", [float("inf"), float("nan")])
+def test_ftp_refuses_a_deep_weight_that_is_not_finite(weight):
+    """deep_weight = inf passed the bare `>= 0` check and gave the hidden blocks infinite (or NaN) gradients on the
+    first step; it is refused where the rule is made, as an infinite gamma or g_scale is."""
+    with pytest.raises(ValueError, match=f"ftp: deep_weight must be >= 0 and finite, got {weight}"):
+        make_rule("ftp", deep_weight=weight)
+
+
 def test_a_checkpoint_with_foreign_rule_state_is_refused():
     with pytest.raises(ValueError, match=r"ftp: unknown state keys \['B'\]"):
         make_rule("ftp").load_state_dict({"B": [torch.zeros(2, 2)]})

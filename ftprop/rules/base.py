@@ -54,13 +54,21 @@ class Rule:
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def check_options(self, positive: Sequence[str] = (), choices: dict[str, Sequence[Any]] | None = None) -> None:
-        """Raise ValueError naming the rule and the option when a numeric option is not a finite number > 0 or a
-        categorical one is not among its choices: every rule validates its options here, so a bad flag reads the same
-        for all. (An infinite scale or step passes `> 0` and only shows later, as non-finite weights.)"""
+    def check_options(self, positive: Sequence[str] = (), choices: dict[str, Sequence[Any]] | None = None,
+                      nonnegative: Sequence[str] = (), finite: Sequence[str] = ()) -> None:
+        """Raise ValueError naming the rule and the option when a numeric option is not a finite number > 0
+        (`positive`), >= 0 (`nonnegative`) or of any sign (`finite`), or a categorical one is not among its choices:
+        every rule validates its options here, so a bad flag reads the same for all. (An infinite or NaN scale, weight
+        or threshold passes a bare `>= 0` or no check at all and only shows later, as non-finite gradients or loss.)"""
         for opt in positive:
             if not 0 < getattr(self, opt) < math.inf:
                 raise ValueError(f"{self.name}: {opt} must be > 0 and finite, got {getattr(self, opt)}")
+        for opt in nonnegative:
+            if not 0 <= getattr(self, opt) < math.inf:
+                raise ValueError(f"{self.name}: {opt} must be >= 0 and finite, got {getattr(self, opt)}")
+        for opt in finite:
+            if not math.isfinite(getattr(self, opt)):
+                raise ValueError(f"{self.name}: {opt} must be a finite number, got {getattr(self, opt)}")
         for opt, allowed in (choices or {}).items():
             if getattr(self, opt) not in allowed:
                 raise ValueError(f"{self.name}: {opt} must be one of {', '.join(map(str, allowed))}, "

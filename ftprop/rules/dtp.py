@@ -59,9 +59,8 @@ class DTP(PeerRule):
     rng: RuleRNG = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.check_options(positive=("eta", "inverse_lr"), choices={"inverse_activation": INVERSE_ACTIVATIONS})
-        if not self.noise_std >= 0:
-            raise ValueError(f"dtp: noise_std must be >= 0, got {self.noise_std}")
+        self.check_options(positive=("eta", "inverse_lr"), choices={"inverse_activation": INVERSE_ACTIVATIONS},
+                           nonnegative=("noise_std",))
         self.rng = RuleRNG(self.seed, offset=1)
 
     def _inverses(self, hidden: list[torch.Tensor], like: torch.Tensor) -> list[list[torch.Tensor]]:

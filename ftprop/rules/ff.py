@@ -61,7 +61,8 @@ class FF(PeerRule):
     rng: RuleRNG = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.check_options(choices={"goodness": GOODNESS, "logits": LOGITS, "input_norm": NORMS})
+        self.check_options(choices={"goodness": GOODNESS, "logits": LOGITS, "input_norm": NORMS},
+                           finite=("theta", "label_scale"))
         self.rng = RuleRNG(self.seed, offset=2)
 
     def embed(self, model: Net, x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:

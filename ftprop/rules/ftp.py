@@ -387,13 +387,11 @@ class FTP(Rule):
     def __post_init__(self) -> None:
         self.check_options(positive=("gamma", "g_scale"), choices={
             "gamma_mode": ("step", "multiplier"), "g_dist": G_DISTS, "target_nonlin": NONLINS, "update_input": ("h", "t"),
-            "compare_at": ("output", "next-input"), "inject": ("first", "every")})
+            "compare_at": ("output", "next-input"), "inject": ("first", "every")}, nonnegative=("deep_weight",))
         if not 0 < self.g_density <= 1:
             raise ValueError(f"ftp: g_density must be in (0, 1], got {self.g_density}")
         if not (isinstance(self.g_block, int) and self.g_block >= 1):
             raise ValueError(f"ftp: g_block must be an integer >= 1, got {self.g_block!r}")
-        if not self.deep_weight >= 0:
-            raise ValueError(f"ftp: deep_weight must be >= 0, got {self.deep_weight}")
         if self.inner_targets and (self.update_input != "h" or not self.fprime):
             raise ValueError("ftp: inner_targets needs update_input='h' and fprime=True (the first conv's local error "
                              "is taken at its activation's output, with the first pass's inputs)")
