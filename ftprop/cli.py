@@ -250,12 +250,22 @@ def _bench_alignment(args: argparse.Namespace, cfg: TrainConfig, data: Dataset) 
     return 0
 
 
+# The keys of a --config file that `ftprop cost` reads besides its [rule] table: the model and its input
+COST_MODEL_KEYS = ("dataset", "model", "hidden", "depth", "spec", "activation", "norm")
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     from . import cost
 
     names = _rule_names(args.rules)
+    config = _read_config(args.config, args.rule) if args.config else TrainConfig()
+    # the model a training config describes (as train, compare and bench read it), each key overridden by its flag;
+    # the batch size stays cost's own (1: the MCU figures are per sample)
+    for key in COST_MODEL_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(config, key))
     # the [rule] table of a training config (the options a study's runs trained with), then any --rule-opt
-    options = (_read_config(args.config, args.rule).rule_options if args.config else {}) | parse_options(args.rule_opt)
+    options = (config.rule_options if args.config else {}) | parse_options(args.rule_opt)
     _check_options_target(args.rule, options, names, "")
     rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
     skipped: dict[str, str] = {}
@@ -383,15 +393,17 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--rules", default="bp,ftp,fa,dfa,drtp,pepita,dtp,ff", help="comma-separated rules")
     k.add_argument("--rule", default="ftp", help="the rule that --rule-opt applies to (default ftp)")
     k.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE", help="a rule option, repeatable")
-    k.add_argument("--dataset", default="mnist", help="input shape and classes of this dataset (default mnist)")
-    k.add_argument("--model", default="mlp", help="mlp, paper-cnn, resnet or spec (default mlp)")
-    k.add_argument("--hidden", default="1024,128", help="hidden sizes of --model mlp (default 1024,128)")
+    d = TrainConfig()
+    k.add_argument("--dataset", help=f"input shape and classes of this dataset (default {d.dataset})")
+    k.add_argument("--model", help=f"mlp, paper-cnn, resnet or spec (default {d.model})")
+    k.add_argument("--hidden", help=f"hidden sizes of --model mlp (default {d.hidden})")
     k.add_argument("--depth", type=int, help="conv layers of --model resnet (default 6)")
     k.add_argument("--spec", help="the model as a spec string, with --model spec")
-    k.add_argument("--config", help="TOML training config whose [rule] table gives --rule's options (before any "
-                   "--rule-opt)")
-    k.add_argument("--activation", default="tanh", help="(default tanh)")
-    k.add_argument("--norm", default="none", help="none or layernorm (default none)")
+    k.add_argument("--config", help="TOML training config: its model keys (dataset, model, hidden, depth, spec, "
+                   "activation, norm) under any of these flags, and its [rule] table as --rule's options (before any "
+                   "--rule-opt); not its batch size")
+    k.add_argument("--activation", help=f"(default {d.activation})")
+    k.add_argument("--norm", help=f"none or layernorm; CNN models also batchnorm (default {d.norm})")
     k.add_argument("--batch-size", type=int, default=1, help="batch size (default 1): of the memory figure, and of "
                    "FTP's MACs where its step runs block 2's first op at rank K (ftprop.cost)")
     k.add_argument("--bytes-per-value", type=int, default=4, help="bytes per stored value (default 4, float32)")

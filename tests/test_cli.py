@@ -231,6 +231,21 @@ def test_config_rule_table_without_a_name_holds_the_options_of_the_rule_given(ca
     assert code == 2 and "rule 'ftp' has no option(s) f_scale" in err
 
 
+def test_cost_takes_the_model_of_its_config_file_under_its_flags(capsys, tmp_path):
+    """`cost --config F` read only F's [rule] table and costed the default 1024-128 MLP whatever F's model was, where
+    train, compare and bench build F's model. Flags still win over the file; the batch size stays cost's own."""
+    toml = tmp_path / "small.toml"
+    toml.write_text('hidden = "16"\nactivation = "relu"\nbatch_size = 64\n[rule]\ngamma = 0.2\n')
+    cost_json = lambda *argv: json.loads(run(capsys, "cost", "--rules", "bp,ftp", "--json", *argv)[1])  # noqa: E731
+    from_file, flag, default = cost_json("--config", str(toml)), cost_json("--config", str(toml), "--hidden", "32"), \
+        cost_json("--hidden", "16", "--activation", "relu")
+    assert from_file == default  # the file's 784-16-10 relu MLP at batch 1, as the same flags give
+    assert from_file["bp"]["macs_per_sample"] != cost_json()["bp"]["macs_per_sample"]
+    assert flag["bp"]["macs_per_sample"] == cost_json("--hidden", "32")["bp"]["macs_per_sample"]
+    out = run(capsys, "cost", "--rules", "bp,ftp", "--config", str(toml))[1]
+    assert out.startswith("mnist, mlp 16 relu: MACs per training sample at batch 1 ")
+
+
 @pytest.mark.parametrize("value, expected", [("false", False), ("No", False), ("OFF", False), ("0", False),
                                              ("true", True), ("yes", True), ("on", True), ("1", True)])
 def test_boolean_rule_options_read_as_words(value, expected):
