@@ -150,6 +150,11 @@ def check_rule_list(rules: list[str]) -> None:
     repeated = sorted({r for r in rules if rules.count(r) > 1})
     if repeated:
         raise ValueError(f"--rules names {', '.join(repeated)} more than once")
+    variant = next((r for r in rules if ":" in r), None)  # `ftprop sequences` takes NAME:KEY=VALUE; these do not
+    if variant is not None:
+        name, _, option = variant.partition(":")
+        raise ValueError(f"--rules names {variant!r}: here a rule's options go in --rule {name} --rule-opt {option} "
+                         f"(one rule with options per command; NAME:KEY=VALUE entries are ftprop sequences')")
 
 
 def run_compare(base: TrainConfig, rules: list[str], seeds: int, out: Path, resume: bool = False,

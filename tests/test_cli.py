@@ -114,12 +114,15 @@ def test_bench_without_timing_rounds_prints_flops_and_memory(capsys):
     (["bench", "--rules", "", "--log-alignment", "2"], "--rules names no rule"),
     (["cost", "--rules", ""], "--rules names no rule"),
     (["cost", "--rules", "ftp,ftp"], "--rules names ftp more than once"),
+    (["cost", "--rules", "bp,ftp:gamma=0.2"], "here a rule's options go in --rule ftp --rule-opt gamma=0.2"),
+    (["bench", "--rules", "bp,ftp:gamma=0.2", "--rounds", "0"], "--rule ftp --rule-opt gamma=0.2"),
+    (["compare", "--rules", "bp,ftp:gamma=0.2"], "--rule ftp --rule-opt gamma=0.2"),
     (["compare", "--rules", ""], "--rules names no rule"),
     (["compare", "--rules", "bp,bp"], "--rules names bp more than once"),
 ])
-def test_no_rules_and_a_rule_twice_are_errors(capsys, argv, message):
+def test_no_rules_a_rule_twice_and_rule_variants_are_errors(capsys, argv, message):
     """Before, no rule printed an empty table and a repeated rule was silently measured once (bench, cost) or trained
-    once and reported twice (compare)."""
+    once and reported twice (compare); a `sequences`-style NAME:KEY=VALUE entry was an 'unknown rule'."""
     code, out, err = run(capsys, *argv, "--hidden", "8")
     assert code == 2 and message in err and "| rule |" not in out
 
