@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,9 +160,11 @@ def sequence_cost(cfg: SeqConfig, data: SeqData, rules: list[str], rounds: int =
     res = benchmark(made, lambda: cfg.build(data), data.x_train, data.y_train, cfg.batch_size, rounds=rounds,
                     steps_per_round=steps, warmup=1)
     base = res.get("bptt", {}).get("step_time_median_s")
+    # None where nothing was timed (rounds 0) or BPTT is not among the rules: NaN printed as 'nan' in the table and
+    # is not JSON
     return {r: {"macs_per_sequence": v["flops_per_sample"] / 2,
-                "seconds_per_sequence": v["step_time_median_s"] / cfg.batch_size if rounds else math.nan,
-                "time_to_bptt": v["step_time_median_s"] / base if rounds and base else math.nan}
+                "seconds_per_sequence": v["step_time_median_s"] / cfg.batch_size if rounds else None,
+                "time_to_bptt": v["step_time_median_s"] / base if rounds and base else None}
             for r, v in res.items()}
 
 
@@ -221,9 +222,10 @@ def results_table(results: dict[str, Any]) -> str:
         metrics = ([stat([100 * r["test"]["accuracy"] for r in ok], 2)] if classification
                    else [stat([r["test"]["loss"] for r in ok]), stat([r["test"]["mae"] for r in ok])]) if ok \
             else ["diverged"] * (1 if classification else 2)
+        per_sequence, to_bptt = cost["seconds_per_sequence"], cost["time_to_bptt"]
         rows.append([rule, *metrics, f"{cost['macs_per_sequence'] / 1e6:.3f}",
-                     f"{1e3 * cost['seconds_per_sequence']:.3f}", f"{cost['time_to_bptt']:.2f}",
-                     f"{len(ok)}/{len(runs)}"])
+                     "-" if per_sequence is None else f"{1e3 * per_sequence:.3f}",
+                     "-" if to_bptt is None else f"{to_bptt:.2f}", f"{len(ok)}/{len(runs)}"])
     if results["linear"]:
         rows.append(["linear (least squares)", f"{results['linear']['loss']:.4f}", f"{results['linear']['mae']:.4f}",
                      "-", "-", "-", "-"])

@@ -554,6 +554,20 @@ def test_linear_baseline_solves_a_linear_series():
     assert linear_baseline(data)["loss"] < 1e-8
 
 
+def test_cli_sequences_without_timing_prints_dashes_and_valid_json(capsys, tmp_path):
+    """--bench-rounds 0 (and a table without BPTT) times nothing: the columns printed 'nan', and results.json held
+    NaN, which is not JSON."""
+    path = tmp_path / "tiny.csv"
+    _write_ett(path, 610, datetime.timedelta(days=1))
+    code = cli.main(["sequences", "--task", "ett", "--csv", str(path), "--lookback", "16", "--rules", "ftp",
+                     "--hidden", "4", "--epochs", "1", "--bench-rounds", "0", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| ftp |"))
+    assert code == 0 and "nan" not in out and row.split(" | ")[4:6] == ["-", "-"]
+    cost = json.loads((tmp_path / "o" / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))["cost"]
+    assert cost["ftp"]["seconds_per_sequence"] is None and cost["ftp"]["time_to_bptt"] is None
+
+
 def test_cli_sequences_prints_a_table(capsys, tmp_path):
     path = tmp_path / "tiny.csv"
     _write_ett(path, 610, datetime.timedelta(days=1))
