@@ -265,7 +265,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         if getattr(args, key) is None:
             setattr(args, key, getattr(config, key))
     # the [rule] table of a training config (the options a study's runs trained with), then any --rule-opt
-    options = (config.rule_options if args.config else {}) | parse_options(args.rule_opt)
+    options = config.rule_options | parse_options(args.rule_opt)
     _check_options_target(args.rule, options, names, "")
     rules = {name: make_rule(name, **(options if name == args.rule else {})) for name in names}
     skipped: dict[str, str] = {}

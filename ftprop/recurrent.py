@@ -123,12 +123,17 @@ class RecurrentNet(nn.Module):
         self.readout = readout
         self.horizon, self.channels, self.subtract_last = horizon, channels, subtract_last
 
+    @property
+    def input_size(self) -> int:
+        """Features per time step that the first cell reads."""
+        return self.cells[0].inp.in_features
+
     def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(what the cells see, what is added to the readout). With subtract_last, each window's last observed
         value per channel is subtracted from its look-back and added back to every forecast step (the
         normalisation of NLinear, Zeng et al. 2023): parameter-free, so every rule trains the same parameters,
         and it removes the level shifts between ETT's training and test months."""
-        check_sequence(x, self.cells[0].inp.in_features)
+        check_sequence(x, self.input_size)
         if not self.subtract_last:
             return x, None
         last = x[:, -1:, :]

@@ -63,8 +63,10 @@ def _angle_series(out: Path, rule: str, seeds: int, every: int) -> tuple[list[in
     n = min((len(r) for r in per_seed), default=0)
     steps = [i * every for i in range(n)]
     blocks = sorted({row["block"] for recs in per_seed for rec in recs[:n] for row in rec["layers"]})
+
     def mean(values: list[float]) -> float:  # nan where every seed's update of the block was zero (angle None)
         return statistics.fmean(values) if values else math.nan
+
     series = {b: [mean([row["angle_deg"] for recs in per_seed for row in recs[i]["layers"]
                         if row["block"] == b and row["angle_deg"] is not None]) for i in range(n)] for b in blocks}
     return steps, series

@@ -31,7 +31,7 @@ def check_sequence_batch(model: RecurrentNet, x: torch.Tensor, y: torch.Tensor, 
     check_grad_mode()
     if not isinstance(model, RecurrentNet):
         raise ValueError(f"{rule} trains ftprop.recurrent.RecurrentNet models, got {type(model).__name__}")
-    check_sequence(x, model.cells[0].inp.in_features)
+    check_sequence(x, model.input_size)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"batch size mismatch: x has {x.shape[0]} sequences, y has {y.shape[0]}")
     if y.dtype != torch.int64 and not y.is_floating_point():

@@ -537,10 +537,8 @@ class FTP(Rule):
         # gradients back (the closed form would assign bfloat16 gradients to float32 weights, which torch refuses),
         # and folded unit errors could overflow in float16 (`_folded`).
         plain = not torch.is_autocast_enabled(x.device.type)
-        # None unless every block is Linear + a pointwise activation
-        derivatives = _closed_form_derivatives(blocks) if plain else None
-        # (closed form: no backward to fold into)
-        folded = self._folded(blocks) if derivatives is None and plain else None
+        derivatives = _closed_form_derivatives(blocks) if plain else None  # None unless every block is Linear + act
+        folded = self._folded(blocks) if plain and derivatives is None else None  # (closed form: nothing to fold into)
         op = self._low_rank_op(blocks)  # these three checked before FTP's own taps are hooked in
         acts = self._in_place_activations(blocks)
         first = _LowRankFirst(op) if op is not None else None
