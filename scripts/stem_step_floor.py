@@ -5,8 +5,9 @@
 The stem net (`--model spec --spec c32k5-relu-p2-r32z-r32z-r32z-f-l10`, configs/ftp-paper-stem.toml) is where FTP's
 step time sits on the 1.15 goal (docs/ALGORITHM.md, "The stem residual net's step time"). This script writes that
 config's FTP step out by hand for this one net: every op the library's step runs (the pooled grid, the rank-K first
-conv, the inner targets, the tangent projections in one kernel, the folded loss weight, the in-place ReLUs), called
-directly on the weights, with none of the library's module calls, checks or bookkeeping. It first checks that its
+conv, the inner targets, the tangent projections in one kernel, the folded loss weight, the in-place ReLUs, the stem's
+ReLU derivative on the pooled map), called directly on the weights, with none of the library's module calls, checks or
+bookkeeping. It first checks that its
 gradients equal the library's, then times BP, the library's FTP and this floor side by side (rounds of 20 steps, the
 three alternating, the two FTPs in turn after BP, one SGD step each, median over rounds) and prints each one's time and its ratio to BP.
 
@@ -57,7 +58,8 @@ def floor_step(net: torch.nn.Module, G_grid: torch.Tensor, x: torch.Tensor, y: t
         p.grad = None
     batch = x.shape[0]
     # first pass: each block on a detached input; the pool's positions and the inner activations kept
-    h1 = torch.relu(stem(x))
+    a1 = stem(x)
+    h1 = torch.relu(a1)
     u, idx = F.max_pool2d(h1.detach(), 2, 2, return_indices=True)
     h, outs, mids, first_out = u, [], [], None
     for i, (conv_a, conv_b) in enumerate(branches):
@@ -78,9 +80,9 @@ def floor_step(net: torch.nn.Module, G_grid: torch.Tensor, x: torch.Tensor, y: t
         t = torch.add(u, err0, alpha=-gamma * batch)
         rank_k = rank_k_pays(e.shape[1], macs_per_output(branches[0][0]), batch)  # as the library decides
         rows = F.conv2d(G_grid.view(-1, *u.shape[1:]), branches[0][0].weight, None, 1, 1) if rank_k else None
-        e0 = tangent(err0, u)
+        e0 = torch.ops.aten.threshold_backward(tangent(err0, u), u, 0)  # the ReLU's derivative on the pooled map
         e0 = torch.ops.aten.max_pool2d_with_indices_backward(e0, h1, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
-        roots, grads = [h1], [e0]
+        roots, grads = [a1], [e0]
         for i, (conv_a, conv_b) in enumerate(branches):
             a = (torch.addmm(first_out.flatten(1), e / batch, rows.flatten(1), alpha=-gamma * batch)
                  .view_as(first_out) if i == 0 and rank_k else conv_a(t))

@@ -661,15 +661,16 @@ def test_ftp_tangential_gap_is_the_projected_gap(layout):
     torch.testing.assert_close(unit, gap / -0.7)
 
 
-def assert_same_ftp_grads_without(monkeypatch, method: str, model: nn.Module, x, y, **options) -> None:
+def assert_same_ftp_grads_without(monkeypatch, method: str, model: nn.Module, x, y, exact: bool = False,
+                                  **options) -> None:
     """FTP's gradients on `model` equal those of a step in which `FTP.<method>` finds nothing to do (returns None):
-    a rewrite of the step that must change nothing but rounding."""
+    a rewrite of the step that must change nothing but rounding (`exact`: not a bit)."""
     from ftprop.rules import ftp
 
     got = []
     for rewritten in (True, False):
         if not rewritten:
-            monkeypatch.setattr(ftp.FTP, method, lambda self, blocks: None)
+            monkeypatch.setattr(ftp.FTP, method, lambda self, *args: None)
         net = copy.deepcopy(model)
         flags = [m.inplace for m in net.modules() if hasattr(m, "inplace")]
         torch.manual_seed(3)  # the same dropout masks
@@ -678,7 +679,10 @@ def assert_same_ftp_grads_without(monkeypatch, method: str, model: nn.Module, x,
         assert not any("forward" in m.__dict__ for m in net.modules())  # nothing patched remains
         assert [m.inplace for m in net.modules() if hasattr(m, "inplace")] == flags  # nor any flag changed
     for a, b in zip(*got, strict=True):
-        torch.testing.assert_close(a, b)
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("spec, options", [
@@ -796,6 +800,81 @@ def test_ftp_second_pass_first_op_used_twice_runs_as_usual(monkeypatch):
     model.blocks[2].layer = model.blocks[1].layer
     assert make_rule("ftp")._low_rank_op(list(model.blocks)) is model.blocks[1].layer
     assert_same_ftp_grads_without(monkeypatch, "_low_rank_op", model, *batch(7))
+
+
+def spy_behind_pool(monkeypatch) -> list:
+    """What each FTP step's `_behind_pool` returns, in order (nothing when the step did not ask: the closed form)."""
+    from ftprop.rules import ftp
+
+    found, real = [], ftp.FTP._behind_pool
+    monkeypatch.setattr(ftp.FTP, "_behind_pool", lambda self, *args: found.append(real(self, *args)) or found[-1])
+    return found
+
+
+@pytest.mark.parametrize("spec, options", [
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(inner_targets=True, deep_weight=0.3, g_block=2, compare_at="next-input")),
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(compare_at="next-input", tangent=False)),  # gathered: not on the grid
+    ("c2k3-tanh-p2-c2k3-tanh-p2-f-l3", dict(compare_at="next-input")),  # a second block behind a pool
+    ("c2k3-sigmoid-p2-c2k3-sigmoid-f-l3", dict(g_block=2, compare_at="next-input")),
+    ("c2k3-lrelu-p2-c2k3-lrelu-p2-f-l3", dict(compare_at="next-input", pipeline=True)),
+    ("c2k3-relu-p2-r2-r2-f-l3", dict(g_block=2, compare_at="next-input", memory_format="channels_last")),
+    ("c2k3-relu-p2-r2z-bn-d0.2-f-l3", dict(compare_at="next-input")),
+])
+def test_ftp_activation_derivative_on_the_pooled_map_changes_no_bit(monkeypatch, spec, options):
+    """Behind a max-pool whose windows tile the map, a block's error is nonzero only where the pool passed h_l on,
+    and there h_l is the pooled value: the activation's derivative taken on the pooled map and scattered by the
+    pool's backward is the map autograd's activation backward over all of h_l gives (`_behind_pool`), to the bit,
+    for each activation, on the grid or gathered, with or without the tangent, in either layout, pipelined, and with
+    batch norm and dropout in the next block. The step then runs no activation backward over the full map."""
+    torch.manual_seed(0)
+    layout = torch.channels_last if options.pop("memory_format", None) else torch.contiguous_format
+    model = randomize(spec_model(spec, SHAPE, 3).double()).to(memory_format=layout)
+    found = spy_behind_pool(monkeypatch)
+    first_map = (7, 2, 10, 10)  # block 1's output: conv 3x3 on 12 x 12, before the pool
+    seen = []
+
+    class Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.extend((func.__name__, tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    with Shapes():
+        make_rule("ftp", gamma=0.3, g_scale=0.5, **options).step(copy.deepcopy(model), *batch(7))
+    assert 0 in found[0]
+    assert not [name for name, shape in seen if name.endswith("_backward") and "pool" not in name and
+                "convolution" not in name and shape == first_map]
+    assert_same_ftp_grads_without(monkeypatch, "_behind_pool", model, *batch(7), exact=True, **options)
+
+
+def test_ftp_takes_the_activation_derivative_on_the_pooled_map_only_where_it_is_exact(monkeypatch):
+    """Not behind overlapping windows (f' would be applied before the pool's backward adds a position's errors up:
+    other rounding), not for an activation run in place (a_l is then h_l, overwritten), not where a hook could change
+    h_l or see its error, not for local errors without f' (fprime=False) or taken at the target path's input
+    (update_input="t"), and not where no max-pool reads the block (compare_at="output")."""
+    def behind_pool(pool: nn.Module = nn.MaxPool2d(2), act: nn.Module = nn.ReLU(), global_hook: bool = False,
+                    **options) -> object:
+        found = spy_behind_pool(monkeypatch)
+        flat = 2 * (25 if pool.stride == 2 and pool.kernel_size == 2 else 16)
+        net = nn.Sequential(nn.Conv2d(1, 2, 3), act, pool, nn.Flatten(), nn.Linear(flat, 3)).double()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None) if global_hook else None
+        try:
+            make_rule("ftp", **{"compare_at": "next-input"} | options).step(net, *batch(7))
+        finally:
+            if handle is not None:
+                handle.remove()
+        monkeypatch.undo()
+        return found[0] if found else "not asked"
+
+    assert set(behind_pool()) == {0}
+    assert behind_pool(pool=nn.MaxPool2d(3, stride=2)) is None
+    assert behind_pool(act=nn.ReLU(inplace=True)) is None
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda m, i, o: None)
+    assert behind_pool(act=hooked) is None
+    assert behind_pool(global_hook=True) is None
+    assert behind_pool(fprime=False) is None
+    assert behind_pool(update_input="t") is None
+    assert behind_pool(compare_at="output") is None
 
 
 def test_ftp_second_pass_first_op_changed_in_place_runs_as_usual(monkeypatch):

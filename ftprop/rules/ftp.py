@@ -316,6 +316,25 @@ _THROUGH_ACTIVATION: dict[type, Callable[[nn.Module, torch.Tensor, torch.Tensor]
 }
 
 
+def _activation(block: Block) -> tuple[Callable, nn.Module] | None:
+    """(fn, act) with fn(act, g, h) = g * f'(a) in terms of h = f(a), when block's post is at most one pointwise
+    activation of `_THROUGH_ACTIVATION` and no hook on the block's modules could watch or change h or its error; else
+    None. Read without ModuleList/Sequential indexing, as it runs every step (`_closed_form_derivatives`)."""
+    parts = block._modules  # read once: each attribute lookup on a module costs about 1 us
+    post = act = parts["post"]
+    if isinstance(post, nn.Sequential):
+        inner = list(post)
+        if len(inner) > 1:
+            return None
+        act = inner[0] if inner else nn.Identity()
+    fn = _THROUGH_ACTIVATION.get(type(act))
+    if fn is None or (type(act) is nn.LeakyReLU and act.negative_slope < 0):  # h = f(a) then no longer tells a's
+        return None                                           # sign (and torch's kernel refuses such a slope from h)
+    if _hooked(block) or _hooked(parts["pre"]) or _hooked(parts["layer"]) or _hooked(post) or _hooked(act):
+        return None
+    return fn, act
+
+
 def _closed_form_derivatives(blocks: list[Block]) -> list[tuple[Callable, nn.Module]] | None:
     """Per block, (fn, post) with fn(post, g, h) = g * f'(a), when every block is a plain Linear layer followed by at
     most one pointwise activation; else None and FTP differentiates each block's local loss with autograd (conv,
@@ -330,23 +349,12 @@ def _closed_form_derivatives(blocks: list[Block]) -> list[tuple[Callable, nn.Mod
         return None
     found = []
     for block in blocks:
-        parts = block._modules  # read once: each attribute lookup on a module costs about 1 us
-        pre, layer, post = parts["pre"], parts["layer"], parts["post"]
-        act = post
-        if isinstance(post, nn.Sequential):
-            inner = list(post)
-            if len(inner) > 1:
-                return None
-            act = inner[0] if inner else nn.Identity()
-        fn = _THROUGH_ACTIVATION.get(type(act))
-        if type(layer) is not nn.Linear or not isinstance(pre, nn.Identity) or fn is None:
-            return None
-        if type(act) is nn.LeakyReLU and act.negative_slope < 0:  # h = f(a) then no longer tells a's sign (and
-            return None                                          # torch's kernel refuses such a slope from h)
-        if _hooked(block) or _hooked(pre) or _hooked(layer) or _hooked(post) or _hooked(act) or any(
+        parts = block._modules
+        layer, derivative = parts["layer"], _activation(block)
+        if derivative is None or type(layer) is not nn.Linear or not isinstance(parts["pre"], nn.Identity) or any(
                 p._backward_hooks or p._post_accumulate_grad_hooks for p in layer._parameters.values() if p is not None):
             return None
-        found.append((fn, act))
+        found.append(derivative)
     return found
 
 
@@ -476,17 +484,19 @@ class FTP(Rule):
         return self.compare_at == "output" or _reshapes_only(blocks[l + 1].pre)
 
     def _gap_error(self, blocks: list[Block], l: int, h: torch.Tensor, t: torch.Tensor, scale: float,
-                   pooled: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                   pooled: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                   behind_pool: dict[int, tuple[Callable, nn.Module]]) -> torch.Tensor:
         """`_error` of err = scale (h_l - t_l): hidden block l's error from its target, scale being its local loss's
         weight / (gamma B), or -1 where that weight is applied to the gradients instead (`_folded`). Where the loss
         is measured on h_l itself, with the tangent projection, the gap is projected without being built
         (`_tangential_gap`)."""
         if self.tangent and self._on_output(blocks, l):
             return _tangential_gap(h, t, scale)
-        return self._error(blocks, l, h, _scaled_gap(h, t, scale), pooled)
+        return self._error(blocks, l, h, _scaled_gap(h, t, scale), pooled, behind_pool)
 
     def _error(self, blocks: list[Block], l: int, h: torch.Tensor, err: torch.Tensor,
-               pooled: dict[int, tuple[torch.Tensor, torch.Tensor]], on_grid: bool = False) -> torch.Tensor:
+               pooled: dict[int, tuple[torch.Tensor, torch.Tensor]],
+               behind_pool: dict[int, tuple[Callable, nn.Module]], on_grid: bool = False) -> torch.Tensor:
         """Hidden block l's error from err = (h_l - t_l) / (gamma B): the gradient of its local loss with respect to
         h_l, P(err) with P the tangent projection when `tangent` is on.
 
@@ -499,7 +509,9 @@ class FTP(Rule):
         crosses a layer. With a `pre` that only reshapes (identity in MLPs, flatten) both settings are the same.
         Behind a max-pool, J is a selection: `pooled[l]` holds the values and positions the first pass's pool passed
         on (`_pool_with_positions`), the error is gathered there and J^T adds it back (`on_grid`: err is already the
-        pooled map's, one value per window); other input ops take J and J^T from autograd.
+        pooled map's, one value per window); other input ops take J and J^T from autograd. For a block in
+        `behind_pool` the error gets its activation's derivative on the pooled map, before J^T: it is then the error
+        of the block's layer output a_l, not of h_l (`_behind_pool`).
         """
         if self._on_output(blocks, l):
             return _tangential(err, h.detach()) if self.tangent else err
@@ -509,6 +521,9 @@ class FTP(Rule):
             err = err.flatten(2) if on_grid else err.flatten(2).gather(2, idx.flatten(2))  # a view in either layout
             if self.tangent:
                 err = _tangential(err, u.flatten(2))  # against the pooled map
+            if l in behind_pool:
+                fn, act = behind_pool[l]
+                err = fn(act, err, u.flatten(2))  # f'(a_l) where h_l = u
             pool = _max_pool(nxt)  # J^T: the pool's own backward (BP's kernel), each error back to its position
             return torch.ops.aten.max_pool2d_with_indices_backward(err.view(u.shape), h, pool.kernel_size, pool.stride,
                                                                    pool.padding, pool.dilation, pool.ceil_mode, idx)
@@ -523,6 +538,29 @@ class FTP(Rule):
         if self.tangent:
             err = _tangential(err, u.detach())
         return torch.autograd.grad(u, leaf, err)[0]
+
+    def _behind_pool(self, blocks: list[Block], pooled: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                     pre: list[torch.Tensor], outs: list[torch.Tensor]) -> dict[int, tuple[Callable, nn.Module]] | None:
+        """The blocks whose local error can take its activation's derivative on the pooled map: block l -> (fn, act)
+        of `_activation`; None where there are none.
+
+        Behind a max-pool whose windows tile the map (`_windows`: none overlaps), a block's error is nonzero only at
+        the positions the pool passed on, and there h_l is the pooled value u. So f'(a_l) applied to the pooled error
+        with u, then scattered by the pool's backward, is the map that the activation's backward over the whole h_l
+        would give, bit for bit (each position receives one value or zero), at a quarter of the passes over a 2 x 2
+        pool's map (on the stem residual net: over 64 x 32 x 24 x 24 values per step, docs/ALGORITHM.md, "The
+        activation's derivative on the pooled map"). The error then starts autograd from the layer's output a_l. Only
+        for local errors that include f' (fprime, update_input="h"), and where the activation made a new map (a_l is
+        not h_l, overwritten in place), without hooks (`_activation`).
+        """
+        if not (pooled and self.fprime and self.update_input == "h") or _hooked():
+            return None
+        found = {}
+        for l in pooled:
+            derivative = _activation(blocks[l])
+            if derivative is not None and pre[l] is not outs[l] and _windows(_max_pool(blocks[l + 1].pre)) is not None:
+                found[l] = derivative
+        return found or None
 
     def step(self, model: Net, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         model = begin_step(model, x, y, "ftp")
@@ -676,8 +714,10 @@ class FTP(Rule):
         run_pre = _pool_with_positions(pooled) if self.compare_at == "next-input" else None
         with torch.set_grad_enabled(derivatives is None and torch.is_grad_enabled()):
             inputs, pre, outs = local_forward(model, x, run_pre)
-        if self.fprime and self.update_input == "h":  # the pre-activations are not needed: let them go (on a conv
-            pre = []                                   # net, one map per block held through the step otherwise)
+        behind_pool = (self._behind_pool(blocks, pooled, pre, outs) if derivatives is None else None) or {}
+        if self.fprime and self.update_input == "h":  # the pre-activations are not needed (but where an error starts
+            pre = [a if l in behind_pool else None for l, a in enumerate(pre)]  # from one): let them go (on a conv
+                                                                               # net, one map per block otherwise)
         z = outs[-1]
         passes.replay()  # from here on: the first pass's dropout masks and batch-norm statistics
         if in_place is not None:  # and activations that overwrite their input (allowed under autograd too, as in
@@ -707,7 +747,7 @@ class FTP(Rule):
                     gb = d.sum(0)
                     layer.bias.grad = gb if layer.bias.grad is None else layer.bias.grad.add_(gb)
             elif output or self.update_input == "h":
-                pending.append((outs[l] if self.fprime or output else pre[l], err))
+                pending.append((pre[l] if l in behind_pool or not (self.fprime or output) else outs[l], err))
                 if l in mid_errs:  # the first conv's own local loss
                     pending.append((inner.records[l][0], mid_errs.pop(l)))
             elif outs[l].requires_grad:  # (a layer with every parameter frozen has no graph and gets no gradient)
@@ -763,7 +803,7 @@ class FTP(Rule):
                 rows = G.view(G.shape[0], *start.shape[1:])  # G's rows as maps (or vectors) like start's samples
                 rows = _after_pool(blocks[1].pre, rows) if on_grid else blocks[1].pre(rows)
                 first.arm(e / batch, rows, -self.gamma * batch)
-            ready(0, self._error(blocks, 0, h1, err, pooled, on_grid), inputs[0])
+            ready(0, self._error(blocks, 0, h1, err, pooled, behind_pool, on_grid), inputs[0])
             # Second pass: the target travels forward through the network's own weights.
             for l in range(1, len(blocks) - 1):
                 block = blocks[l]
@@ -778,7 +818,7 @@ class FTP(Rule):
                     gap = _tangential_gap if self.tangent else _scaled_gap  # (no pre ops lie before the next conv)
                     # the target popped: its map is freed as soon as its error exists (the second conv has read it)
                     mid_errs[l] = gap(held, inner.records[l].pop(), scale)
-                ready(l, self._gap_error(blocks, l, outs[l].detach(), t, scale, pooled), u)
+                ready(l, self._gap_error(blocks, l, outs[l].detach(), t, scale, pooled, behind_pool), u)
             ready(len(blocks) - 1, e.div_(batch), inputs[-1])  # dCE/dz of the mean loss
             for l, err, t_input in due:
                 fill(l, err, t_input)
