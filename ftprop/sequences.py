@@ -150,8 +150,8 @@ def _resolve_ett(path: str | Path | None) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DatasetError(f"ETT CSV not found at {path}. Get ETTh1.csv from the ETDataset repository "
-                           f"(https://github.com/zhouhaoyi/ETDataset, folder ETT-small) and pass its path (--csv PATH), "
-                           f"set ${ETT_ENV}, or put it at {DEFAULT_ETT}.")
+                           f"(https://github.com/zhouhaoyi/ETDataset, folder ETT-small) and pass its path "
+                           f"(`ftprop sequences --csv PATH`), set ${ETT_ENV}, or put it at {DEFAULT_ETT}.")
     return path
 
 
@@ -261,7 +261,12 @@ def load_statsmodels_series(name: str, lookback: int | None = None, horizon: int
     return split_and_window(f"{name} horizon {horizon}", series, borders, lookback, horizon)
 
 
-SEQUENCE_TASKS = ("adding", "order", "ett", *STATSMODELS_SERIES)
+SYNTHETIC_TASKS = ("adding", "order")  # generated from fixed seeds: no files
+SEQUENCE_TASKS = (*SYNTHETIC_TASKS, "ett", *STATSMODELS_SERIES)
+
+
+def _unknown_task(task: str) -> ValueError:
+    return ValueError(f"unknown sequence task {task!r}; choose one of {', '.join(SEQUENCE_TASKS)} (or etth1)")
 
 
 def load_sequence_task(task: str, T: int = 50, classes: int = 4, n_train: int = 10000, n_test: int = 2000,
@@ -269,10 +274,23 @@ def load_sequence_task(task: str, T: int = 50, classes: int = 4, n_train: int = 
                        horizon: int | None = None) -> SeqData:
     """One entry point for every task name in SEQUENCE_TASKS ("etth1" is accepted for "ett"); look-back and horizon
     None take the task's defaults (ETT 96 and 96)."""
-    if task in ("adding", "order"):
+    if task in SYNTHETIC_TASKS:
         return synthetic(task, T, n_train, n_test, classes)
     if task in ("ett", "etth1"):
         return load_ett(csv_path, lookback, horizon)
     if task in STATSMODELS_SERIES:
         return load_statsmodels_series(task, lookback, horizon)
-    raise ValueError(f"unknown sequence task {task!r}; choose one of {', '.join(SEQUENCE_TASKS)} (or etth1)")
+    raise _unknown_task(task)
+
+
+def locate_sequence_task(task: str, csv_path: str | Path | None = None) -> Path | None:
+    """The file `load_sequence_task(task, csv_path=csv_path)` would read, found without reading it (None for the
+    synthetic tasks), so that a caller about to run for hours can refuse at once: raises the DatasetError loading
+    would, saying where it looked and how to get the file."""
+    if task in SYNTHETIC_TASKS:
+        return None
+    if task in ("ett", "etth1"):
+        return _resolve_ett(csv_path)
+    if task in STATSMODELS_SERIES:
+        return _statsmodels_file(STATSMODELS_SERIES[task][0])
+    raise _unknown_task(task)

@@ -18,7 +18,8 @@ from ftprop.rules import SEQUENCE_RULES, make_sequence_rule
 from ftprop.rules._recurrent import local_unroll, sequence_loss
 from ftprop.seqtrain import SeqConfig, linear_baseline, train_sequences
 from ftprop.sequences import (ETT_COLUMNS, adding_problem, ett_borders, load_ett, load_sequence_task,
-                              load_statsmodels_series, read_statsmodels_series, split_and_window, temporal_order)
+                              load_statsmodels_series, locate_sequence_task, read_statsmodels_series,
+                              split_and_window, temporal_order)
 
 
 # --- tasks ----------------------------------------------------------------------------------------------------------
@@ -145,6 +146,22 @@ def test_missing_statsmodels_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DatasetError, match="pip install --no-deps statsmodels"):
         read_statsmodels_series("sunspots")
+    with pytest.raises(DatasetError, match="pip install --no-deps statsmodels"):
+        locate_sequence_task("co2")
+
+
+def test_locate_sequence_task_finds_the_file_a_task_reads_without_reading_it(tmp_path, monkeypatch):
+    assert locate_sequence_task("adding") is None and locate_sequence_task("order") is None  # generated
+    empty = tmp_path / "empty.csv"
+    empty.touch()  # loading it would fail on its header
+    assert locate_sequence_task("ett", empty) == empty
+    monkeypatch.setenv("FTPROP_ETT", str(empty))
+    assert locate_sequence_task("etth1") == empty
+    monkeypatch.setenv("FTPROP_ETT", str(tmp_path / "missing.csv"))
+    with pytest.raises(DatasetError, match="ETT CSV not found at .*missing.csv. Get ETTh1.csv from the ETDataset"):
+        locate_sequence_task("ett")
+    with pytest.raises(ValueError, match="unknown sequence task 'nope'"):
+        locate_sequence_task("nope")
 
 
 # --- rules against their equations ----------------------------------------------------------------------------------
