@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import statistics
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,9 +24,10 @@ from . import report
 from . import study_understanding as _understanding
 from .bench import benchmark
 from .compare import CONFIGS, load_rule_config, repo_rule_configs, run_compare
-from .data import load_dataset
+from .data import DATASETS, DatasetError, find_dataset_files, load_dataset
 from .models import build_model
 from .rules import make_rule
+from .sequences import locate_sequence_task
 from .train import TrainConfig
 
 
@@ -57,6 +59,10 @@ class Study:
     name: str
     title: str
     run: Callable[[Budget, Path, Path], tuple[str, list[list[str]]]]  # (budget, runs, figures) -> (section, summary)
+    # what `run` reads at a budget: image datasets (ftprop.data.DATASETS) and sequence tasks with files
+    # (sequences.py), found before any study starts; tests/conftest.py's `declared_datasets` checks, for each study
+    # the tests run, that it reads exactly these
+    datasets: Callable[[Budget], tuple[str, ...]]
 
 
 def _against_targets(comparison, targets: dict[str, float]) -> str:  # noqa: ANN001  (compare.Comparison)
@@ -226,21 +232,28 @@ def study_peers(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[li
     return body, summary
 
 
-from .study_scaling import study_cnn, study_depth, study_hardware  # noqa: E402  (imports nothing from this module)
-from .study_sequences import study_sequences  # noqa: E402  (imports nothing from this module)
+# (these modules import nothing from this one)
+from .study_scaling import hardware_datasets, study_cnn, study_depth, study_hardware  # noqa: E402
+from .study_sequences import sequence_datasets, study_sequences  # noqa: E402
 
+MNIST, BOTH = ("mnist",), ("mnist", "fashion-mnist")
 STUDIES: dict[str, Study] = {s.name: s for s in (
-    Study("mlp", "FTP vs BP on multilayer perceptrons", study_mlp),
-    Study("peers-pepita-setup", "The peers on PEPITA's setup (784-1024-10)", study_peers_pepita_setup),
-    Study("peers", "FTP and its peers in one harness (784-1024-128-10)", study_peers),
-    Study("hardware", "Low precision and analog hardware: accuracy against bits and devices", study_hardware),
-    Study("cnn", "Convolutional and residual networks", study_cnn),
-    Study("depth", "How far FTP scales in depth", study_depth),
-    Study("alignment", "Alignment of each rule's update with backpropagation", _understanding.study_alignment),
-    Study("gamma", "FTP's gamma and the other open choices", _understanding.study_gamma),
-    Study("feedback", "The distribution and scale of FTP's projection G", _understanding.study_feedback),
-    Study("label-noise", "Robustness to symmetric label noise", _understanding.study_label_noise),
-    Study("sequences", "Recurrent networks: BPTT, FTP and DFA through time", study_sequences),
+    Study("mlp", "FTP vs BP on multilayer perceptrons", study_mlp, lambda budget: BOTH),
+    Study("peers-pepita-setup", "The peers on PEPITA's setup (784-1024-10)", study_peers_pepita_setup,
+          lambda budget: MNIST),
+    Study("peers", "FTP and its peers in one harness (784-1024-128-10)", study_peers, lambda budget: BOTH),
+    Study("hardware", "Low precision and analog hardware: accuracy against bits and devices", study_hardware,
+          hardware_datasets),
+    Study("cnn", "Convolutional and residual networks", study_cnn, lambda budget: BOTH),
+    Study("depth", "How far FTP scales in depth", study_depth, lambda budget: BOTH),
+    Study("alignment", "Alignment of each rule's update with backpropagation", _understanding.study_alignment,
+          lambda budget: MNIST),
+    Study("gamma", "FTP's gamma and the other open choices", _understanding.study_gamma, lambda budget: BOTH),
+    Study("feedback", "The distribution and scale of FTP's projection G", _understanding.study_feedback,
+          lambda budget: MNIST),
+    Study("label-noise", "Robustness to symmetric label noise", _understanding.study_label_noise,
+          lambda budget: BOTH),
+    Study("sequences", "Recurrent networks: BPTT, FTP and DFA through time", study_sequences, sequence_datasets),
 )}
 
 
@@ -284,6 +297,25 @@ def _check_writable(docs: Path, figures: Path) -> None:
                          "(a scratch folder leaves the checkout's docs and README untouched)")
 
 
+def _check_datasets(names: list[str], budget: Budget) -> None:
+    """Refuse, before any study trains, when data a study of `names` reads at `budget` cannot be found: a study
+    loads each dataset only when it reaches the first run that needs it, possibly hours into `reproduce all`. Only
+    finds the files (the loaders' own search, whose errors say where they looked and how to get the data)."""
+    needed: dict[str, list[str]] = {}  # dataset -> the studies that read it
+    for name in names:
+        for dataset in STUDIES[name].datasets(budget):
+            needed.setdefault(dataset, []).append(name)
+    missing = []
+    for dataset, studies in needed.items():
+        try:
+            find_dataset_files(dataset) if dataset in DATASETS else locate_sequence_task(dataset)
+        except DatasetError as err:
+            missing.append(f"{dataset}, needed by {', '.join(studies)}:\n{textwrap.indent(str(err), '  ')}")
+    if missing:
+        raise DatasetError(f"{len(missing)} dataset{'s' * (len(missing) > 1)} the studies need at budget "
+                           f"{budget.name} cannot be found; no study has started:\n" + "\n".join(missing))
+
+
 def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
     """Run the studies `names` (or all) at `budget`, writing DOCS/results/STUDY.BUDGET.{md,png,summary.json}, then
     DOCS/RESULTS.md and the results table between the markers of DOCS/../README.md (when it has them)."""
@@ -296,6 +328,7 @@ def reproduce(names: list[str], budget: str, runs: Path, docs: Path) -> Path:
         raise ValueError(f"unknown study {', '.join(unknown)}; choose from all, {', '.join(STUDIES)}")
     figures = docs / "results"
     _check_writable(docs, figures)
+    _check_datasets(names, BUDGETS[budget])
     # the rerun command each section gives names the folders this run used, where they are not the defaults
     folders = "".join(f" --{flag} {path}" for flag, path, default in (("runs", runs, RUNS), ("docs", docs, DOCS))
                       if Path(path) != default)

@@ -221,10 +221,15 @@ def hardware_config(dataset: str, epochs: int) -> TrainConfig:
                        rounding="stochastic", progress=False)
 
 
+def hardware_datasets(budget: Budget) -> tuple[str, ...]:
+    """The datasets the hardware study trains on at `budget` (`ftprop reproduce` finds them before it starts)."""
+    return tuple(_grid(budget, HARDWARE_DATASETS))
+
+
 def study_hardware(budget: Budget, runs: Path, figures: Path) -> tuple[str, list[list[str]]]:
     """Issue 6 item 4: accuracy against bits and against analog devices and read noise, BP/FTP/DFA/PEPITA."""
     bits, devices, noises = _grid(budget, BITS), _grid(budget, DEVICES), _grid(budget, READ_NOISE)
-    datasets = _grid(budget, HARDWARE_DATASETS)
+    datasets = hardware_datasets(budget)
     analog_settings = [(d, d) for d in devices] + [(f"ideal:read_noise={n}", f"read noise {n}") for n in noises]
     epochs = HARDWARE_EPOCHS.get(budget.name, budget.epochs)
     by_bits: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}

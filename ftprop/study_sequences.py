@@ -23,7 +23,7 @@ import torch
 from . import report
 from .recurrent import RecurrentNet
 from .seqtrain import SeqConfig, results_table, run_sequences
-from .sequences import SeqData
+from .sequences import SYNTHETIC_TASKS, SeqData
 
 if TYPE_CHECKING:  # reproduce imports this module; only the type is needed here
     from .reproduce import Budget
@@ -48,6 +48,12 @@ SETUPS: list[tuple[str, SeqConfig, str]] = [
     ("etth1-96-mingru", SeqConfig(task="ett", horizon=96, epochs=20, cell="mingru"),
      "FTP test MSE within 10% of BPTT's"),
 ]
+
+
+def sequence_datasets(budget: Budget) -> tuple[str, ...]:
+    """The tasks of SETUPS that read files (for `ftprop reproduce` to find before anything trains), at any budget:
+    a budget changes only the epochs."""
+    return tuple(dict.fromkeys(cfg.task for _, cfg, _ in SETUPS if cfg.task not in SYNTHETIC_TASKS))
 
 
 def _run(cfg: SeqConfig, seeds: int, bench_rounds: int, where: Path) -> tuple[dict[str, Any], dict[str, RecurrentNet],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -48,8 +49,49 @@ def tiny_batch(n: int = 7, d_in: int = 6, n_out: int = 3, seed: int = 0) -> tupl
 
 
 @pytest.fixture
-def tiny(monkeypatch):
-    """Studies on 1000 training, 500 validation and 500 test images, one epoch, one seed: the pipeline in seconds."""
+def declared_datasets(monkeypatch):
+    """Every study `reproduce` runs in the test checks that it read exactly the datasets it declares (Study.datasets),
+    which `reproduce` finds before any study starts: one read but not declared would be missed until the study got to
+    it, possibly hours in; one declared but not read would refuse a run that needs no such data. Image datasets are
+    recorded where every loader finds their files, sequence tasks where SeqConfig.load reads them (a task read from
+    another CSV than the default is recorded as such: the check looks for the default)."""
+    import ftprop.data
+    import ftprop.reproduce as rep
+    import ftprop.seqtrain
+    from ftprop.sequences import SYNTHETIC_TASKS
+
+    read: list[str] = []
+    find, load_task = ftprop.data.find_dataset_files, ftprop.seqtrain.load_sequence_task
+
+    def finding(name, *a, **k):
+        read.append(name)
+        return find(name, *a, **k)
+
+    def loading(task, *a, **k):
+        csv = inspect.signature(load_task).bind(task, *a, **k).arguments.get("csv_path")
+        if task not in SYNTHETIC_TASKS:
+            read.append(task if csv is None else f"{task} from {csv}")
+        return load_task(task, *a, **k)
+
+    def checked(study: rep.Study) -> rep.Study:
+        def run(budget, runs, figures):
+            start = len(read)
+            out = study.run(budget, runs, figures)
+            assert set(read[start:]) == set(study.datasets(budget)), \
+                f"study {study.name} read {sorted(set(read[start:]))}, declares {study.datasets(budget)}"
+            return out
+        return dataclasses.replace(study, run=run)
+
+    monkeypatch.setattr(ftprop.data, "find_dataset_files", finding)
+    monkeypatch.setattr(ftprop.seqtrain, "load_sequence_task", loading)
+    for name, study in rep.STUDIES.items():
+        monkeypatch.setitem(rep.STUDIES, name, checked(study))
+
+
+@pytest.fixture
+def tiny(monkeypatch, declared_datasets):
+    """Studies on 1000 training, 500 validation and 500 test images, one epoch, one seed: the pipeline in seconds;
+    each study run through `reproduce` checks its declared datasets (`declared_datasets`)."""
     import ftprop.compare
     import ftprop.reproduce as rep
 

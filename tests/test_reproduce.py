@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+import ftprop.data
 import ftprop.reproduce as rep
-from ftprop import report
+from ftprop import cli, report
+from ftprop.data import DatasetError
 
 
 def test_reproduce_writes_sections_and_results(tmp_path, tiny):
@@ -79,14 +81,14 @@ def test_peers_study_runs_every_rule_with_its_config(tmp_path, tiny, monkeypatch
 
 @pytest.fixture
 def fake_studies(monkeypatch):
-    """Two studies that train nothing and record the order they ran in."""
+    """Two studies that train nothing, read no data and record the order they ran in."""
     ran = []
 
     def study(name):
         def run(budget, runs, figures):
             ran.append(name)
             return f"### {name}\n", [[name, "-", "-"]]
-        return rep.Study(name, f"title {name}", run)
+        return rep.Study(name, f"title {name}", run, lambda budget: ())
 
     monkeypatch.setattr(rep, "STUDIES", {n: study(n) for n in ("one", "two")})
     return ran
@@ -174,3 +176,84 @@ def test_sequences_task_with_damaged_results_is_trained_again(tmp_path, monkeypa
     assert calls == [{}, {}] and set(models) == set(seq.RULES)
     assert f"{tmp_path / 'results.json'} is not reusable" in capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text())["key"]["seeds"] == 1  # rewritten whole
+
+
+@pytest.fixture
+def data_home(tmp_path, monkeypatch):
+    """No dataset anywhere (offline sources hidden, an empty $FTPROP_DATA and user cache, $FTPROP_ETT pointing at
+    nothing); returns a function that provides one dataset's files there, empty: finding them must be enough, since
+    `reproduce` checks its data without loading it."""
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setenv("FTPROP_DATA", str(root))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FTPROP_ETT", str(root / "ETTh1.csv"))
+    for name, (what, _) in list(ftprop.data.OFFLINE_SOURCES.items()):
+        monkeypatch.setitem(ftprop.data.OFFLINE_SOURCES, name, (what, lambda: None))
+
+    def provide(name: str) -> None:
+        if name == "ett":
+            (root / "ETTh1.csv").touch()
+            return
+        (root / name).mkdir()
+        for file in ftprop.data._IDX_FILES:
+            (root / name / file).touch()
+    return provide
+
+
+def _needs(monkeypatch, name: str, *datasets: str) -> None:
+    """Study `name` declares that it reads `datasets`."""
+    monkeypatch.setitem(rep.STUDIES, name, dataclasses.replace(rep.STUDIES[name], datasets=lambda budget: datasets))
+
+
+def test_missing_datasets_refused_before_any_study_trains(tmp_path, fake_studies, data_home, monkeypatch):
+    _needs(monkeypatch, "one", "mnist")
+    _needs(monkeypatch, "two", "mnist", "fashion-mnist", "ett")
+    data_home("mnist")
+    with pytest.raises(ValueError, match="unknown study"):  # the argument checks come first
+        rep.reproduce(["one", "nope"], "small", tmp_path / "runs", tmp_path / "docs")
+    with pytest.raises(DatasetError) as refused:
+        rep.reproduce(["all"], "small", tmp_path / "runs", tmp_path / "docs")
+    assert fake_studies == []
+    message = str(refused.value)
+    assert message.startswith("2 datasets the studies need at budget small cannot be found; no study has started:\n"
+                              "fashion-mnist, needed by two:\n  Fashion-MNIST not found. Looked in:\n")
+    assert "apt-get install dataset-fashion-mnist" in message  # how to get it, from the loader's own message
+    assert "\nett, needed by two:\n  ETT CSV not found at " in message and "ETDataset" in message
+    assert "mnist, needed by" not in message.replace("fashion-mnist, needed by", "")  # found: not listed
+    data_home("fashion-mnist")
+    data_home("ett")
+    rep.reproduce(["all"], "small", tmp_path / "runs", tmp_path / "docs")  # empty files: found, never loaded
+    assert fake_studies == ["one", "two"]
+
+
+def test_datasets_checked_are_those_of_the_budget(tmp_path, data_home, monkeypatch):
+    """The hardware study reads Fashion-MNIST only at the full budget: without it, only the full budget is refused."""
+    ran = []
+    monkeypatch.setitem(rep.STUDIES, "hardware", dataclasses.replace(
+        rep.STUDIES["hardware"], run=lambda budget, runs, figures: ran.append(budget.name) or ("", [])))
+    data_home("mnist")
+    rep.reproduce(["hardware"], "small", tmp_path / "runs", tmp_path / "docs")
+    assert ran == ["small"]
+    with pytest.raises(DatasetError, match="^1 dataset the studies need at budget full cannot be found; .*\n"
+                                           "fashion-mnist, needed by hardware:"):
+        rep.reproduce(["hardware"], "full", tmp_path / "runs", tmp_path / "docs")
+    assert ran == ["small"]
+
+
+def test_sequences_study_declares_the_series_it_reads_not_the_generated_tasks():
+    for budget in rep.BUDGETS.values():
+        assert rep.STUDIES["sequences"].datasets(budget) == ("ett", "co2")
+
+
+def test_cli_reproduce_without_a_dataset_exits_with_the_message(tmp_path, data_home, monkeypatch, capsys):
+    monkeypatch.setitem(rep.STUDIES, "depth", dataclasses.replace(
+        rep.STUDIES["depth"], run=lambda *a: pytest.fail("the depth study must not start")))
+    data_home("mnist")
+    assert cli.main(["reproduce", "depth", "--budget", "small", "--runs", str(tmp_path / "runs"),
+                     "--docs", str(tmp_path / "docs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ftprop: error: 1 dataset the studies need at budget small cannot be found; no study has "
+                          "started:\nfashion-mnist, needed by depth:\n  Fashion-MNIST not found.")
+    assert "ftprop data fetch fashion-mnist" in err and "Traceback" not in err
+

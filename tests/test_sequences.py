@@ -605,14 +605,15 @@ def test_cli_sequences_prints_a_table(capsys, tmp_path):
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
-def test_sequences_study_writes_tables_and_plots_and_reuses_runs(tmp_path, monkeypatch):
+def test_sequences_study_writes_tables_and_plots_and_reuses_runs(tmp_path, monkeypatch, declared_datasets):
     import ftprop.reproduce as rep
     import ftprop.study_sequences as st
 
     csv_path = tmp_path / "tiny.csv"
     _write_ett(csv_path, 610, datetime.timedelta(days=1))
+    monkeypatch.setenv("FTPROP_ETT", str(csv_path))  # where the study's ETT comes from, and reproduce looks first
     monkeypatch.setattr(st, "SETUPS", [
-        ("etth1-96", SeqConfig(task="ett", csv=str(csv_path), lookback=8, hidden=4, epochs=3), "goal E")])
+        ("etth1-96", SeqConfig(task="ett", lookback=8, hidden=4, epochs=3), "goal E")])
     monkeypatch.setitem(rep.BUDGETS, "small", rep.Budget("small", epochs=1, seeds=1, bench_rounds=1))
     docs = tmp_path / "docs"
     monkeypatch.setattr(st, "RULES", ["bptt", "ftp", "dfa"])
