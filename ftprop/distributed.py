@@ -92,21 +92,31 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def check_same(settings: dict[str, Any], ctx: Context) -> None:
-    """Raise on every rank, naming the settings and ranks, unless every rank was given the same `settings`.
+def check_same(settings: dict[str, Any], ctx: Context, failure: str | None = None) -> None:
+    """Raise on every rank, naming the settings and ranks, unless every rank was given the same `settings`; first,
+    raise on every rank (as ValueError) the `failure` of the lowest rank that has one.
 
     Each rank parses its own command line (and --config file), and nothing else would notice ranks that differ: the
     start-up broadcast makes their models agree, and then another seed shuffles another batch order, another lr or
     rule steps otherwise, so the run silently averages unrelated updates; another batch size sends buckets of other
     sizes and fails deep inside gloo or NCCL, or hangs. One gather of the settings at start-up, before anything else.
+
+    `failure` is what a start-up check that one rank alone makes found wrong (rank 0 alone writes --out, so only its
+    answer counts). Raised on that rank alone, it would leave the others waiting in a collective it never joins, to
+    fail in gloo with a traceback; given in the same gather, it stops every rank with its one-line message.
     """
     if not ctx.active:
+        if failure:
+            raise ValueError(failure)
         return
-    gathered: list[dict[str, Any] | None] = [None] * ctx.world
-    dist.all_gather_object(gathered, settings)
-    first = gathered[0]
+    gathered: list[tuple[dict[str, Any], str | None] | None] = [None] * ctx.world
+    dist.all_gather_object(gathered, (settings, failure))
+    failures = [theirs for _, theirs in gathered if theirs]
+    if failures:
+        raise ValueError(failures[0])
+    first = gathered[0][0]
     differ = [f"{key}: rank 0 {first.get(key)!r}, rank {r} {theirs.get(key)!r}"
-              for r, theirs in enumerate(gathered) for key in sorted(first.keys() | theirs.keys())
+              for r, (theirs, _) in enumerate(gathered) for key in sorted(first.keys() | theirs.keys())
               if theirs.get(key) != first.get(key)]
     if differ:
         raise ValueError(f"the {ctx.world} processes were started with different settings ({'; '.join(differ)}); "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import statistics
 import sys
 from pathlib import Path
@@ -76,10 +77,8 @@ def _run(cfg: SeqConfig, seeds: int, bench_rounds: int, where: Path) -> tuple[di
         if saved is None or saved["key"] != key:
             saved = None
         else:
-            for rule, state in torch.load(models_path, weights_only=True).items():
-                models[rule] = cfg.build(data)
-                models[rule].load_state_dict(state)
-    if saved and list(saved["runs"]) == RULES:
+            models = _load_models(models_path, cfg, data)
+    if saved and list(saved["runs"]) == RULES and all(r in models for r in RULES):
         _count_runs(saved)
         return saved, models, data
     done = {r: runs for r, runs in saved["runs"].items() if r in RULES and r in models} if saved else {}
@@ -91,6 +90,38 @@ def _run(cfg: SeqConfig, seeds: int, bench_rounds: int, where: Path) -> tuple[di
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     _count_runs(results)
     return results, models, data
+
+
+# What torch.load raises on a file that torch.save did not write whole: a zip archive cut short or altered (RuntimeError
+# from its reader), an empty file (EOFError), or other bytes, which the weights-only unpickler rejects
+# (UnpicklingError) or trips over (KeyError, IndexError, UnicodeDecodeError); OSError: the file cannot be read at all.
+_UNREADABLE = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError, IndexError, UnicodeDecodeError)
+
+
+def _load_models(path: Path, cfg: SeqConfig, data: SeqData) -> dict[str, RecurrentNet]:
+    """The models saved in `path`, or none, with a one-line note naming the file, when it is damaged (a bad copy of the
+    versioned runs) or holds other models than this code builds from `cfg`: as for a damaged results.json, the task is
+    then trained again and the file rewritten, rather than the study stopping on torch's unpickling error or
+    state_dict traceback."""
+    def unusable(why: str) -> dict[str, RecurrentNet]:
+        print(f"{path} is not reusable by this code ({why}); training the task again", file=sys.stderr)
+        return {}
+
+    try:
+        states = torch.load(path, weights_only=True)
+    except _UNREADABLE as err:  # torch's own text is a paragraph advising weights_only=False: only the type is kept
+        return unusable(f"torch cannot read it: {type(err).__name__}")
+    if not isinstance(states, dict):
+        return unusable(f"it holds a {type(states).__name__}, not the rules' models")
+    models = {}
+    for rule, state in states.items():
+        models[rule] = cfg.build(data)
+        try:
+            models[rule].load_state_dict(state)
+        except (RuntimeError, TypeError) as err:  # other keys or shapes than this code's model; not a state dict
+            lines = str(err).splitlines()  # torch's heading and a line per parameter: the first one says enough
+            return unusable(f"{rule}: " + " ".join(line.strip() for line in lines[:2]) + (" ..." if lines[2:] else ""))
+    return models
 
 
 def _count_runs(results: dict[str, Any]) -> None:

@@ -163,14 +163,29 @@ def read_toml(path: str | Path, flag: str) -> dict[str, Any]:
         raise ValueError(f"{flag}: cannot read {path}: {err.strerror}") from None
 
 
+def dir_problem(path: Path, flag: str) -> str | None:
+    """Why `path` (given with `flag`) cannot become a directory, a file being there or above it, or None. It creates
+    nothing, so that `train` can ask at start-up, before loading data, and tell every rank rank 0's answer."""
+    for here in (path, *path.parents):
+        try:
+            if here.is_dir():
+                return None
+            if not here.exists():
+                continue
+        except OSError:  # not allowed to look: creating the directory fails then, and make_dir says why
+            return None
+        return (f"{flag} {path} is a file, not a directory; choose another {flag}" if here == path else
+                f"{flag} {path} lies under a file, not a directory; choose another {flag}")
+    return None
+
+
 def make_dir(path: Path, flag: str) -> None:
     """Create the output directory `path` (given with `flag`), or say why it cannot be one."""
+    problem = dir_problem(path, flag)
+    if problem:
+        raise ValueError(problem)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"{flag} {path} is a file, not a directory; choose another {flag}") from None
-    except NotADirectoryError:
-        raise ValueError(f"{flag} {path} lies under a file, not a directory; choose another {flag}") from None
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot create the directory: {err.strerror}") from None
 
@@ -282,9 +297,11 @@ def _summary(history: list[dict[str, Any]], seconds: float, diverged: str | None
 def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -> dict[str, Any]:
     """Train one run and return its summary (the contents of metrics.json)."""
     ctx, device = distributed.init(resolve_device(cfg.device))  # one process unless launched by torchrun
-    # the whole run must be the same on every rank; where the dataset is read and the progress bar may differ
+    # the whole run must be the same on every rank; where the dataset is read and the progress bar may differ. Rank 0
+    # alone writes --out, so its answer alone says whether --out can be the run directory: given in the same gather
+    out_problem = dir_problem(Path(cfg.out), "--out") if cfg.out and ctx.main else None
     distributed.check_same({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "progress")}
-                           | {"resume": resume}, ctx)
+                           | {"resume": resume}, ctx, failure=out_problem)
     distributed.check_batch_size(cfg.batch_size, ctx)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, device=device)  # one split for all seeds

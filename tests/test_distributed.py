@@ -6,7 +6,10 @@ compare them with each other and with the same run in this process.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import json
 import os
 import socket
 import time
@@ -80,10 +83,15 @@ def run(cfg: TrainConfig, data: Dataset, resume: bool = False) -> dict[str, Any]
             "buffers": [b.clone() for b in built["model"].buffers()], "rule": built["rule"].state_dict()}
 
 
-def _worker(rank: int, port: int, data: Dataset, root: str) -> None:
+def _as_rank(rank: int, port: int) -> None:
+    """Give this process the environment torchrun gives rank `rank` of WORLD."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, port: int, data: Dataset, root: str) -> None:
+    _as_rank(rank, port)
     results: dict[str, Any] = {}
     for name, kw, resume in MISMATCHED:  # each rank given its own settings: every rank must refuse, before training
         try:
@@ -105,6 +113,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(worker: Any, *args: Any, timeout: float = 120) -> None:
+    """Run worker(rank, port, *args) in WORLD processes, as torchrun would start them; fail after `timeout` s."""
+    procs = mp.start_processes(worker, args=(_free_port(), *args), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not procs.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD}-process run did not finish within {timeout:.0f} s")
+
+
 @pytest.fixture(scope="module")
 def ddp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ddp")
@@ -113,14 +132,7 @@ def ddp_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ranks(ddp_root) -> list[dict[str, Any]]:
     root = ddp_root
-    procs = mp.start_processes(_worker, args=(_free_port(), tiny_data(), str(root)), nprocs=WORLD, join=False,
-                               start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not procs.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the 2-process run did not finish within 120 s")
+    _spawn(_worker, tiny_data(), str(root))
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -208,3 +220,26 @@ def test_only_rank_zero_writes(ranks, ddp_root):
     """The run directory holds rank 0's files once (config, metrics, checkpoint), nothing per rank."""
     assert sorted(f.name for f in (ddp_root / "ftp").iterdir()) == ["checkpoint.pt", "config.json", "metrics.json",
                                                                     "metrics.jsonl"]
+
+
+def _cli_worker(rank: int, port: int, data: Dataset, root: str, argv: list[str]) -> None:
+    """`ftprop ARGV` as this rank of a torchrun launch (training on `data`); saves its exit status and stderr."""
+    _as_rank(rank, port)
+    train_mod.load_dataset = lambda *a, **k: data
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps([code, err.getvalue()]))
+
+
+def test_out_that_rank_zero_cannot_create_stops_every_rank(tmp_path):
+    """--out naming a file: rank 0, which alone writes the run directory, said so and exited, while rank 1 trained on
+    into a collective that rank 0 never joined and died in gloo with a traceback. Now every rank prints rank 0's line
+    and exits 2."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _spawn(_cli_worker, tiny_data(), str(tmp_path), ["train", "--out", str(afile), "--hidden", "16,8", "--epochs", "1",
+                                                     "--batch-size", "32", "--no-progress"], timeout=60)
+    for r in range(WORLD):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == [
+            2, f"ftprop: error: --out {afile} is a file, not a directory; choose another --out\n"]

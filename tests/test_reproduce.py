@@ -7,10 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import ftprop.data
 import ftprop.reproduce as rep
 from ftprop import cli, report
+from ftprop import study_sequences as seq
 from ftprop.data import DatasetError
 
 
@@ -159,9 +161,33 @@ def test_run_compare_reuses_only_intact_matching_runs(tmp_path, tiny, monkeypatc
     assert "cmp/bp-seed0/metrics.json is unreadable" in capsys.readouterr().err
 
 
-def test_sequences_task_with_damaged_results_is_trained_again(tmp_path, monkeypatch, capsys):
-    """A sequences task's results.json cut short (a bad copy of the versioned runs) is retrained, not a crash."""
-    from ftprop import study_sequences as seq
+def _models_of_another_size(run: Path, cfg) -> None:
+    other = dataclasses.replace(cfg, hidden=cfg.hidden + 1)  # as if the model had changed since: same keys, new shapes
+    torch.save({rule: other.build(cfg.load()).state_dict() for rule in seq.RULES}, run / "models.pt")
+
+
+# (damage to a sequences task's saved runs, the file named, why)
+SEQUENCE_DAMAGES = {
+    "results cut short": (lambda run, cfg: (run / "results.json").write_text('{"runs": {"bptt": ['), "results.json",
+                          ""),
+    "models cut short": (lambda run, cfg: (run / "models.pt").write_bytes((run / "models.pt").read_bytes()[:200]),
+                         "models.pt", "torch cannot read it: RuntimeError"),
+    "models empty": (lambda run, cfg: (run / "models.pt").write_bytes(b""), "models.pt", "EOFError"),
+    "models not a torch file": (lambda run, cfg: (run / "models.pt").write_text('{"bptt": 1}'), "models.pt",
+                                "UnpicklingError"),
+    "models not a dict": (lambda run, cfg: torch.save(torch.zeros(2), run / "models.pt"), "models.pt",
+                          "it holds a Tensor"),
+    "models with other keys": (
+        lambda run, cfg: torch.save({r: {"w": torch.zeros(1)} for r in seq.RULES}, run / "models.pt"), "models.pt",
+        "Missing key(s) in state_dict"),
+    "models of another size": (_models_of_another_size, "models.pt", "size mismatch for"),
+}
+
+
+@pytest.mark.parametrize("damage", SEQUENCE_DAMAGES)
+def test_sequences_task_with_damaged_runs_is_trained_again(tmp_path, monkeypatch, capsys, damage):
+    """A sequences task's results.json or models.pt damaged (a bad copy of the versioned runs), or models.pt holding
+    other models than this code builds, is named in one line and the task retrained, not a crash in json or torch."""
     cfg = seq.SeqConfig(task="adding", T=5, n_train=64, n_test=32, epochs=1)
     calls = []
 
@@ -171,11 +197,15 @@ def test_sequences_task_with_damaged_results_is_trained_again(tmp_path, monkeypa
 
     monkeypatch.setattr(seq, "run_sequences", fake)
     seq._run(cfg, 1, 1, tmp_path)
-    (tmp_path / "results.json").write_text('{"runs": {"bptt": [')
+    harm, name, why = SEQUENCE_DAMAGES[damage]
+    harm(tmp_path, cfg)
     results, models, _ = seq._run(cfg, 1, 1, tmp_path)
     assert calls == [{}, {}] and set(models) == set(seq.RULES)
-    assert f"{tmp_path / 'results.json'} is not reusable" in capsys.readouterr().err
+    (note,) = capsys.readouterr().err.splitlines()
+    assert note.startswith(f"{tmp_path / name} is not reusable by this code") and why in note
     assert json.loads((tmp_path / "results.json").read_text())["key"]["seeds"] == 1  # rewritten whole
+    seq._run(cfg, 1, 1, tmp_path)  # and models.pt too: both are reused now
+    assert len(calls) == 2 and not capsys.readouterr().err
 
 
 @pytest.fixture
@@ -256,4 +286,3 @@ def test_cli_reproduce_without_a_dataset_exits_with_the_message(tmp_path, data_h
     assert err.startswith("ftprop: error: 1 dataset the studies need at budget small cannot be found; no study has "
                           "started:\nfashion-mnist, needed by depth:\n  Fashion-MNIST not found.")
     assert "ftprop data fetch fashion-mnist" in err and "Traceback" not in err
-
