@@ -274,6 +274,25 @@ def _write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _alignment_until(path: Path, epoch: int) -> list[str]:
+    """The lines of a resumed run's alignment.jsonl up to `epoch`, the checkpoint's. A last line cut short (the run
+    stopped while appending it) belongs to a step after the checkpoint and goes with the others; any other line that is
+    not a record is an error naming the file and line, not a JSON decoder's message."""
+    lines = path.read_text().splitlines()
+    kept = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record_epoch = json.loads(line)["epoch"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if i == len(lines):
+                break
+            raise ValueError(f"--resume: {path} line {i} is not an alignment record; repair or delete the file (the "
+                             f"resumed run then logs alignment from epoch {epoch + 1} on)") from None
+        if record_epoch <= epoch:
+            kept.append(line)
+    return kept
+
+
 def _all_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -372,8 +391,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
         (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
         angles_log = out / "alignment.jsonl"
         if cfg.log_alignment or angles_log.exists():
-            kept = [line for line in (angles_log.read_text().splitlines() if resume and angles_log.exists() else [])
-                    if json.loads(line)["epoch"] <= start_epoch]
+            kept = _alignment_until(angles_log, start_epoch) if resume and angles_log.exists() else []
             angles_log.write_text("".join(line + "\n" for line in kept))
 
     x, y = data.x_train, noisy_labels(data.y_train, cfg.label_noise, data.num_classes, cfg.seed)  # val/test clean

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import dataclasses
 import json
 import math
 
@@ -101,6 +102,23 @@ def test_resume_refuses_a_different_config(small_mnist, tmp_path):
         train(cfg(tmp_path, rule="bp", epochs=2, lr=0.5), small_mnist, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(cfg(tmp_path / "elsewhere", rule="bp"), small_mnist, resume=True)
+
+
+def test_resume_with_alignment_log_cut_short_or_damaged(small_mnist, tmp_path):
+    """A run stopped while appending to alignment.jsonl leaves its last line cut short: resuming drops it with the
+    records after the checkpoint. A damaged line before the last is named, not met with a JSON decoder's message."""
+    c = cfg(tmp_path, rule="ftp", epochs=1, log_alignment=20)
+    train(c, small_mnist)
+    log = tmp_path / "run" / "alignment.jsonl"
+    records = log.read_text()
+    log.write_text(records + '{"epoch": 2, "step": 1, "lay')  # epoch 2's first record, cut short
+    train(dataclasses.replace(c, epochs=2), small_mnist, resume=True)
+    train(cfg(tmp_path / "whole", rule="ftp", epochs=2, log_alignment=20), small_mnist)
+    steps = lambda path: [(r["epoch"], r["step"]) for r in map(json.loads, path.read_text().splitlines())]  # noqa: E731
+    assert steps(log) == steps(tmp_path / "whole" / "run" / "alignment.jsonl") and steps(log)[-1][0] == 2
+    log.write_text("not a record\n" + records)
+    with pytest.raises(ValueError, match=f"--resume: {log} line 1 is not an alignment record"):
+        train(dataclasses.replace(c, epochs=3), small_mnist, resume=True)
 
 
 class NaNAfter(BP):
