@@ -846,6 +846,30 @@ def test_ftp_activation_derivative_on_the_pooled_map_changes_no_bit(monkeypatch,
     assert_same_ftp_grads_without(monkeypatch, "_behind_pool", model, *batch(7), exact=True, **options)
 
 
+def test_ftp_activation_derivative_on_the_pooled_map_under_autocast_changes_no_bit(monkeypatch):
+    """Under torch.autocast (bfloat16 maps, float32 weights) the error's dtype on the pooled map is the one autograd
+    would have cast it to: the same gradients to the bit, for ReLU on the grid with inner targets and tanh gathered."""
+    from ftprop.rules import ftp
+
+    for spec, options in [("c2k3-relu-p2-r2-r2-f-l3", dict(g_block=2, compare_at="next-input", inner_targets=True)),
+                          ("c2k3-tanh-p2-c2k3-tanh-p2-f-l3", dict(compare_at="next-input"))]:
+        torch.manual_seed(0)
+        model = spec_model(spec, SHAPE, 3)
+        x, y = batch(7)
+        grads = []
+        for rewritten in (True, False):
+            found = spy_behind_pool(monkeypatch)
+            if not rewritten:
+                monkeypatch.setattr(ftp.FTP, "_behind_pool", lambda self, *args: None)
+            net = copy.deepcopy(model)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                make_rule("ftp", **options).step(net, x.float(), y)
+            grads.append([p.grad for p in net.parameters()])
+            assert not rewritten or 0 in found[0]
+            monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 def test_ftp_takes_the_activation_derivative_on_the_pooled_map_only_where_it_is_exact(monkeypatch):
     """Not behind overlapping windows (f' would be applied before the pool's backward adds a position's errors up:
     other rounding), not for an activation run in place (a_l is then h_l, overwritten), not where a hook could change
