@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed, pipeline, report
-from .data import Dataset, batches, load_dataset, shift_images
+from .data import Dataset, DatasetError, batches, load_dataset, shift_images
 from .diagnostics import alignment, rng_state
 from .hardware import attach as attach_hardware, check_hardware
 from .models import MEMORY_FORMATS, Net, build_model, parse_hidden
@@ -319,11 +319,19 @@ def train(cfg: TrainConfig, data: Dataset | None = None, resume: bool = False) -
     # the whole run must be the same on every rank; where the dataset is read and the progress bar may differ. Rank 0
     # alone writes --out, so its answer alone says whether --out can be the run directory: given in the same gather
     out_problem = dir_problem(Path(cfg.out), "--out") if cfg.out and ctx.main else None
+    # Each rank reads its own copy of the data (on its own machine, --data-dir may differ): one that cannot tells the
+    # others in the same gather, where they would otherwise wait for it in the model's broadcast and fail in gloo.
+    data_problem = None
+    if data is None and not out_problem:
+        try:
+            data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, device=device)  # one split, all seeds
+        except DatasetError as err:
+            if not ctx.active:
+                raise
+            data_problem = f"rank {ctx.rank} cannot read its data: {err}"
     distributed.check_same({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "progress")}
-                           | {"resume": resume}, ctx, failure=out_problem)
+                           | {"resume": resume}, ctx, failure=out_problem or data_problem)
     distributed.check_batch_size(cfg.batch_size, ctx)
-    if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, device=device)  # one split for all seeds
     run_dir = Path(cfg.out) if cfg.out else None
     out = run_dir if ctx.main else None  # the directory this process writes: only rank 0 writes
     torch.manual_seed(cfg.seed)

@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ftprop import cli, distributed
-from ftprop.data import Dataset
+from ftprop.data import Dataset, DatasetError
 from ftprop.train import TrainConfig, train
 
 train_mod = importlib.import_module("ftprop.train")  # `ftprop.train` the attribute is the function
@@ -222,10 +222,16 @@ def test_only_rank_zero_writes(ranks, ddp_root):
                                                                     "metrics.jsonl"]
 
 
-def _cli_worker(rank: int, port: int, data: Dataset, root: str, argv: list[str]) -> None:
-    """`ftprop ARGV` as this rank of a torchrun launch (training on `data`); saves its exit status and stderr."""
+def _cli_worker(rank: int, port: int, data: Dataset, root: str, argv: list[str], without_data: int = -1) -> None:
+    """`ftprop ARGV` as this rank of a torchrun launch (training on `data`, which rank `without_data` cannot find);
+    saves its exit status and stderr."""
     _as_rank(rank, port)
-    train_mod.load_dataset = lambda *a, **k: data
+
+    def load(*args: Any, **kwargs: Any) -> Dataset:
+        if rank == without_data:
+            raise DatasetError("MNIST not found. Looked in: here")
+        return data
+    train_mod.load_dataset = load
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = cli.main(argv)
@@ -243,3 +249,14 @@ def test_out_that_rank_zero_cannot_create_stops_every_rank(tmp_path):
     for r in range(WORLD):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == [
             2, f"ftprop: error: --out {afile} is a file, not a directory; choose another --out\n"]
+
+
+def test_data_one_rank_cannot_find_stops_every_rank(tmp_path):
+    """Each rank reads its own copy of the data (--data-dir may differ between machines). Rank 1 without it raised
+    alone, and rank 0 waited for it in the model's broadcast and died in gloo; now both print rank 1's line, exit 2."""
+    _spawn(_cli_worker, tiny_data(), str(tmp_path), ["train", "--out", str(tmp_path / "run"), "--hidden", "16,8",
+                                                     "--epochs", "1", "--batch-size", "32", "--no-progress"], 1,
+           timeout=60)
+    for r in range(WORLD):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == [
+            2, "ftprop: error: rank 1 cannot read its data: MNIST not found. Looked in: here\n"]
