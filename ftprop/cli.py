@@ -138,6 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     make_rule(cfg.rule, **cfg.rule_options)  # fail on a bad rule or option before loading data
     try:
         summary = train(cfg, resume=args.resume)  # data-parallel when launched by torchrun (docs/SCALING.md)
+        prints = distributed.rank() == 0  # every rank returns the same summary
     except KeyboardInterrupt:
         # the checkpoint is written atomically after every epoch, so it is the last finished epoch's or absent
         if cfg.out is None:
@@ -147,9 +148,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "the run") from None
         raise Interrupted(f"no epoch finished, so {cfg.out} holds no checkpoint: run the same command again (without "
                           "--resume) to start over") from None
-    if distributed.rank() == 0:  # every rank returns the same summary
+    finally:  # left on errors too (every rank raises the same start-up errors), or gloo may abort the exit
+        distributed.finish()
+    if prints:
         print(json.dumps(summary, indent=2))
-    distributed.finish()
     return 0
 
 
